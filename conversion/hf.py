@@ -1,0 +1,214 @@
+"""Hugging Face model directories (config.json + safetensors, single or sharded) <-> params.
+
+One strict driver for every family: the family's tensor table (`hcnr_jax.params.param_specs`)
+says which tensors must exist and their shapes; every tensor in the files is consumed exactly
+once, every leaf is filled exactly once, and anything else is an error naming the file and
+tensor. Tensors are read one at a time from memory-mapped files, so loading never holds two
+copies of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from hcnr_jax.config import ModelConfig, config_from_hf
+from hcnr_jax.errors import CheckpointError
+from hcnr_jax.params import Params, param_specs, unflatten
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    dt = np.dtype(dtype)
+    for name, candidate in DTYPES.items():
+        if dt == candidate:
+            return name
+    raise CheckpointError(f"unsupported parameter dtype {dt}")
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def weight_map(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the index (sharded) or the single file."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = {name: model_dir / fname for name, fname in mapping.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{index}: lists shard {f.name}, which does not exist")
+        return files
+    single = model_dir / SINGLE_NAME
+    if single.is_file():
+        with _open(single) as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+class _open:
+    """``safe_open`` whose header errors name the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Any:
+        try:
+            self._cm = safe_open(str(self.path), framework="numpy")
+            return self._cm.__enter__()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: cannot read safetensors file ({e})") from e
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+def read_tensors(
+    files: Mapping[str, Path],
+    specs: Mapping[str, tuple[int, ...]],
+    convert: Callable[[str, np.ndarray], Any],
+    source: str,
+) -> dict[str, Any]:
+    """Read every tensor of ``specs`` from ``files``, one at a time; strict on names and shapes."""
+    missing = [n for n in specs if n not in files]
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    unexpected = [n for n in files if n not in specs]
+    if unexpected:
+        raise CheckpointError(
+            f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]} for this config"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + " (does config.json match the weights?)"
+        )
+    out: dict[str, Any] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in specs:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with _open(path) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{path}: index lists tensor {name}, but the file lacks it")
+                try:
+                    array = f.get_tensor(name)
+                except (SafetensorError, ValueError) as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
+                if tuple(array.shape) != tuple(specs[name]):
+                    raise CheckpointError(
+                        f"{path}: tensor {name} has shape {tuple(array.shape)}, config implies "
+                        f"{tuple(specs[name])} (does config.json match the weights?)"
+                    )
+                if array.dtype not in DTYPES.values():
+                    raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {array.dtype}")
+                out[name] = convert(name, array)
+                del array
+    return {name: out[name] for name in specs}
+
+
+def load_params(
+    model_dir: Path,
+    dtype: str | None = None,
+    place: Callable[[str, np.ndarray], Any] | None = None,
+) -> tuple[ModelConfig, dict[str, Any], Params]:
+    """Read a HF directory -> (config, raw config.json dict, params).
+
+    ``dtype`` casts every tensor (None keeps the stored dtype). ``place`` turns each numpy tensor
+    into the stored leaf (default ``jnp.asarray``; pass a ``jax.device_put`` with a sharding to
+    load straight onto a mesh).
+    """
+    import jax.numpy as jnp
+
+    model_dir = Path(model_dir)
+    hf = read_config(model_dir)
+    cfg = config_from_hf(hf, source=str(model_dir / "config.json"))
+    place = place or (lambda name, a: jnp.asarray(a))
+    target = DTYPES[dtype] if dtype else None
+
+    def convert(name: str, array: np.ndarray) -> Any:
+        if target is not None and array.dtype != target:
+            array = array.astype(target)
+        return place(name, array)
+
+    flat = read_tensors(weight_map(model_dir), param_specs(cfg), convert, str(model_dir))
+    return cfg, hf, unflatten(flat, cfg.num_layers)
+
+
+def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving split of tensors into shards of at most ``max_shard_bytes``
+    (a single larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def write_weights(
+    tensors: Mapping[str, Any], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> list[str]:
+    """Write tensors (any array type np.asarray accepts) as safetensors shards, HF-style.
+
+    One file is ``model.safetensors``; more are ``model-0000i-of-0000n.safetensors`` with an
+    index. Tensors are materialised on the host one shard at a time. Returns the file names.
+    """
+    sizes = [(n, int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize) for n, a in tensors.items()]
+    plan = shard_plan(sizes, max_shard_bytes)
+    total = sum(s for _, s in sizes)
+    names = (
+        [SINGLE_NAME]
+        if len(plan) == 1
+        else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    )
+    weight_index: dict[str, str] = {}
+    for fname, shard in zip(names, plan):
+        arrays = {n: np.ascontiguousarray(np.asarray(tensors[n])) for n in shard}
+        save_file(arrays, str(Path(out_dir) / fname), metadata={"format": "pt"})
+        weight_index.update({n: fname for n in shard})
+        del arrays
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_index}
+        (Path(out_dir) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def config_with_dtype(hf: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json contents with the stored dtype set (both spellings transformers reads)."""
+    out = dict(hf)
+    out["dtype"] = dtype
+    if "torch_dtype" in out:
+        out["torch_dtype"] = dtype
+    return out
+

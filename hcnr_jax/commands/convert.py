@@ -1,0 +1,29 @@
+"""`hcnr convert SRC OUT`: any supported source to a Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from hcnr_jax.conversion.hf import DTYPES
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a HF dir, .gguf file or BASE+ADAPTER_DIR to a HF dir")
+    p.add_argument("src", help="HF model directory, .gguf file, or BASE+ADAPTER_DIR (PEFT LoRA)")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast parameters (default: keep)")
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.pretrained import load_pretrained, save_pretrained
+
+    t0 = time.perf_counter()
+    model = load_pretrained(args.src, dtype=args.dtype)
+    out = save_pretrained(model, args.out, max_shard_bytes=int(args.max_shard_size * 2**30))
+    n = sum(x.size for x in __import__("jax").tree_util.tree_leaves(model.params))
+    print(f"wrote {out} ({model.config.model_type}, {n / 1e6:.1f}M parameters, {model.dtype}) "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0

@@ -1,0 +1,186 @@
+"""The decoder-only transformer (Llama, Qwen2, Qwen3, Mistral) as pure functions of a param pytree.
+
+Letters in einsums: b batch, t query position, s key position, d model dim, o/i a linear layer's
+output/input dim, n query heads, k kv heads, g query heads per kv head, h head dim.
+
+Activations stay in the parameters' dtype like transformers does; RMSNorm statistics, softmax and
+the returned logits are float32.
+
+Two hooks serve the statistics without a second copy of the model:
+- ``capture=True`` returns every linear layer's input, keyed by the HF weight name
+  (``model.layers.3.mlp.down_proj.weight`` -> its input ``[B, T, in]``). Layers that share an
+  input (q/k/v, gate/up) return the same array.
+- ``probes``: arrays added to linear outputs, keyed the same way. Their gradient is the layer's
+  output gradient, which with the captured input gives per-sample weight-gradient norms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hcnr_jax import rope
+from hcnr_jax.config import ModelConfig
+from hcnr_jax.params import Params
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+class KVCache(NamedTuple):
+    """Preallocated key/value cache. ``valid[b, s]`` marks slots holding a real (non-pad) token;
+    ``length`` is how many slots are filled (the same for every row: batches are left-padded)."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    valid: jax.Array  # [B, S] bool
+    length: jax.Array  # [] int32
+
+
+class Output(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, D] final-norm hidden states
+    cache: KVCache | None
+    inputs: dict[str, jax.Array]  # HF linear weight name -> input [B, T, in] (capture=True)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), bool),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+class _Linears:
+    """Applies linear layers by HF name, recording inputs and adding probes when asked."""
+
+    def __init__(self, capture: bool, probes: Mapping[str, jax.Array] | None):
+        self.capture = capture
+        self.probes = probes or {}
+        self.inputs: dict[str, jax.Array] = {}
+
+    def __call__(self, p: Mapping[str, jax.Array], x: jax.Array, name: str) -> jax.Array:
+        y = jnp.einsum("bti,oi->bto", x, p["weight"])
+        if "bias" in p:
+            y = y + p["bias"]
+        if self.capture:
+            self.inputs[name] = x
+        if name in self.probes:
+            y = y + self.probes[name].astype(y.dtype)
+        return y
+
+
+def _attention_mask(
+    q_idx: jax.Array, k_idx: jax.Array, key_valid: jax.Array, window: int | None
+) -> jax.Array:
+    """[B, T, S] bool: causal by sequence index, key not padding, inside the sliding window."""
+    allowed = k_idx[None, :] <= q_idx[:, None]
+    if window is not None:
+        allowed = allowed & (k_idx[None, :] > q_idx[:, None] - window)
+    return allowed[None] & key_valid[:, None, :]
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N*H]."""
+    b, t, n, h = q.shape
+    g = n // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, g, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+
+def default_positions(attention_mask: jax.Array, cache: KVCache | None = None) -> jax.Array:
+    """Position of each token = number of real tokens before it (left or right padding)."""
+    prior = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+    return jnp.maximum(prior + jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    *,
+    capture: bool = False,
+    probes: Mapping[str, jax.Array] | None = None,
+    return_logits: bool = True,
+) -> Output:
+    """Run the model on ``input_ids [B, T]``.
+
+    ``attention_mask [B, T]`` (1 real, 0 padding) defaults to all ones; ``positions [B, T]`` to
+    the count of real tokens before each one. With ``cache``, the tokens are appended at slot
+    ``cache.length`` and attend to everything cached before them; the updated cache is returned.
+    """
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), bool)
+    attention_mask = attention_mask.astype(bool)
+    if positions is None:
+        positions = default_positions(attention_mask, cache)
+
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+    q_idx = start + jnp.arange(t, dtype=jnp.int32)
+    if cache is None:
+        k_idx, key_valid = q_idx, attention_mask
+    else:
+        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, start))
+        k_idx, key_valid = jnp.arange(cache.valid.shape[1], dtype=jnp.int32), valid
+    masks = {w: _attention_mask(q_idx, k_idx, key_valid, w) for w in set(cfg.sliding_windows)}
+
+    cos, sin = rope.cos_sin(cfg, positions)
+    linear = _Linears(capture, probes)
+    x = params["model"]["embed_tokens"]["weight"][input_ids]
+    ck, cv = (None, None) if cache is None else (cache.k, cache.v)
+    for i, layer in enumerate(params["model"]["layers"]):
+        pre = f"model.layers.{i}."
+        attn = layer["self_attn"]
+        h = rms_norm(x, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+        q = linear(attn["q_proj"], h, pre + "self_attn.q_proj.weight").reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = linear(attn["k_proj"], h, pre + "self_attn.k_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(attn["v_proj"], h, pre + "self_attn.v_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, attn["q_norm"]["weight"], cfg.rms_norm_eps)
+            k = rms_norm(k, attn["k_norm"]["weight"], cfg.rms_norm_eps)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        if cache is not None:
+            # Update the stacked cache in place (XLA aliases it) and attend over all its slots.
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, start, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
+            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
+        o = _attend(q, k, v, masks[cfg.sliding_windows[i]], cfg)
+        x = x + linear(attn["o_proj"], o, pre + "self_attn.o_proj.weight")
+
+        mlp = layer["mlp"]
+        h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+        gate = linear(mlp["gate_proj"], h, pre + "mlp.gate_proj.weight")
+        up = linear(mlp["up_proj"], h, pre + "mlp.up_proj.weight")
+        x = x + linear(mlp["down_proj"], jax.nn.silu(gate) * up, pre + "mlp.down_proj.weight")
+
+    hidden = rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+    logits = lm_head(params, cfg, hidden) if return_logits else None
+    out_cache = None
+    if cache is not None:
+        out_cache = KVCache(ck, cv, valid, start + t)
+    return Output(logits, hidden, out_cache, linear.inputs)
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> float32 logits [B, T, V] (tied embeddings when the config says so)."""
+    w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)

@@ -1,0 +1,158 @@
+"""Loading and saving whole models: ``load_pretrained``, ``save_pretrained``, ``logits``.
+
+``src`` may be a Hugging Face directory, a ``.gguf`` file, or ``BASE+ADAPTER_DIR`` (a PEFT LoRA
+adapter merged onto BASE, itself a directory or a GGUF file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hcnr_jax.config import ModelConfig
+from hcnr_jax.conversion import hf as hf_io
+from hcnr_jax.errors import CheckpointError
+from hcnr_jax.io import atomic_output_dir
+from hcnr_jax.model import forward
+from hcnr_jax.params import Params, flatten, param_specs
+
+log = logging.getLogger(__name__)
+
+# Files carried verbatim from the source directory, so tokenizer and generation settings of the
+# written model are byte-identical to the input's.
+CARRIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class Pretrained:
+    """A loaded model: resolved config, parameter pytree (HF names, HF layouts), tokenizer.
+
+    ``hf_config`` is the config.json dict written back on save; ``carried`` maps file names to
+    source paths copied verbatim on save (tokenizer, generation config); ``generation_config``
+    is used when there is no such file (e.g. GGUF sources).
+    """
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Any | None
+    hf_config: dict[str, Any]
+    source: str
+    carried: dict[str, Path] = field(default_factory=dict)
+    generation_config: dict[str, Any] | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.params["model"]["embed_tokens"]["weight"].dtype)
+
+    def replace(self, **changes: Any) -> "Pretrained":
+        return dataclasses.replace(self, **changes)
+
+
+def _load_tokenizer(model_dir: Path) -> Any | None:
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        log.warning("%s: no tokenizer files; the model is loaded without a tokenizer", model_dir)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _load_dir(model_dir: Path, dtype: str | None) -> Pretrained:
+    cfg, hf, params = hf_io.load_params(model_dir, dtype=dtype)
+    carried = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
+    return Pretrained(cfg, params, _load_tokenizer(model_dir), hf, str(model_dir), carried)
+
+
+def load_pretrained(src: str | Path, dtype: str | None = None) -> Pretrained:
+    """Load a model from a HF directory, a ``.gguf`` file or ``BASE+ADAPTER_DIR``.
+
+    ``dtype`` ("float32", "bfloat16", "float16") casts the parameters; None keeps the stored
+    dtype (GGUF tensors are dequantised to float32 unless told otherwise).
+    """
+    if dtype is not None and dtype not in hf_io.DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {list(hf_io.DTYPES)}")
+    src = str(src)
+    if "+" in src and not Path(src).exists():
+        base, adapter = src.rsplit("+", 1)
+        from hcnr_jax.conversion.lora import merge_lora
+
+        return merge_lora(load_pretrained(base, dtype=dtype), Path(adapter))
+    path = Path(src)
+    if path.suffix == ".gguf":
+        from hcnr_jax.conversion.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype)
+    if path.is_dir():
+        return _load_dir(path, dtype)
+    raise CheckpointError(f"{src}: not a model directory, a .gguf file or BASE+ADAPTER_DIR")
+
+
+def save_pretrained(
+    model: Pretrained,
+    out_dir: str | Path,
+    max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a HF directory that ``transformers`` loads.
+
+    Tensors keep their names, shapes and dtypes (no silent upcast). The directory is written
+    under a temporary name and moved into place only once complete.
+    """
+    specs = param_specs(model.config)
+    flat = flatten(model.params)
+    if set(flat) != set(specs):
+        raise CheckpointError(f"params do not match the config: {sorted(set(flat) ^ set(specs))[:5]}")
+    dtypes = {hf_io.dtype_name(leaf.dtype) for leaf in flat.values()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"mixed parameter dtypes {sorted(dtypes)}; cast to one dtype first")
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        hf_io.write_weights({n: flat[n] for n in specs}, tmp, max_shard_bytes)
+        config = hf_io.config_with_dtype(model.hf_config, dtypes.pop())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, path in model.carried.items():
+            shutil.copyfile(path, tmp / name)
+        if "generation_config.json" not in model.carried and model.generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")
+        if model.tokenizer is not None and not any(n.startswith("tokenizer") for n in model.carried):
+            model.tokenizer.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
+@partial(jax.jit, static_argnums=1)
+def _logits(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
+            positions: jax.Array | None) -> jax.Array:
+    return forward(params, cfg, input_ids, attention_mask, positions).logits
+
+
+def logits(model: Pretrained, input_ids: Any, attention_mask: Any = None, positions: Any = None) -> jax.Array:
+    """Float32 logits ``[B, T, V]`` for ``input_ids [B, T]`` (padding marked by ``attention_mask``)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, bool)
+    attention_mask = jnp.asarray(attention_mask).reshape(input_ids.shape)
+    if positions is not None:
+        positions = jnp.asarray(positions, jnp.int32).reshape(input_ids.shape)
+    return _logits(model.params, model.config, input_ids, attention_mask, positions)
