@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests/ is a folder of scripts, not a package: make its helpers (tiny.py) importable.
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> (torch model, saved HF directory), float32, built once per session."""
+    out = {}
+    for family in tiny.FAMILIES:
+        model = tiny.hf_model(family)
+        out[family] = (model, tiny.save_hf(model, tmp_path_factory.mktemp(f"tiny_{family}")))
+    return out

@@ -1,0 +1,98 @@
+"""HF -> hcnr_jax -> HF: every tensor bit-identical; the written directory loads in transformers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import hcnr_jax
+import tiny
+from hcnr_jax.conversion.hf import weight_map
+
+
+def _tensors(path):
+    out = {}
+    for name, f in weight_map(path).items():
+        with safe_open(str(f), framework="pt") as h:
+            out[name] = h.get_tensor(name)
+    return out
+
+
+def _assert_identical(src, dst):
+    a, b = _tensors(src), _tensors(dst)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        # bytes, not values: NaN payloads and -0.0 must survive too
+        assert a[name].contiguous().view(torch.uint8).numpy().tobytes() == \
+            b[name].contiguous().view(torch.uint8).numpy().tobytes(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_round_trip_bit_identical(tmp_path, family, dtype, sharded):
+    src = tiny.save_hf(tiny.hf_model(family, seed=1, dtype=dtype), tmp_path / "src",
+                       **({"max_shard_size": "20KB"} if sharded else {}))
+    assert (src / "model.safetensors.index.json").exists() == sharded
+    model = hcnr_jax.load_pretrained(src)
+    out = hcnr_jax.save_pretrained(model, tmp_path / "out", max_shard_bytes=20_000 if sharded else 2**30)
+    assert (out / "model.safetensors.index.json").exists() == sharded
+    if sharded:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    _assert_identical(src, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_written_model_loads_in_transformers(tmp_path, tiny_dirs, family):
+    torch_model, src = tiny_dirs[family]
+    model = hcnr_jax.load_pretrained(src)
+    out = hcnr_jax.save_pretrained(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = np.random.default_rng(0).integers(0, 97, (2, 19))
+    with torch.no_grad():
+        ref = reloaded(input_ids=torch.tensor(ids)).logits.numpy()
+        orig = torch_model(input_ids=torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(hcnr_jax.logits(model, ids))
+    np.testing.assert_array_equal(ref, orig)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_dtype_conversion_is_explicit(tmp_path, tiny_dirs):
+    """--dtype casts once; without it the stored dtype is kept (never a silent upcast)."""
+    _, src = tiny_dirs["qwen3"]
+    bf16 = hcnr_jax.load_pretrained(src, dtype="bfloat16")
+    assert bf16.dtype.name == "bfloat16"
+    out = hcnr_jax.save_pretrained(bf16, tmp_path / "bf16")
+    again = hcnr_jax.load_pretrained(out)
+    assert again.dtype.name == "bfloat16"
+    a = _tensors(src)["model.layers.0.mlp.up_proj.weight"]
+    b = _tensors(out)["model.layers.0.mlp.up_proj.weight"]
+    assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
+
+
+def test_tokenizer_and_generation_config_carried(tmp_path, tiny_dirs):
+    _, src = tiny_dirs["llama"]
+    model = hcnr_jax.load_pretrained(src)
+    out = hcnr_jax.save_pretrained(model, tmp_path / "out")
+    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+
+
+def test_cli_convert(tmp_path, tiny_dirs):
+    from hcnr_jax.cli import main
+
+    _, src = tiny_dirs["mistral"]
+    assert main(["convert", str(src), str(tmp_path / "o"), "--dtype", "bfloat16", "--max-shard-size", "0.00002"]) == 0
+    assert (tmp_path / "o" / "model.safetensors.index.json").exists()
+    assert hcnr_jax.load_pretrained(tmp_path / "o").dtype.name == "bfloat16"
+    # The output exists now: a second run is refused, exit code 2, nothing changed.
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert main(["convert", str(src), str(tmp_path / "o")]) == 2
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
