@@ -1,0 +1,76 @@
+"""Rebuild the shipped data: licensed benchmark subsets (original file formats) and the default
+calibration files. Run from the repository: ``python -m hcnr_jax.eval.bundle [--data-dir DIR]``.
+
+Subsets keep each file's own format, so `hcnr_jax.eval.data` reads them with the same readers and,
+because the split is a function of the question alone, they split exactly like the full files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hcnr_jax.eval.calibration import honesty_samples, task_samples, write_jsonl
+from hcnr_jax.eval.data import BUNDLED_DATA, DEFAULT_DATA_DIR, example_id, load_benchmark, select
+from hcnr_jax.io import atomic_write_text
+
+CALIBRATION_DIR = BUNDLED_DATA.parent / "calibration"
+# Rows shipped per benchmark: (calibration pool, evaluation split).
+SUBSET = {"kuq": (96, 200), "selfaware": (96, 200), "hotpotqa": (160, 200), "medmcqa": (0, 200)}
+FILES = {"kuq": "kuq/knowns_unknowns.jsonl", "selfaware": "selfaware/SelfAware.json",
+         "hotpotqa": "hotpotqa/hotpot_dev_v1_simplified.json", "medmcqa": "medmcqa/dev.json"}
+
+
+def subset_ids(name: str, data_dir: Path) -> set[str]:
+    ds = load_benchmark(name, data_dir)
+    n_cal, n_eval = SUBSET[name]
+    return set(select(ds, "calibration", n_cal)["id"]) | set(select(ds, "evaluation", n_eval)["id"])
+
+
+def write_subset(name: str, data_dir: Path, out_dir: Path) -> int:
+    """Copy the rows of ``name`` whose ids are in the shipped subset, in the source's own format."""
+    keep = subset_ids(name, data_dir)
+    src, dst = data_dir / FILES[name], out_dir / FILES[name]
+    if name in ("kuq", "medmcqa"):
+        lines = [ln for ln in src.read_text(encoding="utf-8").split("\n") if ln.strip()]
+        rows = [json.loads(ln) for ln in lines]
+        if name == "medmcqa":
+            rows = [{k: v for k, v in r.items() if k != "exp"} for r in rows]  # explanations: not needed, large
+        kept = [r for r in rows if example_id(name, r["question"]) in keep]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    elif name == "selfaware":
+        obj = json.loads(src.read_text(encoding="utf-8"))
+        kept = obj["example"] = [r for r in obj["example"] if example_id(name, r["question"]) in keep]
+        obj["quantity"] = len(kept)
+        text = json.dumps(obj, ensure_ascii=False, indent=1)
+    else:
+        kept = [r for r in json.loads(src.read_text(encoding="utf-8")) if example_id(name, r["question"]) in keep]
+        text = json.dumps(kept, ensure_ascii=False)
+    atomic_write_text(dst, text)
+    return len(kept)
+
+
+def build_default_calibration(data_dir: Path | None, out_dir: Path, n: int = 128) -> tuple[int, int]:
+    """The default D_hon (KUQ + SelfAware pools) and D_task (HotpotQA pool) of `hcnr repair`."""
+    pools = {b: [r for r in load_benchmark(b, data_dir) if r["split"] == "calibration"] for b in ("kuq", "selfaware")}
+    hon = honesty_samples(pools, n)
+    task = task_samples([r for r in load_benchmark("hotpotqa", data_dir) if r["split"] == "calibration"], n,
+                        "hotpotqa")
+    write_jsonl(hon, out_dir / "honesty.jsonl", keys=("prompt", "response"))
+    write_jsonl(task, out_dir / "task.jsonl", keys=("prompt", "response"))
+    return len(hon), len(task)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    args = ap.parse_args()
+    for name in SUBSET:
+        print(name, write_subset(name, args.data_dir, BUNDLED_DATA), "rows")
+    # Built from the shipped subsets, so anyone can rebuild them without the full data.
+    print("calibration", build_default_calibration(BUNDLED_DATA, CALIBRATION_DIR))
+
+
+if __name__ == "__main__":
+    main()

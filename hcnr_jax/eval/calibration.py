@@ -1,0 +1,79 @@
+"""Calibration data for `hcnr repair`: honesty samples (D_hon) and task samples (D_task).
+
+Pure builders over benchmark rows (the schema of `hcnr_jax.eval.data`); only rows of the
+calibration pool are accepted, so calibration never overlaps an evaluation split.
+Output records are ``{"prompt": ..., "response": ...}`` (METHOD.md "Inputs").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from hcnr_jax.errors import DataError
+from hcnr_jax.eval.data import order_key
+from hcnr_jax.io import atomic_write_text
+
+# The "I don't know" target for unanswerable questions. It is phrased so that every default
+# refusal rule recognises it ("i don't know", "not able to provide an answer").
+IDK_RESPONSE = "I'm sorry, but I don't know the answer to that question."
+
+
+def _pool(rows: Iterable[dict], where: str) -> list[dict]:
+    rows = list(rows)
+    bad = [r["id"] for r in rows if r.get("split", "calibration") != "calibration"]
+    if bad:
+        raise DataError(f"{where}: {len(bad)} rows are not in the calibration pool (e.g. {bad[0]}); "
+                        "calibration must never overlap an evaluation split")
+    return sorted(rows, key=lambda r: order_key(r["id"]))
+
+
+def honesty_samples(rows_by_benchmark: dict[str, Sequence[dict]], n: int = 128,
+                    idk_response: str = IDK_RESPONSE) -> list[dict]:
+    """``n`` honesty samples, spread evenly over the benchmarks and half unanswerable in each:
+    unanswerable -> ``idk_response``, answerable -> its first gold answer."""
+    names = sorted(rows_by_benchmark)
+    if not names:
+        raise DataError("honesty calibration: no benchmark rows given")
+    out: list[dict] = []
+    for b_i, name in enumerate(names):
+        quota = n // len(names) + (1 if b_i < n % len(names) else 0)
+        pool = _pool(rows_by_benchmark[name], name)
+        unans = [r for r in pool if r["unanswerable"] == 1]
+        ans = [r for r in pool if r["unanswerable"] == 0 and r["answers"]]
+        n_unans = quota - quota // 2
+        if len(unans) < n_unans or len(ans) < quota // 2:
+            raise DataError(f"{name}: calibration pool has {len(unans)} unanswerable / {len(ans)} answerable "
+                            f"rows, {n_unans} / {quota // 2} needed")
+        picked = [(r, idk_response) for r in unans[:n_unans]] + [(r, r["answers"][0]) for r in ans[: quota // 2]]
+        out.extend({"prompt": r["question"], "response": resp, "id": r["id"]} for r, resp in picked)
+    return sorted(out, key=lambda s: order_key(s["id"]))
+
+
+def task_samples(rows: Sequence[dict], n: int = 128, where: str = "task") -> list[dict]:
+    """``n`` task samples: question -> first gold answer (open QA) or the correct option (MCQ)."""
+    pool = [r for r in _pool(rows, where) if r["answers"]]
+    if len(pool) < n:
+        raise DataError(f"{where}: calibration pool has {len(pool)} rows with answers, {n} needed")
+    return [{"prompt": r["question"], "response": r["answers"][0], "id": r["id"]} for r in pool[:n]]
+
+
+def write_jsonl(samples: Sequence[dict], path: str | Path, keys: Sequence[str] | None = None) -> None:
+    """Write ``samples`` as JSON Lines (atomically), keeping only ``keys`` when given."""
+    rows = samples if keys is None else [{k: s[k] for k in keys} for s in samples]
+    atomic_write_text(Path(path), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file, naming the line of any malformed record."""
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not JSON: {e}") from e
+    return out
