@@ -10,8 +10,9 @@ copies of the model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -68,7 +69,7 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
     single = model_dir / SINGLE_NAME
     if single.is_file():
         with _open(single) as f:
-            return {name: single for name in f.keys()}
+            return dict.fromkeys(list(f.keys()), single)
     raise CheckpointError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
 
@@ -193,7 +194,7 @@ def write_weights(
         else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     )
     weight_index: dict[str, str] = {}
-    for fname, shard in zip(names, plan):
+    for fname, shard in zip(names, plan, strict=True):
         arrays = {n: np.ascontiguousarray(np.asarray(tensors[n])) for n in shard}
         save_file(arrays, str(Path(out_dir) / fname), metadata={"format": "pt"})
         weight_index.update({n: fname for n in shard})

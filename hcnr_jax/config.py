@@ -8,8 +8,9 @@ so the model code has no family-specific branches beyond the feature flags below
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from hcnr_jax.errors import CheckpointError
 
@@ -97,7 +98,7 @@ class ModelConfig:
     def rope_params(self) -> dict[str, Any]:
         return dict(self.rope)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -8,7 +8,8 @@ input neuron (METHOD.md's column ``W[:, k]``) is ``weight[:, k]`` and conversion
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 

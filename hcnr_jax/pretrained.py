@@ -65,7 +65,7 @@ class Pretrained:
     def dtype(self) -> np.dtype:
         return np.dtype(self.params["model"]["embed_tokens"]["weight"].dtype)
 
-    def replace(self, **changes: Any) -> "Pretrained":
+    def replace(self, **changes: Any) -> Pretrained:
         return dataclasses.replace(self, **changes)
 
 

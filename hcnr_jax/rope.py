@@ -7,7 +7,8 @@ angles at long positions amplify any difference in the last bit.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

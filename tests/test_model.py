@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
 import hcnr_jax
-import tiny
 from hcnr_jax.generate import greedy_tokens
 
 

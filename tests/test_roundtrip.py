@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import tiny
 import torch
 import transformers
+from hcnr_jax.conversion.hf import weight_map
 from safetensors import safe_open
 
 import hcnr_jax
-import tiny
-from hcnr_jax.conversion.hf import weight_map
 
 
 def _tensors(path):
