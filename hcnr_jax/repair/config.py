@@ -1,0 +1,149 @@
+"""`RepairConfig`: every setting of an HCNR repair, with the defaults of METHOD.md.
+
+Settings marked [paper] follow the paper as printed; [ours] are choices the sources leave open.
+A config is built from defaults, then a YAML file, then explicit overrides (CLI flags), and is
+validated once; the resolved config is saved in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hcnr_jax.errors import HcnrError
+
+PRIORITIES = ("kl", "diff", "hon_only", "random")
+LAYER_UNITS = ("module", "block")
+NEURON_AXES = ("input", "output")
+MODELS = ("orig", "sft")
+CALIB_DATA = ("hon", "task", "both")
+LAYER_BUDGETS = ("count", "params")
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Settings of one repair (METHOD.md).
+
+    - ``r_iw``: fraction of neurons per layer that are candidates [paper 0.5].
+    - ``r_cw``: fraction of layers kept [paper 0.4].
+    - ``priority``: ``kl`` (s_hon log(s_hon/s_task)) [paper], ``diff``, ``hon_only``, ``random``.
+    - ``layer_unit``: ``module`` (one linear weight) [ours] or ``block`` (a transformer block's 7).
+    - ``layer_budget``: R_CW counts layers (``count``, as printed) or parameters (``params``:
+      the prefix of layers by d_j whose parameter count is closest to r_cw of the total) [ours].
+    - ``neuron_axis``: ``input`` (columns W[:, k]) [ours] or ``output`` (rows). With rows the
+      layer objective separates by row, so restore-only is already its optimum (see solvers).
+    - ``fisher_hon_model`` / ``fisher_task_model``: model each Fisher is taken on [ours: orig / sft].
+    - ``calib_data`` / ``calib_model``: data (hon/task/both) and model (orig/sft) whose layer
+      inputs make H = X^T X [ours: hon / sft].
+    - ``solver``: name in the solver registry [ours: ``exact``; METHOD.md names no default. The
+      paper's printed update is ``paper``; ``exact`` is the joint optimum of the same objective,
+      so it never does worse on it, and equals ``paper`` when one neuron is pinned].
+    - ``solver_options``: extra keyword arguments for the solver (e.g. ``iters`` for ``cg``).
+    - ``damping``: lambda of ``H + lambda * mean(diag H) * I`` [ours 0.01].
+    - ``eps``: added to the normalised Fisher scores before the log [ours 1e-8].
+    - ``seed``: seeds ``priority=random`` (nothing else is random).
+    - ``max_length``, ``batch_size``, ``limit``: tokenisation length, statistics batch size, and
+      how many samples of each file to use (None: all).
+    """
+
+    r_iw: float = 0.5
+    r_cw: float = 0.4
+    priority: str = "kl"
+    layer_unit: str = "module"
+    layer_budget: str = "count"
+    neuron_axis: str = "input"
+    fisher_hon_model: str = "orig"
+    fisher_task_model: str = "sft"
+    calib_data: str = "hon"
+    calib_model: str = "sft"
+    solver: str = "exact"
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    damping: float = 0.01
+    eps: float = 1e-8
+    seed: int = 0
+    max_length: int = 512
+    batch_size: int = 8
+    limit: int | None = None
+
+    def validate(self) -> RepairConfig:
+        """Raise `HcnrError` naming the field for any setting out of range; return self."""
+        from hcnr_jax.repair.solvers import SOLVERS
+
+        for name in ("r_iw", "r_cw"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 < float(v) <= 1.0:
+                raise HcnrError(f"{name}={v!r}: must be a number in (0, 1]")
+        choices = {"priority": PRIORITIES, "layer_unit": LAYER_UNITS, "layer_budget": LAYER_BUDGETS,
+                   "neuron_axis": NEURON_AXES, "fisher_hon_model": MODELS, "fisher_task_model": MODELS,
+                   "calib_data": CALIB_DATA, "calib_model": MODELS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise HcnrError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
+        if self.solver not in SOLVERS:
+            raise HcnrError(f"solver={self.solver!r}: unknown solver; registered: {sorted(SOLVERS)}")
+        if not isinstance(self.solver_options, Mapping):
+            raise HcnrError(f"solver_options={self.solver_options!r}: must be a mapping")
+        if not self.damping >= 0.0:
+            raise HcnrError(f"damping={self.damping!r}: must be >= 0")
+        if not self.eps > 0.0:
+            raise HcnrError(f"eps={self.eps!r}: must be > 0")
+        for name in ("max_length", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise HcnrError(f"{name}={getattr(self, name)!r}: must be a positive integer")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise HcnrError(f"limit={self.limit!r}: must be a positive integer or null")
+        if not isinstance(self.seed, int):
+            raise HcnrError(f"seed={self.seed!r}: must be an integer")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["solver_options"] = dict(self.solver_options)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> RepairConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise HcnrError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        # YAML reads 1 as int and 1e-8 as a string: coerce float fields explicitly.
+        fixed = dict(values)
+        for name in ("r_iw", "r_cw", "damping", "eps"):
+            if name in fixed and isinstance(fixed[name], (int, str)) and not isinstance(fixed[name], bool):
+                try:
+                    fixed[name] = float(fixed[name])
+                except ValueError as e:
+                    raise HcnrError(f"{source}: {name}={fixed[name]!r} is not a number") from e
+        return cls(**fixed).validate()
+
+    def override(self, **changes: Any) -> RepairConfig:
+        """A copy with the non-None ``changes`` applied (CLI flags over the YAML file)."""
+        return RepairConfig.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RepairConfig:
+    """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError as e:
+            raise HcnrError(f"{p}: config file not found") from e
+        except yaml.YAMLError as e:
+            raise HcnrError(f"{p}: invalid YAML ({e})") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise HcnrError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}")
+        values = loaded
+        base = RepairConfig.from_dict(values, source=str(p))
+    else:
+        base = RepairConfig().validate()
+    return base.override(**overrides)
