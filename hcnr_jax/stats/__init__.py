@@ -1,0 +1,72 @@
+"""The two statistics HCNR needs, as functions of (params, samples).
+
+- ``fisher``: per-neuron Fisher importance of every linear weight of the transformer blocks, the
+  mean over samples of per-sample squared gradient norms (never a squared batch gradient).
+- ``hessian``: ``sum X^T X`` of each linear layer's input over the non-padding tokens.
+
+Both accumulate over batches with a jitted pure ``update`` (``stats.fisher_update``,
+``stats.hessian_update``), sharded over a mesh (``hcnr_jax.sharding``), with optional orbax
+checkpoints and a result cache (``cache_dir``). Common keyword options:
+
+- ``mesh``: Mesh, ``"data=2,model=4"`` or None (all devices on ``data``); ``fsdp``: also split
+  weights over ``data``.
+- ``backend``: "auto" (Pallas kernels on GPU, jax.numpy elsewhere), "pallas" or "reference".
+- ``cache_dir``: reuse results for identical weights, data and settings; checkpoints go there too
+  (every ``checkpoint_every`` batches, default 16) so that a killed run resumes.
+- ``progress``: show a progress bar (samples/s); ``on_batch``: callback after each batch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from hcnr_jax.config import ModelConfig
+from hcnr_jax.data import Samples
+from hcnr_jax.params import Params
+from hcnr_jax.stats import engine
+from hcnr_jax.stats import fisher as _fisher
+from hcnr_jax.stats import hessian as _hessian
+from hcnr_jax.stats.fisher import per_sample_loss
+from hcnr_jax.stats.fisher import update as fisher_update
+from hcnr_jax.stats.hessian import update as hessian_update
+
+__all__ = ["fisher", "fisher_update", "hessian", "hessian_update", "per_sample_loss"]
+
+
+def _run(kind: str, init: Any, update: Any, params: Params, cfg: ModelConfig, samples: Samples,
+         batch_size: int, settings: dict[str, Any], opts: dict[str, Any], *, cache_dir: Any = None,
+         checkpoint_every: int = 16, checkpoint_dir: Any = None, **run_opts: Any) -> dict[str, np.ndarray]:
+    if checkpoint_dir is not None:
+        return engine.accumulate(init, update, params, cfg, samples, batch_size=batch_size, opts=opts,
+                                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, desc=kind,
+                                 **run_opts)
+
+    def compute(ckpt: Any) -> dict[str, np.ndarray]:
+        return engine.accumulate(init, update, params, cfg, samples, batch_size=batch_size, opts=opts,
+                                 checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, desc=kind, **run_opts)
+
+    return engine.cached(kind, {"batch_size": batch_size, **settings}, params, samples, cache_dir, compute)
+
+
+def fisher(params: Params, cfg: ModelConfig, samples: Samples, *, neuron_axis: str = "input",
+           batch_size: int = 8, backend: str = "auto", **opts: Any) -> dict[str, np.ndarray]:
+    """HF linear weight name -> float32 ``[n_neurons]``: the mean over samples of the per-sample
+    squared gradient norm of each neuron (column ``W[:, k]`` for "input", row ``W[k, :]`` for
+    "output"); a sample's loss is its mean CE over its loss-masked tokens. Options: module doc."""
+    init = partial(_fisher.init, cfg=cfg, neuron_axis=neuron_axis)
+    sums = _run("fisher", init, fisher_update, params, cfg, samples, batch_size,
+                {"neuron_axis": neuron_axis}, {"neuron_axis": neuron_axis, "backend": backend}, **opts)
+    return {k: (v / np.float32(len(samples))).astype(np.float32) for k, v in sums.items()}
+
+
+def hessian(params: Params, cfg: ModelConfig, samples: Samples, *, batch_size: int = 8,
+            backend: str = "auto", **opts: Any) -> dict[str, np.ndarray]:
+    """HF linear weight name -> float32 ``[in, in]``: the sum over non-padding tokens of ``x x^T`` of
+    that layer's input (q/k/v share one array object, gate/up another). Options: module doc."""
+    init = partial(_hessian.init, cfg=cfg)
+    sums = _run("hessian", init, hessian_update, params, cfg, samples, batch_size, {}, {"backend": backend},
+                **opts)
+    return _hessian.expand(sums, cfg)

@@ -1,0 +1,187 @@
+"""Runs an accumulator (``init`` / ``update``) over the batches of a ``Samples`` set.
+
+Side effects live here, not in the math: device placement on a mesh, the jitted step with
+explicit in/out shardings, orbax checkpoints of the accumulators every N batches (a killed run
+resumes from the last one and ends bit-identical: same batches, same order, same program), a
+result cache keyed by a hash of weights, data and settings, and the progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from hcnr_jax import sharding
+from hcnr_jax.config import ModelConfig
+from hcnr_jax.data import Samples
+from hcnr_jax.params import Params, flatten
+
+log = logging.getLogger(__name__)
+
+# Bumped when a change alters the numbers, so that stale cache entries are not reused.
+CACHE_VERSION = 1
+
+_STEPS: dict[Any, Callable] = {}
+
+
+def weights_hash(params: Params) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, leaf in sorted(flatten(params).items()):
+        a = np.asarray(leaf)
+        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(params: Params, samples: Samples, settings: dict[str, Any]) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, "weights": weights_hash(params), "data": samples.sha256,
+                       "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _padded_batches(samples: Samples, batch_size: int) -> tuple[dict[str, np.ndarray], int]:
+    """All samples padded with empty rows (no tokens, no targets: they add exactly 0) to a whole
+    number of batches, so that every step has one shape and compiles once."""
+    n, t = samples.input_ids.shape
+    num = -(-n // batch_size)
+    pad = num * batch_size - n
+    arrays = {
+        "input_ids": np.pad(samples.input_ids.astype(np.int32), ((0, pad), (0, 0))),
+        "attention_mask": np.pad(samples.attention_mask.astype(bool), ((0, pad), (0, 0))),
+        "loss_mask": np.pad(samples.loss_mask.astype(bool), ((0, pad), (0, 0))),
+    }
+    return arrays, num
+
+
+def _step(update: Callable, cfg: ModelConfig, opts: tuple, mesh: jax.sharding.Mesh, fsdp: bool,
+          state: Any, params: Any) -> tuple[Callable, Any, Any, Any]:
+    """The jitted step and its shardings, compiled once per (update, cfg, options, mesh, shapes)."""
+    shapes = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves((state, params)))
+    key = (update, cfg, opts, mesh, fsdp, jax.tree.structure((state, params)), shapes)
+    state_sh = jax.tree.map(lambda a: jax.sharding.NamedSharding(mesh, sharding.spec_for(a.shape, mesh)), state)
+    param_sh = sharding.param_shardings(params, mesh, fsdp)
+    batch_sh = sharding.batch_sharding(mesh)
+    if key not in _STEPS:
+        def step(state, params, batch):
+            return update(state, params, batch, cfg=cfg, **dict(opts))
+
+        _STEPS[key] = jax.jit(step, in_shardings=(state_sh, param_sh, batch_sh), out_shardings=state_sh,
+                              donate_argnums=0)
+    return _STEPS[key], state_sh, param_sh, batch_sh
+
+
+def _checkpointer(path: Path) -> Any:
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(path.absolute(), options=options)
+
+
+def accumulate(
+    init: Callable[[Params], Any],
+    update: Callable,
+    params: Params,
+    cfg: ModelConfig,
+    samples: Samples,
+    *,
+    batch_size: int = 8,
+    opts: dict[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | str | dict | None = None,
+    fsdp: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = False,
+    desc: str = "stats",
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Sum ``update`` over all samples; returns the accumulators as host float32 arrays.
+
+    ``init(params)`` gives the zero state; ``update(state, params, batch, cfg=cfg, **opts)`` adds one
+    batch (``opts`` hashable, static under jit).
+    ``mesh``: a Mesh, a spec like ``"data=2,model=4"``, or None (every device on ``data``). The
+    batch is rounded up to a multiple of the ``data`` axis. With ``checkpoint_dir`` and
+    ``checkpoint_every=N`` the accumulators are saved every N batches and a rerun resumes from
+    the latest save. ``on_batch(batches_done)`` is called after each batch (e.g. for tests).
+    """
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = sharding.make_mesh(mesh)
+    opts_t = tuple(sorted((opts or {}).items()))
+    data_size = mesh.shape[sharding.DATA]
+    batch_size = -(-max(batch_size, 1) // data_size) * data_size
+    arrays, num_batches = _padded_batches(samples, batch_size)
+
+    state0 = jax.eval_shape(init, params)
+    step, state_sh, param_sh, batch_sh = _step(update, cfg, opts_t, mesh, fsdp, state0, params)
+    dev_params = sharding.put_tree(jax.tree.map(np.asarray, params), param_sh)
+    state = jax.tree.map(lambda s, sh: sharding.put(np.zeros(s.shape, s.dtype), sh), state0, state_sh)
+
+    start, mngr = 0, None
+    if checkpoint_dir is not None and checkpoint_every > 0:
+        import orbax.checkpoint as ocp
+
+        mngr = _checkpointer(Path(checkpoint_dir))
+        latest = mngr.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state0, state_sh)
+            state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+            start = int(latest)
+            log.info("%s: resumed from %s after %d of %d batches", desc, checkpoint_dir, start, num_batches)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(samples), initial=min(start * batch_size, len(samples)), unit="sample", desc=desc,
+               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    for b in range(start, num_batches):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        batch = {k: sharding.put(v[sl], batch_sh) for k, v in arrays.items()}
+        state = step(state, dev_params, batch)
+        done = b + 1
+        if mngr is not None and (done % checkpoint_every == 0) and done < num_batches:
+            import orbax.checkpoint as ocp
+
+            mngr.save(done, args=ocp.args.StandardSave(state))
+            mngr.wait_until_finished()
+        bar.update(min(done * batch_size, len(samples)) - bar.n)
+        if on_batch is not None:
+            on_batch(done)
+    bar.close()
+    result = {k: sharding.to_host(v) for k, v in state.items()}
+    if mngr is not None:
+        mngr.close()
+    return result
+
+
+def cached(kind: str, settings: dict[str, Any], params: Params, samples: Samples,
+           cache_dir: str | Path | None, compute: Callable[[Path | None], dict[str, np.ndarray]]
+           ) -> dict[str, np.ndarray]:
+    """``compute(checkpoint_dir)`` unless ``cache_dir`` already holds the result for these weights,
+    data and settings. The result is stored as safetensors; checkpoints live beside it until the
+    run completes."""
+    if cache_dir is None:
+        return compute(None)
+    from safetensors.numpy import load_file, save
+
+    from hcnr_jax.io import atomic_write_bytes
+
+    key = cache_key(params, samples, {"kind": kind, **settings})[:32]
+    cache_dir = Path(cache_dir)
+    result_path = cache_dir / f"{kind}-{key}.safetensors"
+    if result_path.is_file():
+        log.info("%s: cache hit %s", kind, result_path)
+        return load_file(str(result_path))
+    ckpt = cache_dir / f"{kind}-{key}.ckpt"
+    result = compute(ckpt)
+    if jax.process_index() == 0:
+        meta = {"kind": kind, "key": key, "data_sha256": samples.sha256, "num_samples": str(len(samples)),
+                **{k: str(v) for k, v in settings.items()}}
+        atomic_write_bytes(result_path, save({k: np.ascontiguousarray(v) for k, v in result.items()}, metadata=meta))
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return result

@@ -1,0 +1,50 @@
+"""Layer-input second moments (METHOD.md, Stage 2): ``H_j = sum X^T X`` over every non-padding
+token, float32. Layers reading the same input (q/k/v, gate/up) share one accumulator."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hcnr_jax.config import ModelConfig
+from hcnr_jax.kernels.gram import gram
+from hcnr_jax.model import forward
+from hcnr_jax.params import SHARED_INPUT, Params, get, linear_names
+from hcnr_jax.stats.fisher import Batch
+
+
+def owner(name: str) -> str:
+    """The weight whose accumulator ``name`` uses (k/v -> q, up -> gate, others themselves)."""
+    prefix, module, leaf = name.rsplit(".", 2)
+    return f"{prefix}.{SHARED_INPUT.get(module, module)}.{leaf}"
+
+
+def groups(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Accumulator name -> the linear weights that read its input."""
+    out: dict[str, list[str]] = {}
+    for name in linear_names(cfg):
+        out.setdefault(owner(name), []).append(name)
+    return out
+
+
+def init(params: Params, cfg: ModelConfig) -> dict[str, jax.Array]:
+    """Zero accumulators: owner weight name -> float32 [in, in]."""
+    return {n: jnp.zeros((get(params, n).shape[1],) * 2, jnp.float32) for n in groups(cfg)}
+
+
+def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
+           backend: str = "auto") -> dict[str, jax.Array]:
+    """Add ``X^T X`` of the batch's non-padding tokens to each accumulator. Pure; jit with ``cfg``
+    and ``backend`` static."""
+    out = forward(params, cfg, batch["input_ids"], batch["attention_mask"], capture=True, return_logits=False)
+    mask = batch["attention_mask"].reshape(-1)
+    new = {}
+    for name, acc in state.items():
+        x = out.inputs[name]
+        new[name] = gram(acc, x.reshape(-1, x.shape[-1]), mask, backend)
+    return new
+
+
+def expand(state: dict[str, object], cfg: ModelConfig) -> dict[str, object]:
+    """Owner-keyed results -> every linear weight name (sharing layers get the same object)."""
+    return {member: state[name] for name, members in groups(cfg).items() for member in members}
