@@ -1,8 +1,20 @@
 """hcnr-jax: training-free honesty repair of fine-tuned LLMs (HCNR) in JAX."""
 
+# `hcnr_jax.repair(...)` runs a repair; the package is callable (hcnr_jax/repair/__init__.py).
+from hcnr_jax import repair
 from hcnr_jax.config import ModelConfig, config_from_hf
 from hcnr_jax.errors import CheckpointError, DataError, HcnrError
 from hcnr_jax.pretrained import Pretrained, load_pretrained, logits, save_pretrained
+
+import sys as _sys
+
+from hcnr_jax import generation
+from hcnr_jax.generation import generate
+
+# `hcnr_jax.generate` is the function; the module is `hcnr_jax.generation`. The alias keeps
+# `from hcnr_jax.generate import greedy_tokens` (the module's former name) working.
+_sys.modules.setdefault("hcnr_jax.generate", generation)
+from hcnr_jax.repair import RepairConfig
 
 __all__ = [
     "CheckpointError",
@@ -10,9 +22,12 @@ __all__ = [
     "HcnrError",
     "ModelConfig",
     "Pretrained",
+    "RepairConfig",
     "config_from_hf",
+    "generate",
     "load_pretrained",
     "logits",
+    "repair",
     "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import sys
 from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
-COMMANDS = ("convert",)
+COMMANDS = ("convert", "repair")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,344 @@
+"""HCNR end to end: statistics -> selection -> restoration + compensation -> repaired model.
+
+`repair` is the library entry point (``hcnr_jax.repair``); `write_repair` writes its result
+atomically as a HF directory with ``hcnr_report.json``, ``hcnr_report.md`` and PNG plots beside
+the weights. Side effects (loading, logging, timing) stay here; the math lives in the pure
+functions of `selection` and `solvers`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import resource
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hcnr_jax.errors import CheckpointError, DataError
+from hcnr_jax.params import flatten, get, linear_names, param_specs, set_leaves
+from hcnr_jax.pretrained import Pretrained, load_pretrained
+from hcnr_jax.repair import selection
+from hcnr_jax.repair.config import RepairConfig
+from hcnr_jax.repair.solvers import layer_objective, restore_only, solve
+
+log = logging.getLogger("hcnr_jax.repair")
+
+STAGES = ("load", "fisher", "select", "hessian", "solve")
+
+
+def bundled_calibration(kind: str) -> Path:
+    """The calibration file shipped with the package: ``kind`` is "honesty" or "task"."""
+    return Path(str(importlib.resources.files("hcnr_jax") / "bundled" / "calibration" / f"{kind}.jsonl"))
+
+
+@dataclass
+class RepairResult:
+    """The repaired model (fine-tuned input's dtype, config, tokenizer) and the report dict."""
+
+    model: Pretrained
+    report: dict[str, Any]
+
+
+@dataclass
+class _Clock:
+    """Per-stage wall time and peak memory (process RSS high-water mark; device peak if known)."""
+
+    progress: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    peak_device_mib: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.progress:
+            log.info("[%s] ...", name)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.peak_rss_mib[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+        if stats and "peak_bytes_in_use" in stats:
+            self.peak_device_mib[name] = stats["peak_bytes_in_use"] / 2**20
+        if self.progress:
+            log.info("[%s] done in %.1fs (peak RSS %.0f MiB)", name, self.seconds[name], self.peak_rss_mib[name])
+
+
+def check_compatible(base: Pretrained, finetuned: Pretrained) -> None:
+    """Raise `CheckpointError` if the two models differ in architecture, shapes or vocabulary."""
+    a, b = base.config, finetuned.config
+    where = f"base {base.source} vs fine-tuned {finetuned.source}"
+    if a.model_type != b.model_type:
+        raise CheckpointError(f"{where}: architectures differ ({a.model_type} vs {b.model_type})")
+    if a.vocab_size != b.vocab_size:
+        raise CheckpointError(f"{where}: vocabulary sizes differ ({a.vocab_size} vs {b.vocab_size})")
+    sa, sb = param_specs(a), param_specs(b)
+    if set(sa) != set(sb):
+        diff = sorted(set(sa) ^ set(sb))
+        raise CheckpointError(f"{where}: tensor sets differ (e.g. {diff[:3]})")
+    for name in sa:
+        if sa[name] != sb[name]:
+            raise CheckpointError(f"{where}: {name} has shape {sa[name]} vs {sb[name]}")
+    if a != b:
+        fields = [f for f in a.__dataclass_fields__ if getattr(a, f) != getattr(b, f)]
+        raise CheckpointError(f"{where}: configurations differ in {fields}")
+    ta, tb = base.tokenizer, finetuned.tokenizer
+    if ta is not None and tb is not None and ta.get_vocab() != tb.get_vocab():
+        raise CheckpointError(f"{where}: tokenizer vocabularies differ")
+
+
+def _load_model(src: Pretrained | str | Path, what: str) -> Pretrained:
+    return src if isinstance(src, Pretrained) else load_pretrained(src)
+
+
+def _load_data(data: Any, kind: str, model: Pretrained, cfg: RepairConfig) -> tuple[Any, dict[str, Any]]:
+    """``data``: Samples, a JSONL path, or None (the bundled file). Returns samples and their record."""
+    from hcnr_jax.data import Samples, load_samples
+    from hcnr_jax.io import sha256_file
+
+    if isinstance(data, Samples):
+        samples = data if cfg.limit is None else data.select(slice(0, cfg.limit))
+        info: dict[str, Any] = {"path": None, "file_sha256": None}
+    else:
+        path = Path(data) if data is not None else bundled_calibration(kind)
+        samples = load_samples(path, model.tokenizer, max_length=cfg.max_length, limit=cfg.limit,
+                               vocab_size=model.config.vocab_size)
+        info = {"path": str(path) if data is not None else f"<bundled>/{path.name}", "file_sha256": sha256_file(path)}
+    if len(samples) == 0:
+        raise DataError(f"{kind} data: no samples")
+    if int(np.max(samples.input_ids)) >= model.config.vocab_size:
+        raise DataError(f"{kind} data: token id {int(np.max(samples.input_ids))} is outside the vocabulary "
+                        f"of {model.config.vocab_size}")
+    info.update(samples_sha256=samples.sha256, samples=len(samples), tokens=samples.num_tokens,
+                target_tokens=int(samples.loss_mask.sum()), max_length=int(samples.input_ids.shape[1]))
+    return samples, info
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 2)[-2]
+
+
+def _f32(x: Any) -> np.ndarray:
+    return np.asarray(x).astype(np.float32)
+
+
+def prepare(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, honesty_data: Any = None,
+            task_data: Any = None, config: RepairConfig | None = None, **overrides: Any):
+    """Load and validate everything a repair needs, computing nothing. Raises on any bad input."""
+    cfg = (config or RepairConfig()).override(**overrides) if overrides else (config or RepairConfig()).validate()
+    base_m = _load_model(base, "base")
+    ft_m = _load_model(finetuned, "fine-tuned")
+    check_compatible(base_m, ft_m)
+    hon, hon_info = _load_data(honesty_data, "honesty", ft_m, cfg)
+    task, task_info = _load_data(task_data, "task", ft_m, cfg)
+    return cfg, base_m, ft_m, hon, hon_info, task, task_info
+
+
+def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any) -> dict[str, Any]:
+    """What a repair would change and a memory estimate, from shapes only (``--dry-run``)."""
+    mc = base.config
+    names = linear_names(mc)
+    specs = param_specs(mc)
+    by_module: dict[str, dict[str, Any]] = {}
+    for n in names:
+        out_dim, in_dim = specs[n]
+        n_neurons = in_dim if cfg.neuron_axis == "input" else out_dim
+        m = by_module.setdefault(_module(n), {"layers": 0, "shape": [out_dim, in_dim], "neurons": n_neurons,
+                                              "candidates": selection.top_count(cfg.r_iw, n_neurons)})
+        m["layers"] += 1
+    units = len(names) if cfg.layer_unit == "module" else mc.num_layers
+    kept = selection.top_count(cfg.r_cw, units)
+    linear_params = sum(int(np.prod(specs[n])) for n in names)
+    all_params = sum(int(np.prod(s)) for s in specs.values())
+    itemsize = np.dtype(base.dtype).itemsize
+    # Distinct layer inputs (q/k/v and gate/up share one H).
+    h_bytes = 4 * mc.num_layers * (2 * mc.hidden_size**2 + (mc.num_heads * mc.head_dim) ** 2 + mc.intermediate_size**2)
+    t = max(hon.input_ids.shape[1], task.input_ids.shape[1])
+    act_per_layer = 4 * cfg.batch_size * t * (6 * mc.hidden_size + 4 * mc.intermediate_size
+                                              + 3 * mc.num_heads * mc.head_dim)
+    act_bytes = act_per_layer * mc.num_layers + 4 * cfg.batch_size * t * mc.vocab_size * 2
+    est = {"params_two_models": 2 * all_params * itemsize, "hessians": h_bytes,
+           "activations_fisher": act_bytes, "fisher_scores": 4 * 2 * sum(m["neurons"] * m["layers"]
+                                                                         for m in by_module.values())}
+    est["total"] = sum(est.values())
+    return {
+        "layers": len(names), "units": units, "unit": cfg.layer_unit, "units_kept": kept,
+        "modules": by_module, "linear_params": linear_params, "all_params": all_params,
+        "expected_restored_fraction_of_linear": cfg.r_iw * cfg.r_cw,
+        "memory_estimate_mib": {k: round(v / 2**20, 1) for k, v in est.items()},
+    }
+
+
+def repair(
+    base: Pretrained | str | Path,
+    finetuned: Pretrained | str | Path,
+    honesty_data: Any = None,
+    task_data: Any = None,
+    config: RepairConfig | None = None,
+    *,
+    progress: bool = True,
+    stats_options: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> RepairResult:
+    """Repair ``finetuned`` towards ``base`` with HCNR (METHOD.md) and return the model + report.
+
+    ``base``/``finetuned``: `Pretrained` or a source as in ``hcnr convert``. ``honesty_data`` /
+    ``task_data``: `Samples`, a JSONL path, or None for the bundled calibration files.
+    ``config`` (default `RepairConfig()`) with keyword ``overrides`` (e.g. ``r_iw=0.3``).
+    ``stats_options`` are passed to the statistics engine (mesh, backend, cache_dir, ...).
+    The result has the fine-tuned model's dtype, config and tokenizer.
+    """
+    from hcnr_jax import stats
+
+    clock = _Clock(progress)
+    with clock.stage("load"):
+        cfg, base_m, ft_m, hon, hon_info, task, task_info = prepare(
+            base, finetuned, honesty_data, task_data, config, **overrides)
+    mc = ft_m.config
+    names = linear_names(mc)
+    models = {"orig": base_m.params, "sft": ft_m.params}
+    sopts = {"batch_size": cfg.batch_size, "progress": progress, **(stats_options or {})}
+
+    with clock.stage("fisher"):
+        s_hon = stats.fisher(models[cfg.fisher_hon_model], mc, hon, neuron_axis=cfg.neuron_axis, **sopts)
+        s_task = stats.fisher(models[cfg.fisher_task_model], mc, task, neuron_axis=cfg.neuron_axis, **sopts)
+
+    def weights(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return _f32(get(base_m.params, name)), _f32(get(ft_m.params, name))
+
+    with clock.stage("select"):
+        layers = selection.select(
+            names, weights, s_hon, s_task, r_iw=cfg.r_iw, r_cw=cfg.r_cw, priority=cfg.priority,
+            layer_unit=cfg.layer_unit, layer_budget=cfg.layer_budget, neuron_axis=cfg.neuron_axis,
+            eps=cfg.eps, seed=cfg.seed)
+        del s_hon, s_task
+
+    with clock.stage("hessian"):
+        calib = {"hon": [hon], "task": [task], "both": [hon, task]}[cfg.calib_data]
+        hess: dict[str, Any] = {}
+        for samples in calib:
+            h = stats.hessian(models[cfg.calib_model], mc, samples, **sopts)
+            # Keep only the kept layers' H and free the rest now; layers sharing an input share
+            # one array object, which the sum keeps shared (summed once per object).
+            h = {sl.name: h[sl.name] for sl in layers if sl.kept}
+            if hess:
+                summed: dict[int, Any] = {}
+                h = {n: summed.setdefault(id(hess[n]), np.asarray(hess[n]) + np.asarray(h[n])) for n in h}
+            hess = h
+
+    updates: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    with clock.stage("solve"):
+        from tqdm.auto import tqdm
+
+        for sl in tqdm(layers, desc="solve", disable=not progress, dynamic_ncols=True):
+            rec: dict[str, Any] = {
+                "name": sl.name, "module": _module(sl.name), "shape": list(sl.shape), "d": sl.d,
+                "d_layer": sl.d_layer, "kept": sl.kept, "restored_neurons": int(sl.restored.sum()),
+                "restored_params": sl.restored_params, "params": int(np.prod(sl.shape)),
+            }
+            if sl.kept:
+                w_orig, w_sft = weights(sl.name)
+                h = np.asarray(hess[sl.name], np.float32)
+                if cfg.neuron_axis == "input":
+                    res = solve(cfg.solver, w_orig, w_sft, h, sl.restored, cfg.damping, **dict(cfg.solver_options))
+                    w_new, before, after, lam = res.w_new, res.objective_before, res.objective_after, res.damping
+                else:
+                    # Rows decouple in tr(D H D^T): restoring a row zeroes its error, which is
+                    # already the optimum, so every solver reduces to restore-only here.
+                    w_new = restore_only(w_orig.T, w_sft.T, sl.restored).T
+                    before = after = layer_objective(w_new, w_orig, h)
+                    lam = cfg.damping
+                dtype = np.asarray(get(ft_m.params, sl.name)).dtype
+                updates[sl.name] = jnp.asarray(np.asarray(w_new, np.float32).astype(dtype))  # cast once
+                rec.update(objective_sft=layer_objective(w_sft, w_orig, h), objective_before=before,
+                           objective_after=after, damping=lam)
+            records.append(rec)
+        del hess
+        new_params = set_leaves(ft_m.params, updates) if updates else ft_m.params
+
+    report = build_report(cfg, base_m, ft_m, hon_info, task_info, records, clock)
+    return RepairResult(ft_m.replace(params=new_params), report)
+
+
+def build_report(cfg: RepairConfig, base: Pretrained, ft: Pretrained, hon_info: dict[str, Any],
+                 task_info: dict[str, Any], records: list[dict[str, Any]], clock: _Clock) -> dict[str, Any]:
+    """The report dict. Everything except ``timing_s`` and ``memory`` depends only on the inputs."""
+    import hcnr_jax
+
+    specs = param_specs(ft.config)
+    linear = sum(r["params"] for r in records)
+    total = sum(int(np.prod(s)) for s in specs.values())
+    restored = sum(r["restored_params"] for r in records)
+    per_module: dict[str, dict[str, float]] = {}
+    for r in records:
+        m = per_module.setdefault(r["module"], {"params": 0, "restored_params": 0, "layers": 0, "kept": 0})
+        m["params"] += r["params"]
+        m["restored_params"] += r["restored_params"]
+        m["layers"] += 1
+        m["kept"] += int(r["kept"])
+    for m in per_module.values():
+        m["restored_fraction"] = m["restored_params"] / m["params"]
+    kept = [r for r in records if r["kept"]]
+    return {
+        "hcnr_jax_version": hcnr_jax.__version__,
+        "settings": cfg.to_dict(),
+        "models": {"base": base.source, "finetuned": ft.source, "model_type": ft.config.model_type,
+                   "dtype": str(ft.dtype), "num_layers": ft.config.num_layers},
+        "data": {"honesty": hon_info, "task": task_info},
+        "summary": {
+            "layers": len(records), "layers_kept": len(kept), "linear_params": linear, "model_params": total,
+            "restored_params": restored, "restored_fraction_of_linear": restored / linear,
+            "restored_fraction_of_model": restored / total, "target_fraction": cfg.r_iw * cfg.r_cw,
+            "objective_sft": sum(r["objective_sft"] for r in kept),
+            "objective_before": sum(r["objective_before"] for r in kept),
+            "objective_after": sum(r["objective_after"] for r in kept),
+            "compensation": "restore-only (rows decouple)" if cfg.neuron_axis == "output" else cfg.solver,
+        },
+        "restored_by_module": per_module,
+        "layers": records,
+        "timing_s": {k: round(v, 3) for k, v in clock.seconds.items()},
+        "memory": {"peak_rss_mib": {k: round(v, 1) for k, v in clock.peak_rss_mib.items()},
+                   "peak_device_mib": {k: round(v, 1) for k, v in clock.peak_device_mib.items()}},
+    }
+
+
+# Report keys that vary between identical runs (kept out of the determinism guarantee).
+VOLATILE_KEYS = ("timing_s", "memory")
+
+
+def write_repair(result: RepairResult, out_dir: str | Path, *, plots: bool = True, overwrite: bool = False) -> Path:
+    """Write the repaired model as a HF directory, with ``hcnr_report.json``/``.md`` and PNG plots
+    beside the weights; the directory appears only once complete."""
+    import json
+
+    from hcnr_jax.io import atomic_output_dir
+    from hcnr_jax.pretrained import save_pretrained
+    from hcnr_jax.repair.report import render_markdown
+
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        save_pretrained(result.model, tmp, overwrite=True)
+        (tmp / "hcnr_report.json").write_text(json.dumps(result.report, indent=2, default=float) + "\n")
+        (tmp / "hcnr_report.md").write_text(render_markdown(result.report))
+        if plots:
+            from hcnr_jax.repair.plots import write_plots
+
+            write_plots(result.report, tmp)
+    return Path(out_dir)
+
+
+def restored_mask_of(params_before: Any, params_after: Any) -> dict[str, np.ndarray]:
+    """Name -> bool of elements that differ (a debugging helper for tests and notebooks)."""
+    a, b = flatten(params_before), flatten(params_after)
+    return {n: np.asarray(a[n]) != np.asarray(b[n]) for n in a}
+
+
+__all__ = ["STAGES", "VOLATILE_KEYS", "RepairResult", "bundled_calibration", "check_compatible", "plan",
+           "prepare", "repair", "write_repair"]

@@ -1,0 +1,311 @@
+"""HCNR repair end to end on tiny base/fine-tuned pairs: invariants, determinism, HF parity, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tiny
+import torch
+
+import hcnr_jax
+from hcnr_jax.cli import main as cli_main
+from hcnr_jax.errors import CheckpointError, DataError, HcnrError
+from hcnr_jax.params import flatten, linear_names
+from hcnr_jax.repair import RepairConfig, plots, repair, write_repair
+from hcnr_jax.repair.pipeline import VOLATILE_KEYS
+from hcnr_jax.repair.selection import top_count
+
+
+def fine_tune(model, seed=1):
+    """A 'fine-tuned' copy: every block linear weight moved, by a different amount per layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (n, p) in enumerate(model.named_parameters()):
+            if n.endswith("proj.weight"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (1 + i % 5))
+    return model
+
+
+def write_jsonl(path, n=6, seed=0, vocab=97):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            t = int(rng.integers(6, 14))
+            f.write(json.dumps({"input_ids": rng.integers(3, vocab, t).tolist(),
+                                "loss_mask": [0] * (t // 2) + [1] * (t - t // 2)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    """family -> (base dir, fine-tuned dir); plus the two data files under key 'data'."""
+    root = tmp_path_factory.mktemp("repair")
+    out = {}
+    for fam in tiny.FAMILIES:
+        base = tiny.save_hf(tiny.hf_model(fam, seed=0), root / f"{fam}_base")
+        ft = tiny.save_hf(fine_tune(tiny.hf_model(fam, seed=0)), root / f"{fam}_ft")
+        out[fam] = (base, ft)
+    out["data"] = (write_jsonl(root / "hon.jsonl", seed=0), write_jsonl(root / "task.jsonl", seed=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(pair_dirs):
+    base, ft = pair_dirs["llama"]
+    return hcnr_jax.load_pretrained(base), hcnr_jax.load_pretrained(ft)
+
+
+def run(pair_dirs, llama, **overrides):
+    hon, task = pair_dirs["data"]
+    return repair(*llama, hon, task, RepairConfig(**overrides), progress=False)
+
+
+@pytest.fixture(scope="module")
+def exact_result(pair_dirs, llama):
+    return run(pair_dirs, llama)
+
+
+def np_flat(params):
+    return {k: np.asarray(v) for k, v in flatten(params).items()}
+
+
+def check_invariants(result, base, ft, axis="input"):
+    b, f, r = np_flat(base.params), np_flat(ft.params), np_flat(result.model.params)
+    layers = {rec["name"]: rec for rec in result.report["layers"]}
+    for name in r:
+        if name not in layers or not layers[name]["kept"]:
+            np.testing.assert_array_equal(r[name], f[name], err_msg=name)  # untouched: bit-identical
+            continue
+        changed = r[name] != f[name]
+        moved = changed.any(axis=0) if axis == "input" else changed.any(axis=1)
+        # Only restored neurons may differ from the fine-tuned weight; their count is the record's.
+        assert moved.sum() <= layers[name]["restored_neurons"], name
+    return b, f, r, layers
+
+
+def test_invariants_exact(exact_result, llama):
+    base, ft = llama
+    _, _, r, layers = check_invariants(exact_result, base, ft)
+    s = exact_result.report["summary"]
+    kept = [n for n, rec in layers.items() if rec["kept"]]
+    assert len(kept) == s["layers_kept"] == top_count(0.4, len(linear_names(ft.config)))
+    assert s["restored_params"] == sum(layers[n]["restored_neurons"] * layers[n]["shape"][0] for n in kept)
+    for n in kept:
+        rec = layers[n]
+        assert rec["restored_neurons"] == top_count(0.5, rec["shape"][1])
+        # exact: compensation lowers the objective below restore-only, which is below fine-tuned here
+        assert rec["objective_after"] <= rec["objective_before"] * (1 + 1e-5) + 1e-6
+    assert s["objective_after"] < s["objective_before"] < s["objective_sft"]
+    assert r[kept[0]].dtype == np.float32
+
+
+def test_none_restores_base_bit_exactly(pair_dirs, llama, exact_result):
+    base, ft = llama
+    res = run(pair_dirs, llama, solver="none")
+    b, f, r, layers = check_invariants(res, base, ft)
+    # Same selection as exact (solver does not change Stage 1).
+    assert [x["kept"] for x in res.report["layers"]] == [x["kept"] for x in exact_result.report["layers"]]
+    for n, rec in layers.items():
+        if rec["kept"]:
+            restored = r[n] == b[n]
+            cols = restored.all(axis=0)
+            assert cols.sum() >= rec["restored_neurons"]  # restored columns are base, bit for bit
+            task = ~cols
+            np.testing.assert_array_equal(r[n][:, task], f[n][:, task])
+
+
+def test_output_axis_restores_rows(pair_dirs, llama):
+    base, ft = llama
+    res = run(pair_dirs, llama, neuron_axis="output", solver="paper")
+    b, f, r, layers = check_invariants(res, base, ft, axis="output")
+    assert res.report["summary"]["compensation"].startswith("restore-only")
+    for n, rec in layers.items():
+        if rec["kept"]:
+            rows = (r[n] == b[n]).all(axis=1)
+            assert rows.sum() >= rec["restored_neurons"] == top_count(0.5, rec["shape"][0])
+            np.testing.assert_array_equal(r[n][~rows], f[n][~rows])
+            assert rec["restored_params"] == rec["restored_neurons"] * rec["shape"][1]
+
+
+def test_restored_fraction_within_rounding(pair_dirs, llama):
+    # Blocks are equal in size, so the fraction by parameters is r_iw x r_cw up to rounding of
+    # the counts: 3 blocks, r_cw = 2/3 -> 2 blocks; r_iw = 0.5 of 48 or 72 inputs is exact.
+    res = run(pair_dirs, llama, layer_unit="block", r_cw=2 / 3)
+    s = res.report["summary"]
+    assert s["restored_fraction_of_linear"] == pytest.approx(0.5 * 2 / 3, abs=1e-9)
+    kept_blocks = {rec["name"].split(".")[2] for rec in res.report["layers"] if rec["kept"]}
+    assert len(kept_blocks) == 2
+    # Parameter budget: the kept prefix is within half the largest layer of r_cw of the total.
+    res = run(pair_dirs, llama, layer_budget="params", r_iw=0.5, r_cw=0.3)
+    s = res.report["summary"]
+    largest = max(rec["params"] for rec in res.report["layers"])
+    assert abs(s["restored_fraction_of_linear"] - 0.15) <= 0.5 * (0.5 * largest) / s["linear_params"] + 1e-9
+    by_mod = res.report["restored_by_module"]
+    assert sum(m["restored_params"] for m in by_mod.values()) == s["restored_params"]
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_same_seed_byte_identical(pair_dirs, llama, tmp_path):
+    outs = []
+    for i, seed in enumerate((3, 3, 4)):
+        res = run(pair_dirs, llama, priority="random", seed=seed, solver="paper")
+        outs.append(write_repair(res, tmp_path / f"o{i}"))
+    a, b, c = (_files(o) for o in outs)
+    assert set(a) == set(b)
+    for name in a:
+        if name == "hcnr_report.json":
+            ra, rb = json.loads(a[name]), json.loads(b[name])
+            for k in VOLATILE_KEYS:
+                ra.pop(k), rb.pop(k)
+            assert ra == rb
+        elif name != "hcnr_report.md":  # the markdown carries the timings
+            assert a[name] == b[name], name
+    assert a["model.safetensors"] != c["model.safetensors"]  # another seed, another selection
+    assert {plots.PERTURBATION_PNG, plots.FRACTION_PNG, "hcnr_report.md", "config.json"} <= set(a)
+
+
+def _check_hf_parity(result, out):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(3, 97, (2, 9))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(hcnr_jax.logits(result.model, ids))
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+    # The HF model holds the repaired weights, not the fine-tuned ones.
+    name = next(r["name"] for r in result.report["layers"] if r["kept"])
+    np.testing.assert_array_equal(hf.state_dict()[name].numpy(), np.asarray(hcnr_jax.params.get(result.model.params, name)))
+
+
+def test_llama_end_to_end_loads_in_transformers(exact_result, tmp_path):
+    out = write_repair(exact_result, tmp_path / "out")
+    _check_hf_parity(exact_result, out)
+    rep = json.loads((out / "hcnr_report.json").read_text())
+    assert set(rep["timing_s"]) == {"load", "fisher", "select", "hessian", "solve"}
+    assert rep["data"]["honesty"]["file_sha256"] and rep["settings"]["solver"] == "exact"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_end_to_end(pair_dirs, family, tmp_path):
+    base, ft = pair_dirs[family]
+    hon, task = pair_dirs["data"]
+    res = hcnr_jax.repair(base, ft, hon, task, progress=False)
+    out = write_repair(res, tmp_path / "out")
+    _check_hf_parity(res, out)
+    check_invariants(res, hcnr_jax.load_pretrained(base), hcnr_jax.load_pretrained(ft))
+
+
+@pytest.mark.slow
+def test_bfloat16_keeps_dtype_and_restores_bit_exactly(pair_dirs, tmp_path):
+    base_dir, ft_dir = pair_dirs["llama"]
+    hon, task = pair_dirs["data"]
+    base = hcnr_jax.load_pretrained(base_dir, dtype="bfloat16")
+    ft = hcnr_jax.load_pretrained(ft_dir, dtype="bfloat16")
+    res = repair(base, ft, hon, task, RepairConfig(solver="none"), progress=False)
+    b, _f, r, layers = check_invariants(res, base, ft)
+    assert res.model.dtype == ft.dtype
+    for n, rec in layers.items():
+        if rec["kept"]:
+            assert (r[n] == b[n]).all(axis=0).sum() >= rec["restored_neurons"]
+
+
+# --- bad input: a clear error and nothing written ----------------------------------------------
+
+def _cli(pair_dirs, tmp_path, *extra, base=None, ft=None, hon=None, task=None):
+    b, f = pair_dirs["llama"]
+    h, t = pair_dirs["data"]
+    out = tmp_path / "out"
+    argv = ["repair", "--base", str(base or b), "--finetuned", str(ft or f), "--honesty-data", str(hon or h),
+            "--task-data", str(task or t), "--out", str(out), *extra]
+    return cli_main(argv), out
+
+
+@pytest.fixture(scope="module")
+def odd_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    return {
+        "arch": tiny.save_hf(tiny.hf_model("qwen3"), root / "qwen3"),
+        "shape": tiny.save_hf(tiny.hf_model("llama", intermediate_size=64), root / "shape"),
+        "vocab": tiny.save_hf(tiny.hf_model("llama", vocab_size=101), root / "vocab"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["arch", "shape", "vocab"])
+def test_incompatible_models(pair_dirs, odd_dirs, tmp_path, kind, capsys):
+    rc, out = _cli(pair_dirs, tmp_path, ft=odd_dirs[kind])
+    assert rc == 2 and not out.exists() and not list(tmp_path.iterdir())
+    msg = capsys.readouterr().err
+    assert {"arch": "architectures differ", "shape": "shape", "vocab": "vocabulary"}[kind] in msg
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", "empty"),
+    ("{not json\n", "invalid JSON"),
+    ('{"input_ids": [1, 2], "loss_mask": [0]}\n', "loss_mask"),
+    ('{"input_ids": [1, 2, 3], "loss_mask": [0, 0, 0]}\n', "no target"),
+    ('{"input_ids": [1, 2, 300], "loss_mask": [0, 1, 1]}\n', "vocabulary"),
+])
+def test_bad_data(pair_dirs, tmp_path, content, match, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    rc, out = _cli(pair_dirs, tmp_path, hon=bad)
+    assert rc == 2 and not out.exists()
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--r-iw", "0"], "r_iw"), (["--r-iw", "1.5"], "r_iw"), (["--r-cw", "-0.1"], "r_cw"),
+    (["--solver", "magic"], "unknown solver"), (["--damping", "-1"], "damping"),
+])
+def test_bad_settings(pair_dirs, tmp_path, flags, match, capsys):
+    rc, out = _cli(pair_dirs, tmp_path, *flags)
+    assert rc == 2 and not out.exists() and not list(tmp_path.iterdir())
+    assert match in capsys.readouterr().err
+
+
+def test_yaml_config_and_flag_override(tmp_path):
+    from hcnr_jax.repair import load_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("r_iw: 0.3\nsolver: paper\neps: 1e-6\nsolver_options: {iters: 5}\n")
+    cfg = load_config(y, solver="cg")
+    assert (cfg.r_iw, cfg.solver, cfg.eps, dict(cfg.solver_options)) == (0.3, "cg", 1e-6, {"iters": 5})
+    y.write_text("r_iw: 0.3\ncolour: red\n")
+    with pytest.raises(HcnrError, match="colour"):
+        load_config(y)
+    y.write_text("- 1\n")
+    with pytest.raises(HcnrError, match="mapping"):
+        load_config(y)
+
+
+def test_dry_run_writes_nothing(pair_dirs, tmp_path, capsys):
+    rc, out = _cli(pair_dirs, tmp_path, "--dry-run")
+    assert rc == 0 and not out.exists()
+    text = capsys.readouterr().out
+    plan = json.loads(text[: text.rindex("}") + 1])["plan"]
+    assert plan["layers"] == 21 and plan["units_kept"] == top_count(0.4, 21)
+    assert plan["memory_estimate_mib"]["total"] > 0 and "nothing written" in text
+
+
+def test_existing_output_refused(pair_dirs, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    rc, _ = _cli(pair_dirs, tmp_path)
+    assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_python_api_errors(llama):
+    base, ft = llama
+    with pytest.raises(DataError):
+        repair(base, ft, "/nonexistent.jsonl", "/nonexistent.jsonl", progress=False)
+    with pytest.raises(HcnrError, match="r_cw"):
+        repair(base, ft, None, None, RepairConfig(r_cw=2.0), progress=False)
+    with pytest.raises(CheckpointError):
+        hcnr_jax.repair.check_compatible(base, ft.replace(config=ft.config.replace(num_layers=2)))
+    assert jax.tree_util.tree_structure(ft.params) is not None
