@@ -4,16 +4,8 @@
 from hcnr_jax import repair
 from hcnr_jax.config import ModelConfig, config_from_hf
 from hcnr_jax.errors import CheckpointError, DataError, HcnrError
-from hcnr_jax.pretrained import Pretrained, load_pretrained, logits, save_pretrained
-
-import sys as _sys
-
-from hcnr_jax import generation
 from hcnr_jax.generation import generate
-
-# `hcnr_jax.generate` is the function; the module is `hcnr_jax.generation`. The alias keeps
-# `from hcnr_jax.generate import greedy_tokens` (the module's former name) working.
-_sys.modules.setdefault("hcnr_jax.generate", generation)
+from hcnr_jax.pretrained import Pretrained, load_pretrained, logits, save_pretrained
 from hcnr_jax.repair import RepairConfig
 
 __all__ = [
@@ -31,3 +23,9 @@ __all__ = [
     "save_pretrained",
 ]
 __version__ = "0.1.0"
+
+import sys as _sys  # noqa: E402
+
+# `hcnr_jax.generate` is the function; the module is `hcnr_jax.generation`. The alias keeps
+# `from hcnr_jax.generate import greedy_tokens` (the module's former name) working.
+_sys.modules.setdefault("hcnr_jax.generate", _sys.modules["hcnr_jax.generation"])
