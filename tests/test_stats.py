@@ -62,25 +62,42 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_dirs):
-    return {f: hcnr_jax.load_pretrained(tiny_dirs[f][1]) for f in FAMILIES}
+def tiny2(tmp_path_factory):
+    """family -> (torch model, loaded Pretrained): 2-layer tiny models (compile time is per layer)."""
+    import tiny
+
+    out = {}
+    for f in FAMILIES:
+        model = tiny.hf_model(f, num_hidden_layers=2)
+        if f == "qwen2":  # keep one sliding-window and one full layer
+            model = tiny.hf_model(f, num_hidden_layers=2, max_window_layers=1)
+        out[f] = (model, hcnr_jax.load_pretrained(tiny.save_hf(model, tmp_path_factory.mktemp(f))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny2):
+    return {f: m for f, (_, m) in tiny2.items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_against_float64_torch_loop(family, tiny_dirs, loaded):
-    model = loaded[family]
+def test_against_float64_torch_loop(family, tiny2):
+    torch_model, model = tiny2[family]
     samples = random_samples(seed=FAMILIES.index(family))
-    fin, fout, hess = torch_reference(tiny_dirs[family][0], samples)
+    fin, fout, hess = torch_reference(torch_model, samples)
     names = linear_names(model.config)
     assert set(fin) == set(names) and set(hess) == set(names)
 
     got_in = stats.fisher(model.params, model.config, samples, neuron_axis="input", batch_size=4)
-    got_out = stats.fisher(model.params, model.config, samples, neuron_axis="output", batch_size=4)
+    # The output axis shares all code but the final reduction: one family checks it (compile time).
+    got_out = (stats.fisher(model.params, model.config, samples, neuron_axis="output", batch_size=4)
+               if family == "llama" else None)
     got_h = stats.hessian(model.params, model.config, samples, batch_size=4)
     for n in names:
         assert got_in[n].dtype == np.float32 and got_in[n].shape == fin[n].shape
         assert rel_err(got_in[n], fin[n]) <= 1e-5, (n, rel_err(got_in[n], fin[n]))
-        assert rel_err(got_out[n], fout[n]) <= 1e-5, (n, rel_err(got_out[n], fout[n]))
+        if got_out is not None:
+            assert rel_err(got_out[n], fout[n]) <= 1e-5, (n, rel_err(got_out[n], fout[n]))
         assert got_h[n].dtype == np.float32
         assert rel_err(got_h[n], hess[n]) <= 1e-5, (n, rel_err(got_h[n], hess[n]))
     layer = "model.layers.1."
@@ -89,24 +106,26 @@ def test_against_float64_torch_loop(family, tiny_dirs, loaded):
 
 
 def test_matches_vmap_grad_and_is_not_a_squared_batch_gradient(loaded):
-    model = loaded["qwen2"]
-    samples = random_samples(n=5, seed=7)
-    got = stats.fisher(model.params, model.config, samples, batch_size=3)
-    ref = fisher_vmap(model.params, model.config, samples, batch_size=3)
+    # Same model, samples and batch shape as the llama case above: the Fisher step is reused.
+    model = loaded["llama"]
+    samples = random_samples(seed=0)
+    got = stats.fisher(model.params, model.config, samples, batch_size=4)
+    ref = fisher_vmap(model.params, model.config, samples, batch_size=6)
     for n in ref:
         assert rel_err(got[n], ref[n]) <= 1e-5
     # The square of the mean gradient is a different (smaller) quantity: make sure we are not it.
     import jax
 
+    from hcnr_jax.model import forward
     from hcnr_jax.params import get, set_leaves
-    from hcnr_jax.stats.reference import sample_loss
 
     name = linear_names(model.config)[0]
 
+    @jax.jit
     def mean_loss(w):
         p = set_leaves(model.params, {name: w})
-        return sum(sample_loss(p, model.config, samples.input_ids[i], samples.attention_mask[i],
-                               samples.loss_mask[i]) for i in range(len(samples))) / len(samples)
+        logits = forward(p, model.config, samples.input_ids, samples.attention_mask).logits
+        return stats.per_sample_loss(logits, samples.input_ids, samples.loss_mask).mean()
 
     g = np.asarray(jax.grad(mean_loss)(get(model.params, name)))
     assert rel_err((g**2).sum(0), got[name].astype(np.float64)) > 0.1
@@ -114,11 +133,11 @@ def test_matches_vmap_grad_and_is_not_a_squared_batch_gradient(loaded):
 
 def test_batch_size_and_padding_do_not_change_results(loaded):
     model = loaded["llama"]
-    samples = random_samples(n=5, seed=3)
-    a = stats.fisher(model.params, model.config, samples, batch_size=2)
-    b = stats.fisher(model.params, model.config, samples, batch_size=5)
-    ha = stats.hessian(model.params, model.config, samples, batch_size=2)
-    hb = stats.hessian(model.params, model.config, samples, batch_size=5)
+    samples = random_samples(seed=0)
+    a = stats.fisher(model.params, model.config, samples, batch_size=4)  # 6 samples: one padded batch
+    b = stats.fisher(model.params, model.config, samples, batch_size=6)
+    ha = stats.hessian(model.params, model.config, samples, batch_size=4)
+    hb = stats.hessian(model.params, model.config, samples, batch_size=6)
     for n in a:
         assert rel_err(a[n], b[n].astype(np.float64)) <= 1e-6
         assert rel_err(ha[n], hb[n].astype(np.float64)) <= 1e-6

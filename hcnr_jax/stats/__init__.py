@@ -27,11 +27,11 @@ from hcnr_jax.config import ModelConfig
 from hcnr_jax.data import Samples
 from hcnr_jax.params import Params
 from hcnr_jax.stats import engine
-from hcnr_jax.stats import fisher as _fisher
-from hcnr_jax.stats import hessian as _hessian
-from hcnr_jax.stats.fisher import per_sample_loss
-from hcnr_jax.stats.fisher import update as fisher_update
-from hcnr_jax.stats.hessian import update as hessian_update
+from hcnr_jax.stats import fisher_accum as _fisher
+from hcnr_jax.stats import hessian_accum as _hessian
+from hcnr_jax.stats.fisher_accum import per_sample_loss
+from hcnr_jax.stats.fisher_accum import update as fisher_update
+from hcnr_jax.stats.hessian_accum import update as hessian_update
 
 __all__ = ["fisher", "fisher_update", "hessian", "hessian_update", "per_sample_loss"]
 

@@ -10,7 +10,7 @@ from hcnr_jax.config import ModelConfig
 from hcnr_jax.kernels.gram import gram
 from hcnr_jax.model import forward
 from hcnr_jax.params import SHARED_INPUT, Params, get, linear_names
-from hcnr_jax.stats.fisher import Batch
+from hcnr_jax.stats.fisher_accum import Batch
 
 
 def owner(name: str) -> str:

@@ -10,7 +10,7 @@ from hcnr_jax.config import ModelConfig
 from hcnr_jax.data import Samples
 from hcnr_jax.model import forward
 from hcnr_jax.params import Params, get, linear_names
-from hcnr_jax.stats.fisher import per_sample_loss
+from hcnr_jax.stats.fisher_accum import per_sample_loss
 
 
 def sample_loss(params: Params, cfg: ModelConfig, ids: jax.Array, attn: jax.Array, lm: jax.Array) -> jax.Array:

