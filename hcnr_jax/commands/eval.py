@@ -1,0 +1,53 @@
+"""`hcnr eval --model SRC [--reference SRC] --benchmarks ... --out DIR`: honesty and task evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS
+
+log = logging.getLogger(__name__)
+
+
+def _benchmarks(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if names == ("all",):
+        return tuple(BENCHMARKS)
+    bad = [n for n in names if n not in BENCHMARKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark(s) {bad}; known: all, {', '.join(BENCHMARKS)}")
+    return names
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate refusals / honesty / task accuracy; writes JSON, markdown, JSONL")
+    p.add_argument("--model", required=True, help="model to evaluate (HF dir, .gguf, BASE+ADAPTER_DIR)")
+    p.add_argument("--reference", help="reference model for prudence / over-conservativeness / honesty")
+    p.add_argument("--benchmarks", type=_benchmarks, default=REFUSAL_BENCHMARKS,
+                   help=f"comma-separated, or 'all' (default: {','.join(REFUSAL_BENCHMARKS)}); "
+                        f"known: {','.join(BENCHMARKS)}")
+    p.add_argument("--limit", type=int, default=None, help="examples per benchmark (balanced; default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="split / order seed")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: ../shared/data, else shipped subsets)")
+    p.add_argument("--rules", default="default", help="refusal phrase rules: default, selfaware, "
+                                                      "alignment_for_honesty, unknownbench")
+    p.add_argument("--embedding", action="store_true", help="add MiniLM similarity refusal detection")
+    p.add_argument("--out", required=True, help="output directory (an existing one is resumed)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.eval.runner import EvalSettings, evaluate
+    from hcnr_jax.pretrained import load_pretrained
+
+    settings = EvalSettings(benchmarks=args.benchmarks, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, rules=args.rules,
+                            embedding=args.embedding)
+    model = load_pretrained(args.model)
+    reference = load_pretrained(args.reference) if args.reference else None
+    evaluate(model, args.out, settings, reference, str(args.model), str(args.reference or ""))
+    print(open(f"{args.out}/table.md").read())
+    return 0

