@@ -1,0 +1,87 @@
+"""Sharded statistics equal the single-device ones: 8 simulated CPU devices over several mesh
+shapes, and 2 processes through jax.distributed on 127.0.0.1 (each in subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import jax
+    if len(sys.argv) > 2:  # process id, coordinator port
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        from hcnr_jax.sharding import initialize_distributed
+        initialize_distributed(f"127.0.0.1:{{sys.argv[3]}}", 2, int(sys.argv[2]))
+    import numpy as np, tiny, hcnr_jax
+    from hcnr_jax import stats
+    from hcnr_jax.params import unflatten
+    from test_stats import random_samples
+    model = tiny.hf_model("qwen2", num_hidden_layers=2)
+    flat = {{k: v.detach().numpy() for k, v in model.state_dict().items()}}
+    cfg = hcnr_jax.config_from_hf(model.config.to_dict())
+    params = unflatten(flat, cfg.num_layers)
+    samples = random_samples(n=7, seed=5)
+    out = {{}}
+    for mesh in sys.argv[1].split(";"):
+        f = stats.fisher(params, cfg, samples, batch_size=4, mesh=mesh)
+        h = stats.hessian(params, cfg, samples, batch_size=4, mesh=mesh, fsdp=True)
+        out.update({{f"{{mesh}}|f|{{k}}": v for k, v in f.items()}})
+        out.update({{f"{{mesh}}|h|{{k}}": v for k, v in h.items()}})
+    if jax.process_index() == 0:
+        np.savez(os.environ["OUT"], **out)
+""")
+
+
+def _run(tmp_path: Path, meshes: str, devices: int, procs: int = 1) -> dict:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / f"out_{devices}_{procs}.npz"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "OUT": str(out),
+           "JAX_PLATFORMS": "cpu"}
+    if procs == 1:
+        res = subprocess.run([sys.executable, str(script), meshes], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ps = [subprocess.Popen([sys.executable, str(script), meshes, str(i), str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(procs)]
+        for p in ps:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    return dict(np.load(out))
+
+
+def _compare(got: dict, want: dict, mesh: str, ref_mesh: str = "data=1") -> None:
+    keys = [k for k in want if k.startswith(ref_mesh + "|")]
+    assert keys
+    for k in keys:
+        a, b = got[mesh + k[len(ref_mesh):]], want[k]
+        err = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b)
+        assert err <= 1e-6, (mesh, k, err)
+
+
+def test_mesh_shapes_on_8_devices(tmp_path):
+    one = _run(tmp_path, "data=1", devices=1)
+    meshes = ["data=8", "data=2,model=4", "data=4,model=2", "model=8"]
+    eight = _run(tmp_path, ";".join(meshes), devices=8)
+    for m in meshes:
+        _compare(eight, one, m)
+
+
+@pytest.mark.slow  # two more interpreter starts and compiles: over the default-suite budget
+def test_two_processes(tmp_path):
+    one = _run(tmp_path, "data=1", devices=1)
+    two = _run(tmp_path, "data=2,model=2", devices=2, procs=2)
+    _compare(two, one, "data=2,model=2")
