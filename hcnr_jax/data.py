@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Samples:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def select(self, index: Any) -> "Samples":
+    def select(self, index: Any) -> Samples:
         """A subset (``index`` a slice or integer array); its hash names the subset."""
         idx = np.arange(len(self))[index]
         h = hashlib.sha256(f"{self.sha256}:{idx.tobytes().hex()}".encode()).hexdigest()

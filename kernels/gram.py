@@ -13,9 +13,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-
 from hcnr_jax.kernels.fisher_norms import HIGHEST, resolve_backend
+from jax.experimental import pallas as pl
 
 
 def _check(h: jax.Array, x: jax.Array, mask: jax.Array) -> None:

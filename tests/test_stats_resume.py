@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_stats import random_samples
 
 import hcnr_jax
 from hcnr_jax import stats
 from hcnr_jax.params import get, set_leaves
-from test_stats import random_samples
 
 
 class Killed(Exception):

@@ -11,7 +11,7 @@ ever computed, per sample or batched.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
