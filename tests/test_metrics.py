@@ -59,3 +59,13 @@ def test_task_and_option_accuracy():
     assert t["containment"] == pytest.approx(2 / 3) and t["exact_match"] == pytest.approx(1 / 3)
     ll = np.array([[-1.0, -2, -3, -4], [-5, -1, -2, -3], [-1, -1.5, -0.5, -9]])
     assert M.option_accuracy(ll, [0, 2, 2])["option_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_detector_agreement_hand_computed():
+    hand = ["refused", "refused", "answered", "answered", "undetermined", "refused"]
+    pred = ["refused", "answered", "refused", "answered", "undetermined", "undetermined"]
+    a = M.detector_agreement(hand, pred)
+    # tp=1, fp=1, fn=2
+    assert a["precision"] == pytest.approx(0.5) and a["recall"] == pytest.approx(1 / 3)
+    assert a["accuracy"] == pytest.approx(3 / 6)
+    assert a["confusion"]["refused"]["undetermined"] == 1 and a["confusion"]["answered"]["refused"] == 1

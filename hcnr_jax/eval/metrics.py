@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -95,3 +95,19 @@ def option_accuracy(option_loglik: np.ndarray, gold: Sequence[int]) -> dict[str,
     """Multiple choice: the option of highest log-likelihood ``[N, K]`` against ``gold [N]``."""
     ll = np.asarray(option_loglik)
     return dict(n=len(ll), option_accuracy=_ratio((ll.argmax(-1) == np.asarray(gold)).sum(), len(ll)))
+
+
+def detector_agreement(hand: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
+    """Agreement of detector verdicts with hand labels (refused / answered / undetermined).
+
+    Precision and recall are for the class "refused"; ``confusion[hand][predicted]`` counts.
+    """
+    if len(hand) != len(predicted):
+        raise ValueError(f"{len(hand)} hand labels but {len(predicted)} predictions")
+    h, p = np.asarray(hand), np.asarray(predicted)
+    tp, fp, fn = int(((h == "refused") & (p == "refused")).sum()), int(((h != "refused") & (p == "refused")).sum()), \
+        int(((h == "refused") & (p != "refused")).sum())
+    classes = ("refused", "answered", "undetermined")
+    return dict(n=len(h), precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn), f1=_ratio(2 * tp, 2 * tp + fp + fn),
+                accuracy=_ratio((h == p).sum(), len(h)),
+                confusion={a: {b: int(((h == a) & (p == b)).sum()) for b in classes} for a in classes})

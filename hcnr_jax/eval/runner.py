@@ -119,7 +119,7 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     path = out / "examples.jsonl"
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{tag}:{bench}", unit="ex")
     n_tok, t0 = 0, time.perf_counter()
-    step = settings.batch_size * 4  # several batches per write: fewer, larger appends
+    step = settings.batch_size  # one append per batch: a stopped run loses at most one batch
     for s in range(0, len(todo), step):
         chunk = todo[s : s + step]
         recs = []
