@@ -54,6 +54,11 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     evaluate(model, out, s, model_name="tiny")
     again = read_records(out / "examples.jsonl")
     assert len(again) == len(recs) and [r["id"] for r in again[:-2]] == [r["id"] for r in recs[:-2]]
+    # Stored verdicts are re-derived from the responses by the current detector.
+    tampered = [dict(r, verdict="refused", reason="tampered") if r["benchmark"] == "kuq" else r for r in again]
+    (out / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tampered))
+    evaluate(model, out, s, model_name="tiny")
+    assert [r.get("verdict") for r in read_records(out / "examples.jsonl")] == [r.get("verdict") for r in again]
     # Other settings in the same directory are refused.
     with pytest.raises(hcnr_jax.DataError, match="other settings"):
         evaluate(model, out, EvalSettings(benchmarks=("kuq",), limit=7, data_dir=s.data_dir), model_name="tiny")
