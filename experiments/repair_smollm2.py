@@ -102,7 +102,7 @@ def main() -> int:
     rep = json.loads((out / "hcnr_report.json").read_text())
     s = rep["summary"]
     print(f"\nwall time of the whole command (imports, loading, writing included): {wall:.1f}s")
-    print("| stage | seconds | peak RSS MiB (process high-water mark after the stage) |")
+    print("| stage | seconds | peak RSS MiB within the stage |")
     print("|---|---|---|")
     for k, v in rep["timing_s"].items():
         print(f"| {k} | {v:.1f} | {rep['memory']['peak_rss_mib'][k]:.0f} |")
