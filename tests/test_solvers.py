@@ -200,3 +200,26 @@ def test_registry_accepts_a_new_solver_in_one_place():
             S.register_solver("_test_half")(half)
     finally:
         S.SOLVERS.pop("_test_half")
+
+
+def test_solver_in_its_own_file_by_module_name(tmp_path, monkeypatch):
+    """`--solver my_solvers:shrink` imports a solver file that only registers itself."""
+    (tmp_path / "my_solvers.py").write_text(
+        "from hcnr_jax.repair.solvers import register_solver, make_result\n"
+        "@register_solver('shrink')\n"
+        "def shrink(w_orig, w_sft, h, restored, damping, **options):\n"
+        "    return make_result(0.9 * w_orig[:, restored], w_orig, w_sft, h, restored, damping)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        from hcnr_jax.repair.config import RepairConfig
+
+        RepairConfig(solver="my_solvers:shrink").validate()
+        w_orig, w_sft, h, restored = problem(1)
+        res = S.solve("my_solvers:shrink", *f32(w_orig, w_sft, h), restored, 0.01)
+        np.testing.assert_allclose(res.w_new[:, restored], 0.9 * np.float32(w_orig)[:, restored], rtol=1e-6)
+        with pytest.raises(HcnrError, match="cannot import module 'no_such_mod'"):
+            S.solve("no_such_mod:x", *f32(w_orig, w_sft, h), restored, 0.01)
+    finally:
+        S.SOLVERS.pop("shrink", None)
+        S.SOLVERS.pop("my_solvers:shrink", None)

@@ -70,7 +70,7 @@ class RepairConfig:
 
     def validate(self) -> RepairConfig:
         """Raise `HcnrError` naming the field for any setting out of range; return self."""
-        from hcnr_jax.repair.solvers import SOLVERS
+        from hcnr_jax.repair.solvers import get_solver
 
         for name in ("r_iw", "r_cw"):
             v = getattr(self, name)
@@ -82,8 +82,7 @@ class RepairConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise HcnrError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
-        if self.solver not in SOLVERS:
-            raise HcnrError(f"solver={self.solver!r}: unknown solver; registered: {sorted(SOLVERS)}")
+        get_solver(self.solver)
         if not isinstance(self.solver_options, Mapping):
             raise HcnrError(f"solver_options={self.solver_options!r}: must be a mapping")
         if not self.damping >= 0.0:

@@ -24,8 +24,10 @@ Adding a solver: one function in one file, registered by name, e.g.
 Inputs are float32 arrays ``w_orig, w_sft [out, in]``, ``h [in, in]`` (undamped), ``restored
 bool [in]`` (at least one True), ``damping`` = lambda; ``options`` come from
 ``RepairConfig.solver_options``. `make_result` pins the task columns and computes the objective
-before compensation (restore only) and after, both with the undamped H. Import the module
-before the repair runs (e.g. from your script) and select it with ``solver: mine``.
+before compensation (restore only) and after, both with the undamped H. Select it with
+``solver: mine`` after importing your module, or name the module in the setting itself,
+``solver: my_package.my_solvers:mine`` (``hcnr repair --solver my_package.my_solvers:mine``): the
+module is imported, which registers it, and nothing else of the pipeline changes.
 """
 
 from __future__ import annotations
@@ -246,11 +248,28 @@ def solve_cg(w_orig, w_sft, h, restored, damping, *, iters: int = 100, tol: floa
                        cg_max_iters=int(jnp.max(n)))
 
 
+def get_solver(name: str) -> Solver:
+    """The solver registered as ``name``; ``"pkg.module:name"`` imports ``pkg.module`` first
+    (importing it registers its solvers), so a solver in its own file needs no pipeline change."""
+    if name not in SOLVERS and ":" in name:
+        import importlib
+
+        module, _, short = name.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise HcnrError(f"solver={name!r}: cannot import module {module!r} ({e})") from e
+        if short in SOLVERS:
+            SOLVERS[name] = SOLVERS[short]
+    if name not in SOLVERS:
+        raise HcnrError(f"solver={name!r}: unknown solver; registered: {sorted(SOLVERS)}")
+    return SOLVERS[name]
+
+
 def solve(name: str, w_orig: Any, w_sft: Any, h: Any, restored: Any, damping: float,
           **options: Any) -> SolverResult:
     """Run the registered solver ``name`` on one layer after checking the inputs and the output."""
-    if name not in SOLVERS:
-        raise HcnrError(f"solver={name!r}: unknown solver; registered: {sorted(SOLVERS)}")
+    fn = get_solver(name)
     w_orig = np.asarray(w_orig, np.float32)
     w_sft = np.asarray(w_sft, np.float32)
     h = np.asarray(h, np.float32)
@@ -265,7 +284,7 @@ def solve(name: str, w_orig: Any, w_sft: Any, h: Any, restored: Any, damping: fl
         raise HcnrError(f"H {h.shape} / restored {restored.shape} do not match in={w_orig.shape[1]}")
     if not restored.any():
         raise HcnrError("no restored neurons: nothing to solve")
-    result = SOLVERS[name](w_orig, w_sft, h, restored, damping, **options)
+    result = fn(w_orig, w_sft, h, restored, damping, **options)
     if result.w_new.shape != w_orig.shape or not np.all(np.isfinite(result.w_new)):
         raise HcnrError(f"solver {name!r} returned a non-finite or misshapen weight")
     return result
