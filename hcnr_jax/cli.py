@@ -11,7 +11,7 @@ import sys
 from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
-COMMANDS = ("convert", "repair", "eval", "calib")
+COMMANDS = ("convert", "stats", "repair", "eval", "calib")
 
 
 def build_parser() -> argparse.ArgumentParser:
