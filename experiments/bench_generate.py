@@ -86,7 +86,7 @@ def main() -> None:
     n_jax, n_hf = sum(map(len, jax_out)), sum(map(len, hf_out))
     res = dict(
         batch=args.batch, new_tokens=args.new, prompt_tokens_max=width, torch_threads=torch.get_num_threads(),
-        identical_rows=sum(a == b for a, b in zip(jax_out, hf_out)), rows=len(ids),
+        identical_rows=sum(a == b for a, b in zip(jax_out, hf_out, strict=True)), rows=len(ids),
         jax_tokens=n_jax, hf_tokens=n_hf, jax_compile_s=round(compile_s, 2),
         jax_s=round(float(np.median(jax_times)), 3), hf_s=round(float(np.median(hf_times)), 3),
     )

@@ -29,7 +29,7 @@ def test_shipped_subsets_load_and_never_overlap(name):
     assert not set(cal["id"]) & set(ev["id"])
     assert not {data.normalise(q) for q in cal["question"]} & {data.normalise(q) for q in ev["question"]}
     if name == "medmcqa":
-        assert all(len(o) == 4 and 0 <= g < 4 for o, g in zip(ds["options"], ds["gold"]))
+        assert all(len(o) == 4 and 0 <= g < 4 for o, g in zip(ds["options"], ds["gold"], strict=True))
     if name in ("kuq", "selfaware"):
         assert set(ds["unanswerable"]) == {0, 1}
 
@@ -45,8 +45,8 @@ def test_select_balances_classes():
 def test_subset_splits_like_full_file():
     full = data.load_benchmark("kuq", FULL)
     sub = data.load_benchmark("kuq", data.BUNDLED_DATA)
-    side = dict(zip(full["id"], full["split"]))
-    assert all(side[i] == s for i, s in zip(sub["id"], sub["split"]))
+    side = dict(zip(full["id"], full["split"], strict=True))
+    assert all(side[i] == s for i, s in zip(sub["id"], sub["split"], strict=True))
     # The shipped rows are the first rows of each side of the full file.
     assert data.select(sub, "evaluation", 100)["id"] == data.select(full, "evaluation", 100)["id"]
 
@@ -60,7 +60,7 @@ def test_shipped_calibration_is_rebuilt_identically_and_from_pools(tmp_path):
     eval_q = set()
     for b in ("kuq", "selfaware", "hotpotqa"):
         ds = data.load_benchmark(b, data.BUNDLED_DATA)
-        eval_q |= {q for q, s in zip(ds["question"], ds["split"]) if s == "evaluation"}
+        eval_q |= {q for q, s in zip(ds["question"], ds["split"], strict=True) if s == "evaluation"}
     task = calibration.read_jsonl(CALIBRATION_DIR / "task.jsonl")
     assert not eval_q & {r["prompt"] for r in hon + task}
     assert all(set(r) == {"prompt", "response"} for r in hon + task)
@@ -75,7 +75,7 @@ def test_builders_reject_evaluation_rows_and_short_pools():
 
 
 def test_missing_file_and_bad_benchmark_are_named(tmp_path):
-    with pytest.raises(DataError, match="knowns_unknowns.jsonl"):
+    with pytest.raises(DataError, match=r"knowns_unknowns\.jsonl"):
         data.load_benchmark("kuq", tmp_path)
     with pytest.raises(DataError, match="unknown benchmark"):
         data.load_benchmark("nope", tmp_path)

@@ -33,5 +33,5 @@ def test_default_detector_agrees_with_hand_labels():
 def test_bad_label_is_named(tmp_path):
     p = tmp_path / "l.jsonl"
     p.write_text('{"benchmark": "kuq", "id": "x", "question": "q", "response": "r", "label": "maybe"}\n')
-    with pytest.raises(DataError, match="l.jsonl:1"):
+    with pytest.raises(DataError, match=r"l\.jsonl:1"):
         load_labels(p)

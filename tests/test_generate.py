@@ -30,7 +30,7 @@ def test_bucketed_batches_match_transformers_and_do_not_recompile(tiny_dirs):
     out = generate_ids(model, prompts, 6, batch_size=2)
     assert greedy_tokens._cache_size() - before <= 1  # one compilation for every batch
     eos = hcnr_jax.generation.eos_token_ids(model)
-    for p, o in zip(prompts, out):
+    for p, o in zip(prompts, out, strict=True):
         with torch.no_grad():
             ref = torch_model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                        max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
@@ -55,7 +55,7 @@ def test_smollm2_generate_token_identical_to_transformers():
     ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ours = generate_ids(model, ids, 48, batch_size=8)
     eos = hcnr_jax.generation.eos_token_ids(model)
-    for p, o in zip(ids, ours):
+    for p, o in zip(ids, ours, strict=True):
         with torch.no_grad():
             r = ref.generate(input_ids=torch.tensor([p]), max_new_tokens=48, do_sample=False, eos_token_id=eos)
         r = r[0, len(p):].tolist()

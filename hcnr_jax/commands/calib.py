@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         samples = honesty_samples(pools, args.n, args.idk_response or IDK_RESPONSE)
     else:
         quotas = [args.n // len(names) + (i < args.n % len(names)) for i in range(len(names))]
-        samples = [s for n, q in zip(names, quotas) for s in task_samples(pools[n], q, n)]
+        samples = [s for n, q in zip(names, quotas, strict=True) for s in task_samples(pools[n], q, n)]
     write_jsonl(samples, args.out, keys=("prompt", "response"))
     print(f"wrote {len(samples)} {args.kind} samples to {args.out}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS
 
@@ -49,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model)
     reference = load_pretrained(args.reference) if args.reference else None
     evaluate(model, args.out, settings, reference, str(args.model), str(args.reference or ""))
-    print(open(f"{args.out}/table.md").read())
+    print(Path(args.out, "table.md").read_text())
     return 0

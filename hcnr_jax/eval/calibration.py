@@ -8,8 +8,8 @@ Output records are ``{"prompt": ..., "response": ...}`` (METHOD.md "Inputs").
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from hcnr_jax.errors import DataError
 from hcnr_jax.eval.data import order_key

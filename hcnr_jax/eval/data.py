@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 
@@ -183,10 +184,9 @@ def resolve_data_dir(data_dir: str | Path | None, benchmark: str) -> Path:
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if root.is_dir():
         return root
-    if BENCHMARKS[benchmark].shipped:
-        if data_dir is None:
-            log.info("%s: %s not found, using the shipped subset", benchmark, root)
-            return BUNDLED_DATA
+    if BENCHMARKS[benchmark].shipped and data_dir is None:
+        log.info("%s: %s not found, using the shipped subset", benchmark, root)
+        return BUNDLED_DATA
     raise DataError(f"{root}: data directory not found for benchmark {benchmark!r}"
                     + ("" if BENCHMARKS[benchmark].shipped else " (no subset of it is shipped)"))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,8 @@ def honesty_metrics(reference: Sequence[str], current: Sequence[str]) -> dict[st
 def task_accuracy(responses: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
     """Open-QA accuracy: containment and exact match after SQuAD normalisation."""
     n = len(responses)
-    return dict(n=n, containment=_ratio(sum(contains_answer(r, a) for r, a in zip(responses, answers)), n),
-                exact_match=_ratio(sum(exact_match(r, a) for r, a in zip(responses, answers)), n))
+    return dict(n=n, containment=_ratio(sum(contains_answer(r, a) for r, a in zip(responses, answers, strict=True)), n),
+                exact_match=_ratio(sum(exact_match(r, a) for r, a in zip(responses, answers, strict=True)), n))
 
 
 def option_accuracy(option_loglik: np.ndarray, gold: Sequence[int]) -> dict[str, float]:

@@ -15,8 +15,9 @@ Verdicts: "refused" (a strong refusal phrase, or similarity above the threshold)
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 

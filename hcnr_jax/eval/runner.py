@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ def option_logliks(model: Any, questions: Sequence[str], options: Sequence[Seque
         if len(ids) != 1:
             raise DataError(f"{model.source}: option letter {letter!r} is not a single token ({ids})")
         letter_ids.append(ids[0])
-    texts = chat_prompts(tok, [mcq_prompt(q, o) for q, o in zip(questions, options)])
+    texts = chat_prompts(tok, [mcq_prompt(q, o) for q, o in zip(questions, options, strict=True)])
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     pad = tok.pad_token_id or 0
     out = []
@@ -126,15 +127,15 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
         if BENCHMARKS[bench].kind == "task" and chunk[0]["options"]:
             ll = option_logliks(model, [r["question"] for r in chunk], [r["options"] for r in chunk],
                                 settings.batch_size)
-            for r, l in zip(chunk, ll):
+            for r, lls in zip(chunk, ll, strict=True):
                 recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"], options=r["options"],
-                                 gold=r["gold"], option_loglik=[round(float(x), 4) for x in l], pred=int(np.argmax(l))))
+                                 gold=r["gold"], option_loglik=[round(float(x), 4) for x in lls], pred=int(np.argmax(lls))))
         else:
             texts = chat_prompts(model.tokenizer, [r["question"] for r in chunk])
             ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
             new = generate_ids(model, ids, settings.max_new_tokens, settings.batch_size)
             n_tok += sum(map(len, new))
-            for r, toks in zip(chunk, new):
+            for r, toks in zip(chunk, new, strict=True):
                 resp = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
                 det = detector.detect(resp, r["question"])
                 recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"],
@@ -168,7 +169,7 @@ def benchmark_metrics(bench: str, recs: list[dict], ref: list[dict] | None) -> d
         res["answer_accuracy"] = float(np.mean([c == "correct" for c in cur]))
         if ref is not None:
             by_id = {r["id"]: r for r in ref}
-            pairs = [(by_id[r["id"]], c) for r, c in zip(scored, cur) if r["id"] in by_id]
+            pairs = [(by_id[r["id"]], c) for r, c in zip(scored, cur, strict=True) if r["id"] in by_id]
             ref_out = M.honesty_outcomes([p["response"] for p, _ in pairs], [p["answers"] for p, _ in pairs],
                                          [p["verdict"] for p, _ in pairs])
             res.update({f"a4h_{k}": v for k, v in M.honesty_metrics(ref_out, [c for _, c in pairs]).items()})
