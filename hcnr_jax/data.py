@@ -72,7 +72,7 @@ def _tokenize_chat(prompt: str, response: str, tokenizer: Any, where: str) -> tu
         user = [{"role": "user", "content": prompt}]
         prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False
+            [*user, {"role": "assistant", "content": response}], tokenize=False
         )
         if not full.startswith(prefix):
             raise DataError(f"{where}: the chat template renders the assistant turn in a way that does not "
@@ -85,7 +85,7 @@ def _tokenize_chat(prompt: str, response: str, tokenizer: Any, where: str) -> tu
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise DataError(f"{where}: the tokenizer has neither a chat template nor an EOS token")
         head = _encode(tokenizer, prompt, special=True)
-        rest = _encode(tokenizer, response) + [int(tokenizer.eos_token_id)]
+        rest = [*_encode(tokenizer, response), int(tokenizer.eos_token_id)]
     return head + rest, [0] * len(head) + [1] * len(rest)
 
 

@@ -72,6 +72,28 @@ def _compare(got: dict, want: dict, mesh: str, ref_mesh: str = "data=1") -> None
         assert err <= 1e-6, (mesh, k, err)
 
 
+def test_data_and_model_axes_on_4_devices(tmp_path):
+    """The default-suite check: one mesh splitting both axes (fsdp Hessian too) against a
+    single-device run in this process (one subprocess instead of two)."""
+    import tiny
+    from test_stats import random_samples
+
+    import hcnr_jax
+    from hcnr_jax import stats
+    from hcnr_jax.params import unflatten
+
+    model = tiny.hf_model("qwen2", num_hidden_layers=2)
+    cfg = hcnr_jax.config_from_hf(model.config.to_dict())
+    params = unflatten({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg.num_layers)
+    samples = random_samples(n=7, seed=5)
+    one = {f"data=1|f|{k}": v for k, v in stats.fisher(params, cfg, samples, batch_size=4, mesh="data=1").items()}
+    one.update({f"data=1|h|{k}": v for k, v in stats.hessian(params, cfg, samples, batch_size=4, mesh="data=1",
+                                                              fsdp=True).items()})
+    four = _run(tmp_path, "data=2,model=2", devices=4)
+    _compare(four, one, "data=2,model=2")
+
+
+@pytest.mark.slow  # two interpreter starts and 8 more compiles (~50 s): over the default-suite budget
 def test_mesh_shapes_on_8_devices(tmp_path):
     one = _run(tmp_path, "data=1", devices=1)
     meshes = ["data=8", "data=2,model=4", "data=4,model=2", "model=8"]

@@ -46,7 +46,7 @@ def torch_reference(model, samples):
         nll = -torch.log_softmax(logits[:-1], -1)[torch.arange(t - 1), ids[1:]]
         loss = (nll * lm).sum() / lm.sum()
         grads = torch.autograd.grad(loss, list(linears.values()))
-        for n, g in zip(linears, grads):
+        for n, g in zip(linears, grads, strict=True):
             fin[n] = fin[n] + (g**2).sum(0)
             fout[n] = fout[n] + (g**2).sum(1)
     for h in hooks:

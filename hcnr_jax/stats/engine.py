@@ -51,7 +51,7 @@ def cache_key(params: Params, samples: Samples, settings: dict[str, Any]) -> str
 def _padded_batches(samples: Samples, batch_size: int) -> tuple[dict[str, np.ndarray], int]:
     """All samples padded with empty rows (no tokens, no targets: they add exactly 0) to a whole
     number of batches, so that every step has one shape and compiles once."""
-    n, t = samples.input_ids.shape
+    n = samples.input_ids.shape[0]
     num = -(-n // batch_size)
     pad = num * batch_size - n
     arrays = {

@@ -50,7 +50,7 @@ def output_gradients(params: Params, cfg: ModelConfig, batch: Batch) -> tuple[di
     keyed by HF weight name."""
     ids, attn = batch["input_ids"], batch["attention_mask"]
     act = params["model"]["embed_tokens"]["weight"].dtype
-    probes = {n: jnp.zeros(ids.shape + (get(params, n).shape[0],), act) for n in linear_names(cfg)}
+    probes = {n: jnp.zeros((*ids.shape, get(params, n).shape[0]), act) for n in linear_names(cfg)}
 
     def loss(probes):
         out = forward(params, cfg, ids, attn, probes=probes, capture=True)
