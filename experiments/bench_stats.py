@@ -5,10 +5,14 @@
   (b) vmap:  ``vmap(grad)`` per sample, full per-sample gradients of every linear weight
   (c) torch: the PyTorch loop a user would write (one backward per sample, square, accumulate)
 
-Each method runs in its own subprocess (peak RSS is per method); times exclude compilation
-(a warm-up pass runs first) and model loading. Usage:
+The GGUF is dequantised to a float32 Hugging Face directory once; each method then runs in its own
+subprocess loading that directory (peak RSS is per method). Times exclude compilation (a warm-up
+pass runs first; for torch one sample) and model loading. PyTorch uses as many threads as there are
+CPU cores; on a shared, loaded machine its per-sample loop is the method most sensitive to other
+load (its OpenMP threads wait on each other), so compare runs only at similar load averages (the
+JSON records the load average at the end). Prints a table and writes JSON (``--out``). Usage:
 
-    python experiments/bench_stats.py --samples 32 --tokens 64 --batch 8 > experiments/bench_stats.log
+    python experiments/bench_stats.py --samples 32 --tokens 64 --batch 8 --out experiments/results/bench_stats.json
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     from hcnr_jax.model import forward
     from hcnr_jax.stats.reference import fisher_vmap
 
-    model = hcnr_jax.load_pretrained(gguf_path(), dtype="float32")
+    model = hcnr_jax.load_pretrained(args.model_dir, dtype="float32")
     cfg, params = model.config, model.params
     samples = make_samples(args.samples, args.tokens, cfg.vocab_size)
     bs = args.batch
@@ -78,18 +82,18 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         import torch
         import transformers
 
-        from hcnr_jax.pretrained import save_pretrained
-
         torch.set_num_threads(os.cpu_count() or 1)
-        tmp = Path(tempfile.mkdtemp()) / "hf"
-        save_pretrained(model, tmp)
-        tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         del model, params
+        tm = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
         lin = {n: p for n, p in tm.named_parameters() if n.endswith("proj.weight")}
+        for n, p in tm.named_parameters():
+            p.requires_grad_(n in lin)  # only the block linear weights' gradients are needed
 
-        def go():
+        def go(count=None):
+            # One forward + backward per sample (unpadded: all samples have the same length here),
+            # squared gradient of every block linear weight summed per input neuron (column).
             acc = {n: torch.zeros(p.shape[1]) for n, p in lin.items()}
-            for i in range(len(samples)):
+            for i in range(len(samples) if count is None else count):
                 ids = torch.tensor(samples.input_ids[i:i + 1], dtype=torch.long)
                 lm = torch.tensor(samples.loss_mask[i, 1:], dtype=torch.float32)
                 tm.zero_grad(set_to_none=True)
@@ -100,12 +104,9 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
                     acc[n] += (p.grad**2).sum(0)
             return acc
 
-    if method in ("floor", "hcnr", "vmap"):
-        t0 = time.perf_counter()
-        go()  # warm-up: compilation
-        warm = time.perf_counter() - t0
-    else:
-        warm = 0.0
+    t0 = time.perf_counter()
+    go() if method != "torch" else go(1)  # warm-up: compilation (torch: allocator, one sample)
+    warm = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -124,14 +125,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.method:
         print("RESULT " + json.dumps(run_method(args.method, args)), flush=True)
         return
+    import hcnr_jax
+
+    model_dir = Path(tempfile.mkdtemp()) / "smollm2-f32"
+    hcnr_jax.save_pretrained(hcnr_jax.load_pretrained(gguf_path(), dtype="float32"), model_dir)
     rows = []
+    t_start = time.perf_counter()
     for m in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:] if not a.startswith("--methods")]
+        cmd = [sys.executable, __file__, "--method", m, "--model-dir", str(model_dir), "--samples", str(args.samples),
+               "--tokens", str(args.tokens), "--batch", str(args.batch), "--vmap-batch", str(args.vmap_batch),
+               "--repeats", str(args.repeats), "--backend", args.backend]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
@@ -143,6 +153,14 @@ def main() -> None:
     torch_s = next((r["seconds"] for r in rows if r["method"] == "torch"), None)
     import jax
 
+    setup = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)", "samples": args.samples,
+             "tokens": args.tokens, "batch": args.batch, "vmap_batch": args.vmap_batch, "repeats": args.repeats,
+             "backend": args.backend, "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+             "load_average_at_end": os.getloadavg(), "total_wall_s": time.perf_counter() - t_start}
+    if args.out:
+        from hcnr_jax.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
     print(f"\nSmolLM2-135M-Instruct (float32), {args.samples} samples x {args.tokens} tokens, batch {args.batch}, "
           f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
     print("| method | time (s) | x floor | torch loop / method | samples/s | peak RSS (MiB) | first call (s) |")
