@@ -17,7 +17,8 @@ DESCRIPTION = """\
 Compute per-neuron Fisher importance or layer-input Hessians of every linear weight of the
 transformer blocks (q/k/v/o/gate/up/down) on a JSONL file of samples ({"prompt", "response"} or
 {"input_ids", "loss_mask"}), and write DIR/<kind>.safetensors (float32, keyed by HF weight name,
-e.g. model.layers.3.mlp.down_proj.weight) and DIR/stats.json (settings, data sha256, counts, time).
+e.g. model.layers.3.mlp.down_proj.weight) and DIR/stats.json (settings, data sha256, counts, wall
+time of the accumulation including compilation, samples/s).
 
 fisher:  [n_neurons] per weight, the mean over samples of the per-sample squared gradient norm of
          each neuron (input column W[:, k], or output row W[k, :] with --neuron-axis output); a
@@ -123,7 +124,7 @@ def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, 
         "num_target_tokens": int(samples.loss_mask.sum()),
         "num_tensors": len(result),
         "aliases": aliases,
-        "wall_time_s": round(wall, 3),
+        "wall_time_s": round(wall, 3),  # the accumulation, compilation included; model loading excluded
         "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,
     }
     return result, record
