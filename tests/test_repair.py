@@ -194,7 +194,6 @@ def test_llama_end_to_end_loads_in_transformers(exact_result, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_other_families_end_to_end(pair_dirs, family, tmp_path):
     base, ft = pair_dirs[family]
@@ -205,7 +204,6 @@ def test_other_families_end_to_end(pair_dirs, family, tmp_path):
     check_invariants(res, hcnr_jax.load_pretrained(base), hcnr_jax.load_pretrained(ft))
 
 
-@pytest.mark.slow
 def test_bfloat16_keeps_dtype_and_restores_bit_exactly(pair_dirs, tmp_path):
     base_dir, ft_dir = pair_dirs["llama"]
     hon, task = pair_dirs["data"]
