@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--out", type=Path, default=None, help="append the result to this JSON list")
     args = ap.parse_args()
 
     import torch
@@ -94,7 +96,11 @@ def main() -> None:
     res["jax_tok_s"] = round(n_jax / res["jax_s"], 1)
     res["hf_tok_s"] = round(n_hf / res["hf_s"], 1)
     res["speedup"] = round(res["jax_tok_s"] / res["hf_tok_s"], 2)
+    res["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res, indent=1))
+    if args.out is not None:
+        runs = json.loads(args.out.read_text()) if args.out.exists() else []
+        args.out.write_text(json.dumps([*runs, res], indent=1) + "\n")
 
 
 if __name__ == "__main__":
