@@ -141,3 +141,18 @@ def test_batch_size_and_padding_do_not_change_results(loaded):
     for n in a:
         assert rel_err(a[n], b[n].astype(np.float64)) <= 1e-6
         assert rel_err(ha[n], hb[n].astype(np.float64)) <= 1e-6
+
+
+def test_hessian_of_chosen_layers_only(loaded):
+    """``layers=`` accumulates only the requested layers' H (shared inputs stay shared)."""
+    model = loaded["llama"]
+    cfg = model.config
+    samples = random_samples(n=4, seed=3)
+    full = stats.hessian(model.params, cfg, samples, batch_size=2)
+    chosen = ["model.layers.1.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight",
+              "model.layers.1.self_attn.k_proj.weight"]
+    part = stats.hessian(model.params, cfg, samples, batch_size=2, layers=chosen)
+    assert sorted(part) == sorted(chosen)
+    for name in chosen:
+        np.testing.assert_array_equal(part[name], full[name])
+    assert part[chosen[0]] is part[chosen[2]]

@@ -249,12 +249,12 @@ def repair(
 
     with clock.stage("hessian"):
         calib = {"hon": [hon], "task": [task], "both": [hon, task]}[cfg.calib_data]
+        kept_names = [sl.name for sl in layers if sl.kept]
         hess: dict[str, Any] = {}
         for samples in calib:
-            h = stats.hessian(models[cfg.calib_model], mc, samples, **sopts)
-            # Keep only the kept layers' H and free the rest now; layers sharing an input share
-            # one array object, which the sum keeps shared (summed once per object).
-            h = {sl.name: h[sl.name] for sl in layers if sl.kept}
+            # Only the kept layers' H are accumulated; layers sharing an input share one array
+            # object, which the sum keeps shared (summed once per object).
+            h = stats.hessian(models[cfg.calib_model], mc, samples, layers=kept_names, **sopts)
             if hess:
                 summed: dict[int, Any] = {}
                 h = {n: summed.setdefault(id(hess[n]), np.asarray(hess[n]) + np.asarray(h[n])) for n in h}

@@ -27,9 +27,10 @@ def groups(cfg: ModelConfig) -> dict[str, list[str]]:
     return out
 
 
-def init(params: Params, cfg: ModelConfig) -> dict[str, jax.Array]:
-    """Zero accumulators: owner weight name -> float32 [in, in]."""
-    return {n: jnp.zeros((get(params, n).shape[1],) * 2, jnp.float32) for n in groups(cfg)}
+def init(params: Params, cfg: ModelConfig, owners: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+    """Zero accumulators: owner weight name -> float32 [in, in] (only ``owners`` when given)."""
+    return {n: jnp.zeros((get(params, n).shape[1],) * 2, jnp.float32) for n in groups(cfg)
+            if owners is None or n in owners}
 
 
 def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
@@ -47,4 +48,4 @@ def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: Mo
 
 def expand(state: dict[str, object], cfg: ModelConfig) -> dict[str, object]:
     """Owner-keyed results -> every linear weight name (sharing layers get the same object)."""
-    return {member: state[name] for name, members in groups(cfg).items() for member in members}
+    return {member: state[name] for name, members in groups(cfg).items() if name in state for member in members}
