@@ -144,6 +144,10 @@ def accumulate(
         sl = slice(b * batch_size, (b + 1) * batch_size)
         batch = {k: sharding.put(v[sl], batch_sh) for k, v in arrays.items()}
         state = step(state, dev_params, batch)
+        if not bar.disable:
+            # Steps dispatch asynchronously: without waiting, the bar (and its samples/s) would
+            # run ahead of the computation and jump to the end.
+            jax.block_until_ready(state)
         done = b + 1
         if mngr is not None and (done % checkpoint_every == 0) and done < num_batches:
             import orbax.checkpoint as ocp
