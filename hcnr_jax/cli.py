@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:  # JAX logs backend probing ("Unable to initialize backend 'tpu'") at INFO
+        logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except HcnrError as e:
