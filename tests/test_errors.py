@@ -6,11 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-from hcnr_jax.conversion import hf as hf_io
 from safetensors.numpy import load_file, save_file
 
 import hcnr_jax
 from hcnr_jax import CheckpointError, HcnrError
+from hcnr_jax.conversion import hf as hf_io
 from hcnr_jax.io import sha256_file
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
-from hcnr_jax.conversion.gguf import TENSOR_TABLE, load_gguf
 
 import hcnr_jax
 from hcnr_jax import embedded
+from hcnr_jax.conversion.gguf import TENSOR_TABLE, load_gguf
 from hcnr_jax.errors import CheckpointError, HcnrError
 from hcnr_jax.params import flatten
 

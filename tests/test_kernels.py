@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from hcnr_jax.kernels.fisher_norms import neuron_sq_norms, neuron_sq_norms_pallas, neuron_sq_norms_reference
 from hcnr_jax.kernels.gram import gram, gram_pallas, gram_reference
 

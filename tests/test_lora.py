@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
-from hcnr_jax.conversion.lora import merge_lora
 
 import hcnr_jax
+from hcnr_jax.conversion.lora import merge_lora
 from hcnr_jax.errors import CheckpointError
 from hcnr_jax.params import flatten
 

@@ -6,7 +6,7 @@ import tiny
 import torch
 
 import hcnr_jax
-from hcnr_jax.generate import greedy_tokens
+from hcnr_jax.generation import greedy_tokens
 
 
 def _rel(a, b, mask):

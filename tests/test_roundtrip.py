@@ -7,10 +7,10 @@ import pytest
 import tiny
 import torch
 import transformers
-from hcnr_jax.conversion.hf import weight_map
 from safetensors import safe_open
 
 import hcnr_jax
+from hcnr_jax.conversion.hf import weight_map
 
 
 def _tensors(path):
