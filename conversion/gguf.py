@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hcnr_jax.conversion.hf import DTYPES
 
 from hcnr_jax.config import config_from_hf
+from hcnr_jax.conversion.hf import DTYPES
 from hcnr_jax.errors import CheckpointError
 from hcnr_jax.params import param_specs, unflatten
 

@@ -13,8 +13,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from hcnr_jax.kernels.fisher_norms import HIGHEST, resolve_backend
 from jax.experimental import pallas as pl
+
+from hcnr_jax.kernels.fisher_norms import HIGHEST, resolve_backend
 
 
 def _check(h: jax.Array, x: jax.Array, mask: jax.Array) -> None:
