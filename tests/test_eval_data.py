@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from hcnr_jax.data import read_jsonl
+from hcnr_jax.embedded import CALIBRATION_DIR
 from hcnr_jax.errors import DataError
 from hcnr_jax.eval import calibration, data
-from hcnr_jax.eval.bundle import CALIBRATION_DIR, build_default_calibration
+from hcnr_jax.eval.bundle import build_default_calibration
 
 FULL = data.DEFAULT_DATA_DIR
 
@@ -55,13 +57,13 @@ def test_shipped_calibration_is_rebuilt_identically_and_from_pools(tmp_path):
     assert build_default_calibration(data.BUNDLED_DATA, tmp_path) == (128, 128)
     for f in ("honesty.jsonl", "task.jsonl"):
         assert (tmp_path / f).read_text() == (CALIBRATION_DIR / f).read_text()
-    hon = calibration.read_jsonl(CALIBRATION_DIR / "honesty.jsonl")
+    hon = [r for _, r in read_jsonl(CALIBRATION_DIR / "honesty.jsonl")]
     assert sum(r["response"] == calibration.IDK_RESPONSE for r in hon) == 64
     eval_q = set()
     for b in ("kuq", "selfaware", "hotpotqa"):
         ds = data.load_benchmark(b, data.BUNDLED_DATA)
         eval_q |= {q for q, s in zip(ds["question"], ds["split"], strict=True) if s == "evaluation"}
-    task = calibration.read_jsonl(CALIBRATION_DIR / "task.jsonl")
+    task = [r for _, r in read_jsonl(CALIBRATION_DIR / "task.jsonl")]
     assert not eval_q & {r["prompt"] for r in hon + task}
     assert all(set(r) == {"prompt", "response"} for r in hon + task)
 

@@ -334,3 +334,23 @@ def test_cli_repair_with_config_and_flags(pair_dirs, tmp_path, capsys):
     assert rep["summary"]["layers_kept"] == 7  # one block of 7 linear layers
     assert not (out / plots.PERTURBATION_PNG).exists()
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["honesty", "task"])
+def test_default_data_is_the_bundled_calibration_file(kind):
+    """Without --honesty-data/--task-data the repair reads the shipped 128-sample files."""
+    from types import SimpleNamespace
+
+    from test_data import tiny_tokenizer
+
+    from hcnr_jax.embedded import calibration_file
+    from hcnr_jax.io import sha256_file
+    from hcnr_jax.repair.pipeline import _load_data
+
+    tok = tiny_tokenizer()
+    model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=len(tok)))
+    samples, info = _load_data(None, kind, model, RepairConfig())
+    assert len(samples) == 128
+    assert info["path"] == f"<bundled>/{kind}.jsonl"
+    assert info["file_sha256"] == sha256_file(calibration_file(kind))
+    assert samples.loss_mask.sum(axis=1).min() > 0  # every sample has assistant-turn targets

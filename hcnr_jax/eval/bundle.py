@@ -11,11 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
+from hcnr_jax.embedded import BUNDLED_DATA, CALIBRATION_DIR
 from hcnr_jax.eval.calibration import honesty_samples, task_samples, write_jsonl
-from hcnr_jax.eval.data import BUNDLED_DATA, DEFAULT_DATA_DIR, example_id, load_benchmark, select
+from hcnr_jax.eval.data import DEFAULT_DATA_DIR, example_id, load_benchmark, select
 from hcnr_jax.io import atomic_write_text
 
-CALIBRATION_DIR = BUNDLED_DATA.parent / "calibration"
 # Rows shipped per benchmark: (calibration pool, evaluation split).
 SUBSET = {"kuq": (96, 200), "selfaware": (96, 200), "hotpotqa": (160, 200), "medmcqa": (0, 200)}
 FILES = {"kuq": "kuq/knowns_unknowns.jsonl", "selfaware": "selfaware/SelfAware.json",

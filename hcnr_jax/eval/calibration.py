@@ -64,16 +64,3 @@ def write_jsonl(samples: Sequence[dict], path: str | Path, keys: Sequence[str] |
     rows = samples if keys is None else [{k: s[k] for k in keys} for s in samples]
     atomic_write_text(Path(path), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in rows))
 
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file, naming the line of any malformed record."""
-    path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not JSON: {e}") from e
-    return out

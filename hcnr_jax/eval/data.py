@@ -29,13 +29,12 @@ from typing import Any
 
 import datasets
 
+from hcnr_jax.embedded import BUNDLED, BUNDLED_DATA
 from hcnr_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-BUNDLED_DATA = PACKAGE_DIR / "bundled" / "data"
-DEFAULT_DATA_DIR = PACKAGE_DIR.parent.parent / "shared" / "data"  # ../shared/data from the repo root
+DEFAULT_DATA_DIR = BUNDLED.parent.parent.parent / "shared" / "data"  # ../shared/data from the repo root
 
 CALIBRATION_FRACTION = 0.25
 SEED = 0

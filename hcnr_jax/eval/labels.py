@@ -11,17 +11,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hcnr_jax.data import read_jsonl
+from hcnr_jax.embedded import LABELS_FILE
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.calibration import read_jsonl
 from hcnr_jax.eval.metrics import detector_agreement
 from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
 
-LABELS = Path(__file__).resolve().parents[1] / "bundled" / "labels" / "refusal_labels.jsonl"
+LABELS = LABELS_FILE
 
 
 def load_labels(path: str | Path = LABELS) -> list[dict]:
     """Records ``{benchmark, id, question, unanswerable, response, label}``; labels are verdicts."""
-    rows = read_jsonl(path)
+    rows = [r for _, r in read_jsonl(path)]
     for i, r in enumerate(rows, 1):
         if r.get("label") not in VERDICTS:
             raise DataError(f"{path}:{i}: label {r.get('label')!r} is not one of {VERDICTS}")

@@ -8,7 +8,6 @@ functions of `selection` and `solvers`.
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import resource
 import time
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hcnr_jax.embedded import calibration_file
 from hcnr_jax.errors import CheckpointError, DataError
 from hcnr_jax.params import flatten, get, linear_names, param_specs, set_leaves
 from hcnr_jax.pretrained import Pretrained, load_pretrained
@@ -32,11 +32,6 @@ from hcnr_jax.repair.solvers import layer_objective, restore_only, solve
 log = logging.getLogger("hcnr_jax.repair")
 
 STAGES = ("load", "fisher", "select", "hessian", "solve")
-
-
-def bundled_calibration(kind: str) -> Path:
-    """The calibration file shipped with the package: ``kind`` is "honesty" or "task"."""
-    return Path(str(importlib.resources.files("hcnr_jax") / "bundled" / "calibration" / f"{kind}.jsonl"))
 
 
 @dataclass
@@ -134,7 +129,7 @@ def _load_data(data: Any, kind: str, model: Pretrained, cfg: RepairConfig) -> tu
         samples = data if cfg.limit is None else data.select(slice(0, cfg.limit))
         info: dict[str, Any] = {"path": None, "file_sha256": None}
     else:
-        path = Path(data) if data is not None else bundled_calibration(kind)
+        path = Path(data) if data is not None else calibration_file(kind)
         samples = load_samples(path, model.tokenizer, max_length=cfg.max_length, limit=cfg.limit,
                                vocab_size=model.config.vocab_size)
         info = {"path": str(path) if data is not None else f"<bundled>/{path.name}", "file_sha256": sha256_file(path)}
@@ -368,5 +363,5 @@ def restored_mask_of(params_before: Any, params_after: Any) -> dict[str, np.ndar
     return {n: np.asarray(a[n]) != np.asarray(b[n]) for n in a}
 
 
-__all__ = ["STAGES", "VOLATILE_KEYS", "RepairResult", "bundled_calibration", "check_compatible", "plan",
+__all__ = ["STAGES", "VOLATILE_KEYS", "RepairResult", "check_compatible", "plan",
            "prepare", "repair", "write_repair"]
