@@ -8,11 +8,39 @@ import logging
 from pathlib import Path
 
 from hcnr_jax.errors import HcnrError
+from hcnr_jax.repair.config import (
+    CALIB_DATA,
+    LAYER_BUDGETS,
+    LAYER_UNITS,
+    MODELS,
+    NEURON_AXES,
+    PRIORITIES,
+    RepairConfig,
+)
+
+# RepairConfig fields settable by flag (--r-iw for r_iw, ...): help text and choices. The shown
+# defaults are read from RepairConfig, so help and behaviour cannot drift apart.
+SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "r_iw": ("fraction of neurons per layer that are candidates", None),
+    "r_cw": ("fraction of layers kept", None),
+    "solver": ("compensation solver: exact, paper, none, cg, or module:name", None),
+    "priority": ("neuron priority", PRIORITIES),
+    "layer_unit": ("what a layer is", LAYER_UNITS),
+    "layer_budget": ("r_cw counts layers or parameters", LAYER_BUDGETS),
+    "neuron_axis": ("neurons are columns (input) or rows (output)", NEURON_AXES),
+    "fisher_hon_model": ("model the honesty Fisher is taken on", MODELS),
+    "fisher_task_model": ("model the task Fisher is taken on", MODELS),
+    "calib_data": ("data whose layer inputs give H = X^T X", CALIB_DATA),
+    "calib_model": ("model those inputs run through", MODELS),
+    "damping": ("lambda of H + lambda mean(diag H) I", None),
+    "seed": ("seed of priority=random", None),
+    "max_length": ("tokens per sample", None),
+    "batch_size": ("statistics batch size", None),
+    "limit": ("use the first N samples of each data file", None),
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from hcnr_jax.repair.config import CALIB_DATA, LAYER_BUDGETS, LAYER_UNITS, MODELS, NEURON_AXES, PRIORITIES
-
     p = sub.add_parser(
         "repair", help="repair a fine-tuned model's honesty with HCNR (training-free)",
         description="Restore honesty-critical neurons of FINETUNED from BASE and compensate the rest. "
@@ -23,22 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-data", default=None, help="JSONL task samples (default: bundled, 128)")
     p.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--config", default=None, help="YAML file of repair settings (see configs/)")
-    p.add_argument("--r-iw", type=float, default=None, help="fraction of neurons per layer [0.5]")
-    p.add_argument("--r-cw", type=float, default=None, help="fraction of layers kept [0.4]")
-    p.add_argument("--solver", default=None, help="compensation solver: paper, exact, none, cg, ... [exact]")
-    p.add_argument("--priority", choices=PRIORITIES, default=None, help="neuron priority [kl]")
-    p.add_argument("--layer-unit", choices=LAYER_UNITS, default=None, help="what a layer is [module]")
-    p.add_argument("--layer-budget", choices=LAYER_BUDGETS, default=None, help="r_cw counts layers or params [count]")
-    p.add_argument("--neuron-axis", choices=NEURON_AXES, default=None, help="neurons are columns or rows [input]")
-    p.add_argument("--fisher-hon-model", choices=MODELS, default=None, help="model for honesty Fisher [orig]")
-    p.add_argument("--fisher-task-model", choices=MODELS, default=None, help="model for task Fisher [sft]")
-    p.add_argument("--calib-data", choices=CALIB_DATA, default=None, help="data for H = X^T X [hon]")
-    p.add_argument("--calib-model", choices=MODELS, default=None, help="model for H = X^T X [sft]")
-    p.add_argument("--damping", type=float, default=None, help="lambda of H + lambda mean(diag H) I [0.01]")
-    p.add_argument("--seed", type=int, default=None, help="seed of priority=random [0]")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per sample [512]")
-    p.add_argument("--batch-size", type=int, default=None, help="statistics batch size [8]")
-    p.add_argument("--limit", type=int, default=None, help="use the first N samples of each file [all]")
+    defaults = RepairConfig()
+    for name, (text, choices) in SETTINGS.items():
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=int if default is None else type(default),
+                       choices=choices, default=None, help=f"{text} [{'all' if default is None else default}]")
     p.add_argument("--cache-dir", default=None, help="reuse statistics computed before (statistics cache)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -47,9 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("r_iw", "r_cw", "solver", "priority", "layer_unit", "layer_budget", "neuron_axis", "fisher_hon_model",
-            "fisher_task_model", "calib_data", "calib_model", "damping", "seed", "max_length", "batch_size", "limit")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
