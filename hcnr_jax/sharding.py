@@ -93,10 +93,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def put(x: Any, sharding: NamedSharding) -> jax.Array:
     """Place a host array that every process holds in full as a (possibly multi-host) global array."""
     x = np.asarray(x)
@@ -107,12 +103,13 @@ def put_tree(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as a host array on every process (replicated first when needed)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    mesh = x.sharding.mesh
-    return np.asarray(jax.jit(lambda a: a, out_shardings=replicated(mesh))(x))
+def tree_to_host(tree: Any) -> Any:
+    """Global arrays as host arrays on every process, gathered in one collective across hosts."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -158,7 +158,7 @@ def accumulate(
         if on_batch is not None:
             on_batch(done)
     bar.close()
-    result = {k: sharding.to_host(v) for k, v in state.items()}
+    result = sharding.tree_to_host(state)
     if mngr is not None:
         mngr.close()
     return result
