@@ -100,6 +100,11 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def put_tree(tree: Any, shardings: Any) -> Any:
+    """Place a tree (device or host arrays) with ``shardings``. One process: ``device_put``, which
+    reshards device arrays without a round trip through host memory. Several processes: every
+    process holds the tree in full and contributes its own shards."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
     return jax.tree.map(put, tree, shardings)
 
 

@@ -121,7 +121,7 @@ def accumulate(
 
     state0 = jax.eval_shape(init, params)
     step, state_sh, param_sh, batch_sh = _step(update, cfg, opts_t, mesh, fsdp, state0, params)
-    dev_params = sharding.put_tree(jax.tree.map(np.asarray, params), param_sh)
+    dev_params = sharding.put_tree(params, param_sh)
     state = jax.tree.map(lambda s, sh: sharding.put(np.zeros(s.shape, s.dtype), sh), state0, state_sh)
 
     start, mngr = 0, None
