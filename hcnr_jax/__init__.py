@@ -23,9 +23,3 @@ __all__ = [
     "save_pretrained",
 ]
 __version__ = "0.1.0"
-
-import sys as _sys
-
-# `hcnr_jax.generate` is the function; the module is `hcnr_jax.generation`. The alias keeps
-# `from hcnr_jax.generate import greedy_tokens` (the module's former name) working.
-_sys.modules.setdefault("hcnr_jax.generate", _sys.modules["hcnr_jax.generation"])

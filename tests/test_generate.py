@@ -13,9 +13,6 @@ GGUF = smollm2_gguf()
 
 def test_generate_is_exported():
     assert callable(hcnr_jax.generate) and hcnr_jax.generate is hcnr_jax.generation.generate
-    from hcnr_jax.generate import greedy_tokens as g  # the module's former name still imports
-
-    assert g is greedy_tokens
 
 
 def test_bucketed_batches_match_transformers_and_do_not_recompile(tiny_dirs):
