@@ -58,8 +58,12 @@ def fisher(params: Params, cfg: ModelConfig, samples: Samples, *, neuron_axis: s
     squared gradient norm of each neuron (column ``W[:, k]`` for "input", row ``W[k, :]`` for
     "output"); a sample's loss is its mean CE over its loss-masked tokens. Options: module doc."""
     init = partial(_fisher.init, cfg=cfg, neuron_axis=neuron_axis)
+    # The LM head runs only at target positions, in a capacity fixed by the whole data set (one
+    # compilation for every batch).
+    capacity = _fisher.target_capacity(samples.loss_mask)
     sums = _run("fisher", init, fisher_update, params, cfg, samples, batch_size,
-                {"neuron_axis": neuron_axis}, {"neuron_axis": neuron_axis, "backend": backend}, **opts)
+                {"neuron_axis": neuron_axis},
+                {"neuron_axis": neuron_axis, "backend": backend, "max_targets": capacity}, **opts)
     return {k: (v / np.float32(len(samples))).astype(np.float32) for k, v in sums.items()}
 
 

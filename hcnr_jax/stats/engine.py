@@ -27,7 +27,7 @@ from hcnr_jax.params import Params, flatten
 log = logging.getLogger(__name__)
 
 # Bumped when a change alters the numbers, so that stale cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Fisher's LM head only at target positions (float rounding)
 
 _STEPS: dict[Any, Callable] = {}
 
