@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import numpy as np
 import pytest
@@ -39,11 +40,14 @@ def torch_reference(model, samples):
     fin = {n: 0 for n in linears}
     fout = {n: 0 for n in linears}
     for i in range(len(samples)):
-        t = int(samples.attention_mask[i].sum())
-        ids = torch.tensor(samples.input_ids[i, :t], dtype=torch.long)
-        lm = torch.tensor(samples.loss_mask[i, 1:t], dtype=torch.float64)
+        real = np.flatnonzero(samples.attention_mask[i])  # left or right padding
+        a, b = int(real[0]), int(real[-1]) + 1
+        ids = torch.tensor(samples.input_ids[i, a:b], dtype=torch.long)
+        lm = torch.tensor(samples.loss_mask[i, a + 1:b], dtype=torch.float64)
         logits = m(ids[None]).logits[0]
-        nll = -torch.log_softmax(logits[:-1], -1)[torch.arange(t - 1), ids[1:]]
+        if lm.sum() == 0:  # no targets: loss 0, no gradient
+            continue
+        nll = -torch.log_softmax(logits[:-1], -1)[torch.arange(b - a - 1), ids[1:]]
         loss = (nll * lm).sum() / lm.sum()
         grads = torch.autograd.grad(loss, list(linears.values()))
         for n, g in zip(linears, grads, strict=True):
@@ -156,3 +160,73 @@ def test_hessian_of_chosen_layers_only(loaded):
     for name in chosen:
         np.testing.assert_array_equal(part[name], full[name])
     assert part[chosen[0]] is part[chosen[2]]
+
+
+def sparse_samples(vocab: int = 97, t: int = 20):
+    """Left and right padding, targets scattered with different counts per row (one row none, one
+    row only the first predictable token, one row the last), built directly (not right-padded)."""
+    from hcnr_jax.data import Samples
+
+    rows = [  # (first real token, end, target positions)
+        (0, 14, [3, 7, 8, 13]),
+        (6, t, [7, 12, 19]),
+        (0, 10, []),
+        (0, t, [1, 2, 5, 9, 10, 11, 15, 16, 17, 19]),
+        (3, t, [4, 19]),
+        (0, 9, [1]),
+    ]
+    rng = np.random.default_rng(7)
+    ids = np.zeros((len(rows), t), np.int32)
+    attn = np.zeros((len(rows), t), bool)
+    lm = np.zeros((len(rows), t), bool)
+    for i, (a, b, targets) in enumerate(rows):
+        ids[i, a:b] = rng.integers(3, vocab, b - a)
+        attn[i, a:b] = True
+        lm[i, targets] = True
+    return Samples(ids, attn, lm, "sparse-targets")
+
+
+def test_lm_head_only_at_targets_is_exact(tiny2):
+    """The Fisher gathers each row's target-predicting hidden states into a fixed capacity before
+    the LM head: sparse, irregular targets with left/right padding give the full-logits result."""
+    import jax
+    import jax.numpy as jnp
+
+    from hcnr_jax.model import lm_head
+    from hcnr_jax.stats import fisher_accum
+
+    torch_model, model = tiny2["llama"]
+    params, cfg = model.params, model.config
+    samples = sparse_samples()
+    assert fisher_accum.target_capacity(samples.loss_mask) == 16  # 10 targets at most, rounded up
+    assert fisher_accum.target_capacity(samples.loss_mask, multiple=8) == 16
+    assert fisher_accum.target_capacity(samples.loss_mask, multiple=64) == 19  # capped at T - 1
+    assert fisher_accum.target_capacity(np.zeros((2, 5), bool)) == 0
+
+    # The gathered loss and its gradient w.r.t. the hidden states equal the full-logits ones.
+    ids, lm = jnp.asarray(samples.input_ids), jnp.asarray(samples.loss_mask)
+    hidden = jax.random.normal(jax.random.key(0), (*ids.shape, cfg.hidden_size), jnp.float32)
+
+    @jax.jit
+    def full(h):
+        loss = lambda h: stats.per_sample_loss(lm_head(params, cfg, h), ids, lm)  # noqa: E731
+        return loss(h), jax.grad(lambda h: loss(h).sum())(h)
+
+    @partial(jax.jit, static_argnums=1)
+    def gathered(h, capacity):
+        loss = lambda h: fisher_accum.gathered_loss(params, cfg, h, ids, lm, capacity)  # noqa: E731
+        return loss(h), jax.grad(lambda h: loss(h).sum())(h)
+
+    want, want_grad = full(hidden)
+    assert float(want[2]) == 0.0 and np.all(np.asarray(want)[[0, 1, 3, 4, 5]] > 0)
+    for capacity in (10, 16, 19):  # exactly the most targets, rounded up, every position
+        got, got_grad = gathered(hidden, capacity)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    # Too small a capacity drops targets: the comparison above would notice a wrong gather.
+    assert abs(float(gathered(hidden, 9)[0][3]) - float(want[3])) > 1e-4
+
+    fin, _, _ = torch_reference(torch_model, samples)
+    got = stats.fisher(params, cfg, samples, batch_size=4)  # 6 samples: one padded batch
+    for n in fin:
+        assert rel_err(got[n], fin[n]) <= 1e-5, (n, rel_err(got[n], fin[n]))
