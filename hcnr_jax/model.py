@@ -82,13 +82,24 @@ class _Linears:
 
 
 def _attention_mask(
-    q_idx: jax.Array, k_idx: jax.Array, key_valid: jax.Array, window: int | None
+    q_idx: jax.Array, k_idx: jax.Array, key_valid: jax.Array, window: int | None,
+    segments: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """[B, T, S] bool: causal by sequence index, key not padding, inside the sliding window."""
-    allowed = k_idx[None, :] <= q_idx[:, None]
-    if window is not None:
-        allowed = allowed & (k_idx[None, :] > q_idx[:, None] - window)
-    return allowed[None] & key_valid[:, None, :]
+    """[B, T, S] bool: causal by sequence index, key not padding, inside the sliding window.
+
+    ``segments = (q_seg [B,T], k_seg [B,S], q_pos [B,T], k_pos [B,S])`` for packed sequences: a
+    query sees keys of its own segment and of segment 0 (a shared prefix), and the window is
+    measured in positions, since packed neighbours are not sequence neighbours.
+    """
+    allowed = (k_idx[None, :] <= q_idx[:, None])[None]
+    if segments is not None:
+        q_seg, k_seg, q_pos, k_pos = segments
+        allowed = allowed & ((k_seg[:, None, :] == q_seg[:, :, None]) | (k_seg[:, None, :] == 0))
+        if window is not None:
+            allowed = allowed & (k_pos[:, None, :] > q_pos[:, :, None] - window)
+    elif window is not None:
+        allowed = allowed & (k_idx[None, :] > q_idx[:, None] - window)[None]
+    return allowed & key_valid[:, None, :]
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -121,12 +132,17 @@ def forward(
     capture: bool = False,
     probes: Mapping[str, jax.Array] | None = None,
     return_logits: bool = True,
+    segment_ids: jax.Array | None = None,
 ) -> Output:
     """Run the model on ``input_ids [B, T]``.
 
     ``attention_mask [B, T]`` (1 real, 0 padding) defaults to all ones; ``positions [B, T]`` to
     the count of real tokens before each one. With ``cache``, the tokens are appended at slot
     ``cache.length`` and attend to everything cached before them; the updated cache is returned.
+
+    ``segment_ids [B, T]`` (int, >= 0) packs several sequences into one row: a token attends only
+    to earlier tokens of its own segment and of segment 0, a prefix they share. Give explicit
+    ``positions``; with a cache, it must be empty (earlier slots would count as segment 0).
     """
     b, t = input_ids.shape
     if attention_mask is None:
@@ -142,7 +158,17 @@ def forward(
     else:
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, start))
         k_idx, key_valid = jnp.arange(cache.valid.shape[1], dtype=jnp.int32), valid
-    masks = {w: _attention_mask(q_idx, k_idx, key_valid, w) for w in set(cfg.sliding_windows)}
+    segments = None
+    if segment_ids is not None:
+        if cache is None:
+            segments = (segment_ids, segment_ids, positions, positions)
+        else:
+            k_seg = jax.lax.dynamic_update_slice(jnp.zeros(cache.valid.shape, jnp.int32),
+                                                 segment_ids.astype(jnp.int32), (0, start))
+            k_pos = jax.lax.dynamic_update_slice(jnp.zeros(cache.valid.shape, jnp.int32),
+                                                 positions.astype(jnp.int32), (0, start))
+            segments = (segment_ids, k_seg, positions, k_pos)
+    masks = {w: _attention_mask(q_idx, k_idx, key_valid, w, segments) for w in set(cfg.sliding_windows)}
 
     cos, sin = rope.cos_sin(cfg, positions)
     linear = _Linears(capture, probes)

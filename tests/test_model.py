@@ -69,3 +69,23 @@ def test_greedy_matches_transformers(tiny_dirs, family):
     for r in range(3):
         n = int(lengths[r])
         np.testing.assert_array_equal(toks[r, :n], ref[r, :n])
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_packed_segments_equal_separate_rows(tiny_dirs, family):
+    """Two prompts packed after a shared prefix (segment ids, explicit positions) give each
+    token the logits it has in its own unpadded row; the rows are longer than the sliding
+    windows, which packing measures in positions."""
+    model = hcnr_jax.load_pretrained(tiny_dirs[family][1])
+    rng = np.random.default_rng(5)
+    prefix, a, b = (rng.integers(3, 97, n).tolist() for n in (6, 9, 13))
+    ids = np.array([prefix + a + b])
+    seg = np.array([[0] * 6 + [1] * 9 + [2] * 13])
+    pos = np.array([list(range(6)) + list(range(6, 15)) + list(range(6, 19))])
+    packed = np.asarray(hcnr_jax.model.forward(model.params, model.config, ids, positions=pos,
+                                               segment_ids=seg).logits)[0]
+    row_a = np.asarray(hcnr_jax.logits(model, np.array([prefix + a])))[0]
+    row_b = np.asarray(hcnr_jax.logits(model, np.array([prefix + b])))[0]
+    scale = np.abs(row_b).max()
+    np.testing.assert_allclose(packed[:15], row_a, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(packed[15:], row_b[6:], rtol=0, atol=1e-5 * scale)
