@@ -1,12 +1,15 @@
 """Batched greedy generation: bucketing, batch independence, and token parity with transformers."""
 
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 import hcnr_jax
 from hcnr_jax.embedded import smollm2_gguf
-from hcnr_jax.generation import generate_ids, greedy_tokens
+from hcnr_jax.generation import generate_ids, greedy_tokens, greedy_tokens_packed
 
 GGUF = smollm2_gguf()
 
@@ -21,9 +24,9 @@ def test_bucketed_batches_match_transformers_and_do_not_recompile(tiny_dirs):
     rng = np.random.default_rng(0)
     # 5 prompts of different lengths (all within one 32-token bucket), batch size 2 -> 3 batches.
     prompts = [rng.integers(3, 97, n).tolist() for n in (3, 9, 5, 17, 11)]
-    before = greedy_tokens._cache_size()
+    before = greedy_tokens_packed._cache_size()
     out = generate_ids(model, prompts, 6, batch_size=2)
-    assert greedy_tokens._cache_size() - before <= 1  # one compilation for every batch
+    assert greedy_tokens_packed._cache_size() - before <= 1  # one compilation for every batch
     eos = hcnr_jax.generation.eos_token_ids(model)
     for p, o in zip(prompts, out, strict=True):
         with torch.no_grad():
@@ -57,3 +60,51 @@ def test_smollm2_generate_token_identical_to_transformers():
         assert o == r[:cut]
     texts_out = hcnr_jax.generate(model, questions[:2], 16)
     assert "Paris" in texts_out[0] and all(isinstance(t, str) for t in texts_out)
+
+
+def test_pack_prompts_layout():
+    """The shared prefix is stored once per lane, each row's cache slots gather its own tokens in
+    order (right-aligned), lanes split at ``lane_tokens``, and filler rows hold one token."""
+    from hcnr_jax.generation import pack_prompts
+
+    prompts = [[1, 2, 3, 7], [1, 2, 3, 8, 9, 10], [1, 2, 3, 4, 5], [1, 2, 3, 6, 6, 6, 6]]
+    p = pack_prompts(prompts, batch_size=6, pad_id=0, lane_tokens=10)
+    assert p.ids.shape[0] == 2  # 3 + 1 + 3 + 2 = 9 tokens, then 3 + 4 in a second lane
+    flat_ids, flat_pos = p.ids.reshape(-1), p.positions.reshape(-1)
+    for r, row in enumerate(prompts):
+        slots = p.gather[r][p.valid[r]]
+        assert flat_ids[slots].tolist() == row
+        assert flat_pos[slots].tolist() == list(range(len(row)))
+        assert p.valid[r, -len(row):].all() and not p.valid[r, : -len(row)].any()
+        assert p.last[r] == slots[-1]
+    assert (p.ids[:, :3] == [1, 2, 3]).all() and (p.segments[:, :3] == 0).all()
+    assert p.mask.sum() == 9 + 7
+    assert p.valid[4:].sum() == 2 and p.valid[4:, -1].all()
+    # A prompt that is the others' prefix keeps its last token out of the shared prefix.
+    q = pack_prompts([[5, 6], [5, 6, 7]], batch_size=2)
+    assert q.ids.reshape(-1)[q.last].tolist() == [6, 7]
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        pack_prompts([[1], []], batch_size=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_packed_generation_matches_padded(tiny_dirs, family):
+    """Packed prefill (shared prefix, two lanes, prompts longer than the sliding windows) gives
+    the same tokens as the left-padded prefill, which is checked against transformers."""
+    from hcnr_jax.generation import pack_prompts
+
+    model = hcnr_jax.load_pretrained(tiny_dirs[family][1])
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(3, 96, 5).tolist()
+    prompts = [prefix + rng.integers(3, 96, n).tolist() for n in (1, 4, 9, 14, 6)]
+    eos = np.array([96])
+    packed = pack_prompts(prompts, batch_size=6, lane_tokens=24)
+    assert packed.ids.shape[0] >= 2
+    toks, lengths = greedy_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, packed), eos, 12, 0)
+    w = max(map(len, prompts))
+    ids = np.array([[0] * (w - len(p)) + p for p in prompts])
+    mask = np.array([[False] * (w - len(p)) + [True] * len(p) for p in prompts])
+    ref, ref_len = greedy_tokens(model.params, model.config, ids, mask, eos, 12, 0)
+    for r in range(len(prompts)):
+        assert int(lengths[r]) == int(ref_len[r])
+        assert np.asarray(toks)[r].tolist() == np.asarray(ref)[r].tolist()
