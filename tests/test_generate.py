@@ -22,8 +22,8 @@ def test_bucketed_batches_match_transformers_and_do_not_recompile(tiny_dirs):
     torch_model, path = tiny_dirs["llama"]
     model = hcnr_jax.load_pretrained(path)
     rng = np.random.default_rng(0)
-    # 5 prompts of different lengths (all within one 32-token bucket), batch size 2 -> 3 batches.
-    prompts = [rng.integers(3, 97, n).tolist() for n in (3, 9, 5, 17, 11)]
+    # 7 prompts, batch size 2 -> 4 batches of different packed sizes, packed to one shape.
+    prompts = [rng.integers(3, 97, n).tolist() for n in (3, 9, 5, 17, 11, 40, 45)]
     before = greedy_tokens_packed._cache_size()
     out = generate_ids(model, prompts, 6, batch_size=2)
     assert greedy_tokens_packed._cache_size() - before <= 1  # one compilation for every batch
@@ -65,7 +65,7 @@ def test_smollm2_generate_token_identical_to_transformers():
 def test_pack_prompts_layout():
     """The shared prefix is stored once per lane, each row's cache slots gather its own tokens in
     order (right-aligned), lanes split at ``lane_tokens``, and filler rows hold one token."""
-    from hcnr_jax.generation import pack_prompts
+    from hcnr_jax.generation import pack_prompts, pack_shape
 
     prompts = [[1, 2, 3, 7], [1, 2, 3, 8, 9, 10], [1, 2, 3, 4, 5], [1, 2, 3, 6, 6, 6, 6]]
     p = pack_prompts(prompts, batch_size=6, pad_id=0, lane_tokens=10)
@@ -85,6 +85,13 @@ def test_pack_prompts_layout():
     assert q.ids.reshape(-1)[q.last].tolist() == [6, 7]
     with pytest.raises(ValueError, match="at least one prompt token"):
         pack_prompts([[1], []], batch_size=2)
+    # A requested shape is a lower bound: the same gathers, in a larger lane and cache.
+    big = pack_prompts(prompts, batch_size=6, lane_tokens=10, shape=(256, 64))
+    assert big.ids.shape == (2, 256) and big.gather.shape == (6, 64)
+    for r, row in enumerate(prompts):
+        assert big.ids.reshape(-1)[big.gather[r][big.valid[r]]].tolist() == row
+    # The largest batch sets the shape: 40 + 45 tokens -> lane 128, width 64.
+    assert pack_shape([[1] * 40, [2] * 45, [3] * 3, [4] * 5], 2) == (128, 64)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -28,7 +28,7 @@ from hcnr_jax.errors import DataError
 from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, select
 from hcnr_jax.eval.refusal import RefusalDetector
-from hcnr_jax.generation import _bucket, chat_prompts, generate_ids
+from hcnr_jax.generation import _bucket, chat_prompts, generate_ids, pack_shape
 from hcnr_jax.io import atomic_write_text
 from hcnr_jax.model import forward, lm_head
 
@@ -121,19 +121,23 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{tag}:{bench}", unit="ex")
     n_tok, t0 = 0, time.perf_counter()
     step = settings.batch_size  # one append per batch: a stopped run loses at most one batch
+    scored = BENCHMARKS[bench].kind == "task" and bool(todo[0]["options"])
+    if not scored:
+        texts = chat_prompts(model.tokenizer, [r["question"] for r in todo])
+        todo_ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # One packed shape for the whole benchmark: one compilation, not one per batch shape.
+        shape = pack_shape(todo_ids, step)
     for s in range(0, len(todo), step):
         chunk = todo[s : s + step]
         recs = []
-        if BENCHMARKS[bench].kind == "task" and chunk[0]["options"]:
+        if scored:
             ll = option_logliks(model, [r["question"] for r in chunk], [r["options"] for r in chunk],
                                 settings.batch_size)
             for r, lls in zip(chunk, ll, strict=True):
                 recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"], options=r["options"],
                                  gold=r["gold"], option_loglik=[round(float(x), 4) for x in lls], pred=int(np.argmax(lls))))
         else:
-            texts = chat_prompts(model.tokenizer, [r["question"] for r in chunk])
-            ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-            new = generate_ids(model, ids, settings.max_new_tokens, settings.batch_size)
+            new = generate_ids(model, todo_ids[s : s + step], settings.max_new_tokens, settings.batch_size, shape)
             n_tok += sum(map(len, new))
             for r, toks in zip(chunk, new, strict=True):
                 resp = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
