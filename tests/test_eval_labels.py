@@ -15,7 +15,7 @@ def test_labels_cover_the_benchmarks():
     assert len(rows) >= 150
     per = Counter(r["benchmark"] for r in rows)
     assert set(per) == set(REFUSAL_BENCHMARKS) and min(per.values()) >= 25
-    assert len({(r["benchmark"], r["id"]) for r in rows}) == len(rows)
+    assert len({(r["benchmark"], r["id"], r.get("system", "none")) for r in rows}) == len(rows)
     assert all(r["question"] and "response" in r for r in rows)
     labels = Counter(r["label"] for r in rows)
     assert labels["refused"] >= 10 and labels["answered"] >= 50

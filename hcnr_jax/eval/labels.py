@@ -29,7 +29,10 @@ HALVES = ("development", "held_out")
 
 
 def load_labels(path: str | Path = LABELS) -> list[dict]:
-    """Records ``{benchmark, id, question, unanswerable, response, label}``; labels are verdicts."""
+    """Records ``{benchmark, id, question, unanswerable, response, label[, system]}``; labels are verdicts.
+
+    ``system`` names the system prompt the response was generated with (absent: none); the same
+    question can be labelled under several (see hcnr_jax/bundled/labels/README.md)."""
     rows = [r for _, r in read_jsonl(path)]
     for i, r in enumerate(rows, 1):
         if r.get("label") not in VERDICTS:
