@@ -80,3 +80,19 @@ def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
     assert "selfaware" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--benchmarks", "nope", "--out", str(tmp_path / "x")])
+
+
+def test_one_generation_shape_per_run(tiny_chat_model, tmp_path):
+    """Benchmarks whose prompts pack to different shapes still share one compiled generator."""
+    from hcnr_jax.eval.data import BUNDLED_DATA, load_benchmark, select
+    from hcnr_jax.eval.runner import _prompt_ids
+    from hcnr_jax.generation import greedy_tokens_packed, pack_shape
+
+    model = hcnr_jax.load_pretrained(tiny_chat_model)
+    s = EvalSettings(benchmarks=("kuq", "hotpotqa"), limit=8, max_new_tokens=2, batch_size=4, data_dir=str(BUNDLED_DATA))
+    own = {b: pack_shape(_prompt_ids(model, list(select(load_benchmark(b, BUNDLED_DATA), "evaluation", 8))), 4)
+           for b in s.benchmarks}
+    assert own["kuq"] != own["hotpotqa"]  # otherwise this test shows nothing
+    before = greedy_tokens_packed._cache_size()
+    evaluate(model, tmp_path / "run", s, model_name="tiny")
+    assert greedy_tokens_packed._cache_size() - before <= 1
