@@ -97,20 +97,11 @@ def _bucket_tokens(n: int) -> int:
     return _bucket(n, max(64, 1 << max(n.bit_length() - 3, 0)))
 
 
-def pack_prompts(prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0,
-                 lane_tokens: int = 1024, shape: tuple[int, int] = (0, 0)) -> PackedPrompts:
-    """Pack up to ``batch_size`` prompts: their common prefix once per lane, then each prompt's
-    remaining tokens. Attention within a lane grows with its length squared, so consecutive
-    prompts are split over lanes of about ``lane_tokens`` tokens. Rows past the prompts
-    (a short last batch) get one dummy token, and their outputs are meaningless.
+PackShape = tuple[int, int, int]  # (lanes R, lane length C, cache width W)
 
-    ``shape = (lane length, cache width)``: lower bounds on ``C`` and ``W``; batches packed to the
-    same shape share one compilation (see ``pack_shape``)."""
-    rows = [list(p) for p in prompt_ids]
-    if not rows or len(rows) > batch_size:
-        raise ValueError(f"pack_prompts needs 1 to {batch_size} prompts, got {len(rows)}")
-    if not all(rows):
-        raise ValueError("generation needs at least one prompt token per row")
+
+def _layout(rows: list[list[int]], lane_tokens: int) -> tuple[int, list[list[int]], PackShape]:
+    """(shared prefix length, rows of each lane, the smallest shape that holds them)."""
     # Keep at least one token of each prompt out of the prefix: its hidden state gives the first token.
     shortest = min(map(len, rows))
     p = next((i for i in range(shortest - 1) if len({row[i] for row in rows}) > 1), shortest - 1)
@@ -122,11 +113,34 @@ def pack_prompts(prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: i
             size = p
         lanes[-1].append(r)
         size += len(row) - p
-    c = max(shape[0], _bucket_tokens(max(p + sum(len(rows[r]) - p for r in lane) for lane in lanes)))
-    w = max(shape[1], _bucket(max(map(len, rows))))
-    shape = (len(lanes), c)
-    ids, seg, pos = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    mask = np.zeros(shape, bool)
+    c = _bucket_tokens(max(p + sum(len(rows[r]) - p for r in lane) for lane in lanes))
+    return p, lanes, (len(lanes), c, _bucket(max(map(len, rows))))
+
+
+def _checked_rows(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    rows = [list(p) for p in prompt_ids]
+    if not rows or len(rows) > batch_size:
+        raise ValueError(f"pack_prompts needs 1 to {batch_size} prompts, got {len(rows)}")
+    if not all(rows):
+        raise ValueError("generation needs at least one prompt token per row")
+    return rows
+
+
+def pack_prompts(prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0,
+                 lane_tokens: int = 1024, shape: PackShape = (0, 0, 0)) -> PackedPrompts:
+    """Pack up to ``batch_size`` prompts: their common prefix once per lane, then each prompt's
+    remaining tokens. Attention within a lane grows with its length squared, so consecutive
+    prompts are split over lanes of about ``lane_tokens`` tokens. Rows past the prompts
+    (a short last batch) get one dummy token, and their outputs are meaningless.
+
+    ``shape = (R, C, W)``: lower bounds on the lane count, lane length and cache width (extra
+    lanes stay empty); batches packed to the same shape share one compilation (``pack_shape``)."""
+    rows = _checked_rows(prompt_ids, batch_size)
+    p, lanes, need = _layout(rows, lane_tokens)
+    n_lanes, c, w = (max(a, b) for a, b in zip(shape, need, strict=True))
+    size = (n_lanes, c)
+    ids, seg, pos = np.full(size, pad_id, np.int32), np.zeros(size, np.int32), np.zeros(size, np.int32)
+    mask = np.zeros(size, bool)
     gather, valid = np.zeros((batch_size, w), np.int32), np.zeros((batch_size, w), bool)
     last = np.zeros((batch_size,), np.int32)
     valid[len(rows):, -1] = True  # filler rows: one (dummy) token, so nothing is fully masked
@@ -146,13 +160,13 @@ def pack_prompts(prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: i
     return PackedPrompts(ids, seg, pos, mask, gather, valid, last)
 
 
-def pack_shape(prompt_ids: Sequence[Sequence[int]], batch_size: int, lane_tokens: int = 1024) -> tuple[int, int]:
-    """The largest (lane length, cache width) over consecutive batches of ``batch_size`` of these
-    prompts: packing every batch to it costs some padding and saves a compilation (~15 s for
-    SmolLM2 on a CPU) per distinct shape."""
-    shapes = [pack_prompts(prompt_ids[s : s + batch_size], batch_size, lane_tokens=lane_tokens)
+def pack_shape(prompt_ids: Sequence[Sequence[int]], batch_size: int, lane_tokens: int = 1024) -> PackShape:
+    """The largest (R, C, W) over consecutive batches of ``batch_size`` of these prompts: packing
+    every batch to it costs some padding and saves a compilation (~15 s for SmolLM2 on a CPU) per
+    distinct shape."""
+    shapes = [_layout(_checked_rows(prompt_ids[s : s + batch_size], batch_size), lane_tokens)[2]
               for s in range(0, len(prompt_ids), batch_size)]
-    return max(p.ids.shape[1] for p in shapes), max(p.gather.shape[1] for p in shapes)
+    return tuple(max(dim) for dim in zip(*shapes, strict=True))  # type: ignore[return-value]
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
@@ -216,7 +230,7 @@ def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = No
 
 def generate_ids(
     model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
-    shape: tuple[int, int] | None = None,
+    shape: PackShape | None = None,
 ) -> list[list[int]]:
     """Greedy new token ids (end of turn included when reached) for each prompt's token ids.
 

@@ -86,12 +86,13 @@ def test_pack_prompts_layout():
     with pytest.raises(ValueError, match="at least one prompt token"):
         pack_prompts([[1], []], batch_size=2)
     # A requested shape is a lower bound: the same gathers, in a larger lane and cache.
-    big = pack_prompts(prompts, batch_size=6, lane_tokens=10, shape=(256, 64))
-    assert big.ids.shape == (2, 256) and big.gather.shape == (6, 64)
+    big = pack_prompts(prompts, batch_size=6, lane_tokens=10, shape=(3, 256, 64))
+    assert big.ids.shape == (3, 256) and big.gather.shape == (6, 64) and not big.mask[2].any()
     for r, row in enumerate(prompts):
         assert big.ids.reshape(-1)[big.gather[r][big.valid[r]]].tolist() == row
-    # The largest batch sets the shape: 40 + 45 tokens -> lane 128, width 64.
-    assert pack_shape([[1] * 40, [2] * 45, [3] * 3, [4] * 5], 2) == (128, 64)
+    # The largest batch sets each dimension: 40 + 45 tokens -> lane 128, width 64; 2 lanes of 10.
+    assert pack_shape([[1] * 40, [2] * 45, [3] * 3, [4] * 5], 2) == (1, 128, 64)
+    assert pack_shape([[1] * 40, [2] * 45, [3] * 3, [4] * 5], 2, lane_tokens=50) == (2, 64, 64)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -115,3 +116,7 @@ def test_packed_generation_matches_padded(tiny_dirs, family):
     for r in range(len(prompts)):
         assert int(lengths[r]) == int(ref_len[r])
         assert np.asarray(toks)[r].tolist() == np.asarray(ref)[r].tolist()
+    # Packed to a larger shape (an empty extra lane, longer lanes, a wider cache): the same tokens.
+    wide = pack_prompts(prompts, batch_size=6, lane_tokens=24, shape=(packed.ids.shape[0] + 1, 128, 64))
+    toks_wide, _ = greedy_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, wide), eos, 12, 0)
+    np.testing.assert_array_equal(np.asarray(toks_wide)[: len(prompts)], np.asarray(toks)[: len(prompts)])

@@ -28,7 +28,7 @@ from hcnr_jax.errors import DataError
 from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, select
 from hcnr_jax.eval.refusal import RefusalDetector
-from hcnr_jax.generation import _bucket, chat_prompts, generate_ids, pack_shape
+from hcnr_jax.generation import PackShape, _bucket, chat_prompts, generate_ids, pack_shape
 from hcnr_jax.io import atomic_write_text
 from hcnr_jax.model import forward, lm_head
 
@@ -120,15 +120,15 @@ def _prompt_ids(model: Any, todo: list[dict]) -> list[list[int]]:
     return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def generation_shape(model: Any, todos: Iterable[list[dict]], batch_size: int) -> tuple[int, int] | None:
+def generation_shape(model: Any, todos: Iterable[list[dict]], batch_size: int) -> PackShape | None:
     """One packed generation shape for every generated benchmark of a run (each distinct shape is
     a compilation, ~15 s for SmolLM2 on a CPU; a larger shape costs only some prefill padding)."""
     shapes = [pack_shape(_prompt_ids(model, todo), batch_size) for todo in todos if todo and not _scored(todo)]
-    return (max(c for c, _ in shapes), max(w for _, w in shapes)) if shapes else None
+    return tuple(max(dim) for dim in zip(*shapes, strict=True)) if shapes else None  # type: ignore[return-value]
 
 
 def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalSettings, done: set,
-              detector: RefusalDetector, shape: tuple[int, int] | None = None) -> None:
+              detector: RefusalDetector, shape: PackShape | None = None) -> None:
     """Generate (or score) and classify every row not yet in ``done``; append records to examples.jsonl.
     ``shape``: the packed generation shape (default: this benchmark's own)."""
     todo = [r for r in rows if (tag, r["id"]) not in done]
