@@ -8,8 +8,8 @@ script answers evaluation-split questions of the five refusal benchmarks that ar
 ``{benchmark, id, question, unanswerable, response, system, label: null}``; a person then reads
 each response and fills in ``label`` (see hcnr_jax/bundled/labels/README.md).
 
-    python experiments/label_refusals.py --per-benchmark 36 --out /tmp/cautious_unlabelled.jsonl
-    python experiments/label_refusals.py --per-benchmark 16 --system strict --out /tmp/strict_unlabelled.jsonl
+    python experiments/label_refusals.py --per-benchmark 36 --out runs/labels/cautious_unlabelled.jsonl
+    python experiments/label_refusals.py --per-benchmark 16 --system strict --out runs/labels/strict_unlabelled.jsonl
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import hcnr_jax
 from hcnr_jax.embedded import smollm2_gguf
 from hcnr_jax.eval.data import REFUSAL_BENCHMARKS, load_benchmark, select
-from hcnr_jax.eval.labels import load_labels
+from hcnr_jax.eval.labels import load_labels, source_of
+from hcnr_jax.io import atomic_write_text
 
 SYSTEMS = {
     # The in-context honesty baseline's prompt: SmolLM2 still answers most questions with it.
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     # Only the labels without a system prompt: rerunning after the cautious labels are shipped picks the same rows.
-    labelled = {(r["benchmark"], r["id"]) for r in load_labels() if r.get("system", "none") == "none"}
+    labelled = {(r["benchmark"], r["id"]) for r in load_labels() if source_of(r) == "none"}
     rows = []
     for bench in REFUSAL_BENCHMARKS:
         ds = load_benchmark(bench, a.data_dir)
@@ -57,11 +59,11 @@ def main() -> None:
     out = hcnr_jax.generate(model, [r["question"] for r in rows], max_new_tokens=a.max_new_tokens,
                             batch_size=a.batch_size, system=SYSTEMS[a.system])
     print(f"{len(rows)} responses in {time.perf_counter() - t0:.0f} s")
-    with open(a.out, "w") as f:
-        for r, resp in zip(rows, out, strict=True):
-            f.write(json.dumps(dict(benchmark=r["benchmark"], id=r["id"], question=r["question"],
-                                    unanswerable=int(r["unanswerable"]), response=resp.strip(), system=a.system,
-                                    label=None)) + "\n")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out, "".join(
+        json.dumps(dict(benchmark=r["benchmark"], id=r["id"], question=r["question"], unanswerable=int(r["unanswerable"]),
+                        response=resp.strip(), system=a.system, label=None)) + "\n"
+        for r, resp in zip(rows, out, strict=True)))
 
 
 if __name__ == "__main__":

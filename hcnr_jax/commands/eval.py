@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hcnr_jax.eval.runner import EvalSettings, evaluate
+    from hcnr_jax.io import portable_path
     from hcnr_jax.pretrained import load_pretrained
 
     settings = EvalSettings(benchmarks=args.benchmarks, limit=args.limit, max_new_tokens=args.max_new_tokens,
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
                             embedding=args.embedding)
     model = load_pretrained(args.model)
     reference = load_pretrained(args.reference) if args.reference else None
-    evaluate(model, args.out, settings, reference, str(args.model), str(args.reference or ""))
+    def name(src: str) -> str:  # BASE+ADAPTER: each part
+        return "+".join(portable_path(part) for part in str(src).split("+"))
+
+    evaluate(model, args.out, settings, reference, name(args.model), name(args.reference) if args.reference else "")
     print(Path(args.out, "table.md").read_text())
     return 0
