@@ -1,4 +1,5 @@
-"""Merging PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``) into a base.
+"""Merging PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``) into a base,
+and writing them (``write_adapter``).
 
 For every adapted linear layer ``W [out, in]``: ``W' = W + s * B @ A`` with ``A [r, in]``,
 ``B [out, r]`` and ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA), where ``r`` and
@@ -20,9 +21,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from hcnr_jax.errors import CheckpointError
+from hcnr_jax.io import atomic_output_dir
 from hcnr_jax.params import Params, flatten, set_leaves
 
 log = logging.getLogger(__name__)
@@ -189,3 +192,133 @@ def merge_lora(base: Any, adapter_dir: Path) -> Any:
     params: Params = set_leaves(base.params, updates)
     log.info("merged %d LoRA modules from %s", len(pairs), adapter_dir)
     return base.replace(params=params, source=f"{base.source}+{adapter_dir}")
+
+
+# --- Writing adapters ---------------------------------------------------------------------------
+
+# Modules an adapter may target: the block linear layers and the (untied) LM head.
+_WRITABLE_MODULE = re.compile(
+    r"^(?:model\.layers\.(?P<layer>\d+)\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)|lm_head)$")
+_FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
+
+
+def _as_float_array(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype not in _FLOAT_DTYPES:
+        if np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating):
+            arr = arr.astype(np.float32)
+        else:
+            raise CheckpointError(f"LoRA adapter: {what} has dtype {arr.dtype}; expected a float array")
+    return np.ascontiguousarray(arr)
+
+
+def _default_target_modules(modules: list[str]) -> tuple[list[str], list[int] | None]:
+    """``(target_modules, layers_to_transform)`` under which PEFT creates exactly ``modules``.
+
+    Short names (``q_proj``) with the layer indices when every short name is adapted in the same
+    layers (the writer cannot know the model's depth, so the indices are always given); otherwise
+    the full module names, which PEFT matches exactly."""
+    layers: dict[str, set[int]] = {}
+    for m in modules:
+        match = _WRITABLE_MODULE.match(m)
+        if match is None or match["layer"] is None:  # lm_head: no layer index, list names
+            return sorted(modules), None
+        layers.setdefault(m.rsplit(".", 1)[1], set()).add(int(match["layer"]))
+    shared = next(iter(layers.values()))
+    if all(v == shared for v in layers.values()):
+        return sorted(layers), sorted(shared)
+    return sorted(modules), None
+
+
+def write_adapter(
+    out_dir: str | Path,
+    lora: dict[str, tuple[Any, Any]],
+    *,
+    r: int,
+    alpha: float,
+    base_model: str = "",
+    target_modules: list[str] | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``lora`` maps HF module names (``model.layers.0.self_attn.q_proj``; ``lm_head``) to
+    ``(A [r, in], B [out, r])``: the layer computes ``W + (alpha / r) * B @ A``. Tensors keep their
+    dtype (float32, bfloat16, float16; other numbers become float32) and are stored as
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``. ``target_modules`` defaults to
+    the short names of the modules (with ``layers_to_transform`` when they cover the same layers,
+    else the full module names), so that PEFT creates exactly these LoRA layers. The directory
+    appears whole or not at all; it loads with ``peft.PeftModel.from_pretrained`` and with
+    ``load_pretrained("BASE+DIR")``. ``extra_files``: name -> text written beside the adapter
+    (reports). Bad input is a ``CheckpointError`` naming the module.
+    """
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+        raise CheckpointError(f"LoRA adapter: r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float, np.number)) or not math.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"LoRA adapter: alpha must be a positive number, got {alpha!r}")
+    if not lora:
+        raise CheckpointError("LoRA adapter: no modules to write")
+    for name in extra_files or {}:
+        if name in (CONFIG_NAME, WEIGHTS_NAME) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"LoRA adapter: extra file name {name!r} must be a plain file name other than "
+                                  f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    tensors: dict[str, np.ndarray] = {}
+    for module, pair in sorted(lora.items()):
+        if not isinstance(module, str) or not _WRITABLE_MODULE.match(module):
+            raise CheckpointError(
+                f"LoRA adapter: unknown module {module!r}; expected a linear layer's HF module name such as "
+                "model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj or lm_head")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise CheckpointError(f"LoRA adapter: module {module}: expected a pair (A, B)")
+        a = _as_float_array(pair[0], f"module {module} A")
+        b = _as_float_array(pair[1], f"module {module} B")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(f"LoRA adapter: module {module}: A/B have shapes {a.shape}/{b.shape}, "
+                                  f"expected ({r}, in)/(out, {r}) with r={r}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise CheckpointError(f"LoRA adapter: module {module}: A or B holds NaN or infinite values")
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b
+    layers_to_transform = None
+    if target_modules is None:
+        target_modules, layers_to_transform = _default_target_modules(sorted(lora))
+    else:
+        # PEFT's matching: a string is a regex matching the whole name; a list entry matches the
+        # name or a dotted suffix of it.
+        if not isinstance(target_modules, str):
+            target_modules = list(target_modules)
+        for module in sorted(lora):
+            if not (re.fullmatch(target_modules, module) if isinstance(target_modules, str) else
+                    any(module == t or module.endswith("." + t) for t in target_modules)):
+                raise CheckpointError(f"LoRA adapter: module {module} is not matched by target_modules="
+                                      f"{target_modules}; PEFT would not load its weights")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
+        "revision": None,
+        "r": int(r),
+        "lora_alpha": float(alpha) if not float(alpha).is_integer() else int(alpha),
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "layers_to_transform": layers_to_transform,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    from safetensors.numpy import save_file
+
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out_dir)

@@ -11,6 +11,9 @@ Two line formats (METHOD.md, "Inputs"):
   ``input_ids[t]`` as a target predicted from the tokens before it.
 
 ``loss_mask[:, 0]`` is always 0: the first token has nothing to be predicted from.
+
+Preference pairs (DPO / ORPO) are ``{"prompt", "chosen", "rejected"}`` lines, each answer tokenized
+like a ``{"prompt", "response"}`` line (``load_pairs`` -> ``PairSamples``).
 """
 
 from __future__ import annotations
@@ -148,7 +151,12 @@ def _samples(items: Iterable[tuple[str, Any]], tokenizer: Any, max_length: int, 
         rows.append((ids, mask))
     if not rows:
         raise DataError(f"{source}: no samples")
-    t = max(len(ids) for ids, _ in rows)
+    arrays = _padded(rows, max(len(ids) for ids, _ in rows))
+    return Samples(*arrays, _tokens_hash(arrays))
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids [N, t] int32, attention_mask, loss_mask [N, t] bool) of right-padded rows."""
     input_ids = np.zeros((len(rows), t), np.int32)
     attention = np.zeros((len(rows), t), bool)
     loss = np.zeros((len(rows), t), bool)
@@ -156,12 +164,16 @@ def _samples(items: Iterable[tuple[str, Any]], tokenizer: Any, max_length: int, 
         input_ids[n, : len(ids)] = ids
         attention[n, : len(ids)] = True
         loss[n, : len(ids)] = np.asarray(mask, bool)
+    return input_ids, attention, loss
+
+
+def _tokens_hash(arrays: Iterable[np.ndarray], salt: bytes = b"") -> str:
     # The hash covers the tokens themselves, so the same file under another tokenizer differs.
-    h = hashlib.sha256()
-    for a in (input_ids, attention, loss):
+    h = hashlib.sha256(salt)
+    for a in arrays:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
-    return Samples(input_ids, attention, loss, h.hexdigest())
+    return h.hexdigest()
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
@@ -193,3 +205,105 @@ def load_samples(
     """Read a JSONL file of samples (either line format) and tokenize it; see the module docstring."""
     items = ((f"{path}:{i}", rec) for i, rec in read_jsonl(path))
     return _samples(items, tokenizer, max_length, limit, str(path), vocab_size)
+
+
+# --- Preference pairs (DPO / ORPO) ------------------------------------------------------------
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PairSamples:
+    """N preference pairs ``{"prompt", "chosen", "rejected"}``: the prompt followed by each answer,
+    tokenized like a ``{"prompt", "response"}`` sample (chat template, targets = the assistant
+    turn). Chosen and rejected rows are right-padded to one common length T."""
+
+    chosen_input_ids: np.ndarray  # [N, T] int32, right-padded
+    chosen_attention_mask: np.ndarray  # [N, T] bool
+    chosen_loss_mask: np.ndarray  # [N, T] bool
+    rejected_input_ids: np.ndarray  # [N, T] int32, right-padded
+    rejected_attention_mask: np.ndarray  # [N, T] bool
+    rejected_loss_mask: np.ndarray  # [N, T] bool
+    sha256: str  # hash of the tokens (a cache key)
+
+    def __len__(self) -> int:
+        return int(self.chosen_input_ids.shape[0])
+
+    def select(self, index: Any) -> PairSamples:
+        """A subset (``index`` a slice or integer array); its hash names the subset."""
+        idx = np.arange(len(self))[index]
+        h = hashlib.sha256(f"{self.sha256}:{idx.tobytes().hex()}".encode()).hexdigest()
+        return PairSamples(*(getattr(self, f"{side}_{k}")[idx] for side in ("chosen", "rejected")
+                             for k in ("input_ids", "attention_mask", "loss_mask")), h)
+
+
+def _pair_tokens(rec: Any, tokenizer: Any, where: str, max_length: int,
+                 vocab_size: int | None) -> tuple[tuple[list[int], list[int]], ...]:
+    if not isinstance(rec, Mapping):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in PAIR_FIELDS:
+        if key not in rec:
+            raise DataError(f"{where}: missing field '{key}' (preference pairs need {list(PAIR_FIELDS)})")
+        if not isinstance(rec[key], str):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+    if tokenizer is None:
+        raise DataError(f"{where}: prompt/chosen/rejected pairs need a tokenizer (the model has none)")
+    out = []
+    for key in ("chosen", "rejected"):
+        ids, mask = _tokenize_chat(rec["prompt"], rec[key], tokenizer, f"{where}: field '{key}'")
+        ids, mask = ids[:max_length], mask[:max_length]
+        if mask:
+            mask[0] = 0
+        if not any(mask):
+            raise DataError(f"{where}: field '{key}': no target tokens (empty answer, or cut off by "
+                            f"max_length={max_length})")
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise DataError(f"{where}: field '{key}': token id {max(ids)} is outside the vocabulary of {vocab_size}")
+        out.append((ids, mask))
+    return tuple(out)
+
+
+def _pairs(items: Iterable[tuple[str, Any]], tokenizer: Any, max_length: int, limit: int | None,
+           source: str, vocab_size: int | None) -> PairSamples:
+    if max_length < 2:
+        raise DataError(f"{source}: max_length must be at least 2, got {max_length}")
+    rows = []
+    for where, rec in items:
+        if limit is not None and len(rows) >= limit:
+            break
+        rows.append(_pair_tokens(rec, tokenizer, where, max_length, vocab_size))
+    if not rows:
+        raise DataError(f"{source}: no samples")
+    t = max(len(ids) for pair in rows for ids, _ in pair)
+    arrays = [a for side in range(2) for a in _padded([pair[side] for pair in rows], t)]
+    return PairSamples(*arrays, _tokens_hash(arrays, b"preference-pairs"))
+
+
+def pairs_from_records(
+    records: Iterable[Any],
+    tokenizer: Any,
+    max_length: int = 512,
+    limit: int | None = None,
+    source: str = "<records>",
+    vocab_size: int | None = None,
+) -> PairSamples:
+    """Tokenize ``{"prompt", "chosen", "rejected"}`` records into ``PairSamples``.
+
+    Each answer is tokenized as ``_tokenize_chat(prompt, answer)`` and cut on the right at
+    ``max_length``. A missing or non-string field, or an answer left without target tokens, is a
+    ``DataError`` naming ``source``, the record number (1-based) and the field."""
+    return _pairs(((f"{source}:{i}", r) for i, r in enumerate(records, 1)), tokenizer, max_length, limit,
+                  source, vocab_size)
+
+
+def load_pairs(
+    path: str | Path,
+    tokenizer: Any,
+    max_length: int = 512,
+    limit: int | None = None,
+    vocab_size: int | None = None,
+) -> PairSamples:
+    """Read a JSONL file of ``{"prompt", "chosen", "rejected"}`` lines into ``PairSamples``;
+    errors name the file, the line and the field."""
+    items = ((f"{path}:{i}", rec) for i, rec in read_jsonl(path))
+    return _pairs(items, tokenizer, max_length, limit, str(path), vocab_size)

@@ -63,13 +63,21 @@ def gathered_loss(params: Params, cfg: ModelConfig, hidden: jax.Array, input_ids
     Each row's positions t - 1 with ``loss_mask[:, t]`` are gathered, in order, into ``capacity``
     slots (static; at least the row's number of targets, e.g. ``target_capacity`` of the data set,
     else the excess targets are dropped); unused slots are masked out and contribute exactly 0."""
+    h, labels, valid = gather_targets(hidden, input_ids, loss_mask, capacity)
+    return _mean_nll(lm_head(params, cfg, h), labels, valid)
+
+
+def gather_targets(hidden: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                   capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each row's target-predicting hidden states, in order, in ``capacity`` slots: hidden
+    [B, T, D] -> (h [B, K, D], labels [B, K], valid [B, K] bool). ``loss_mask[:, t]`` marks token t
+    as a target predicted at position t - 1; slots past a row's targets are not ``valid``."""
     mask = loss_mask[:, 1:].astype(bool)  # [B, T-1]: position t predicts target t + 1
     # Stable sort of "not a target": the target positions first, in order, then the others.
     pos = jnp.argsort(jnp.logical_not(mask).astype(jnp.int32), axis=1, stable=True)[:, :capacity]
-    h = jnp.take_along_axis(hidden[:, :-1], pos[..., None], axis=1)  # [B, K, D]
+    h = jnp.take_along_axis(hidden[:, :-1], pos[..., None], axis=1)
     labels = jnp.take_along_axis(input_ids[:, 1:], pos, axis=1)
-    valid = jnp.take_along_axis(mask, pos, axis=1)
-    return _mean_nll(lm_head(params, cfg, h), labels, valid)
+    return h, labels, jnp.take_along_axis(mask, pos, axis=1)
 
 
 def num_neurons(params: Params, name: str, neuron_axis: str) -> int:
