@@ -1,14 +1,16 @@
-"""Batched greedy generation with the KV cache.
+"""Batched generation with the KV cache: greedy, or sampled with temperature and top-p.
 
 ``greedy_tokens`` is the pure, jitted core (left-padded prompts in, new tokens out);
 ``greedy_tokens_packed`` the same for prompts packed by ``pack_prompts`` (no prefill work on
 padding, a shared prefix such as the chat template's system prompt computed once), which
 ``generate_ids`` uses; ``generate`` is the text front end (chat template, batching, decoding).
+Both cores decode greedily unless given per-row PRNG keys (``row_keys``); then each token is drawn
+by ``sample_next``, the pure sampling step, with the key ``fold_in(row_key, step)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -20,10 +22,90 @@ from hcnr_jax.config import ModelConfig
 from hcnr_jax.model import KVCache, forward, init_cache, lm_head
 from hcnr_jax.params import Params
 
+# (step, logits [B, V] float32) -> next tokens [B] int32; step 0 is the token after the prompt.
+Picker = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _as_key(key: jax.Array) -> jax.Array:
+    """A typed key array from a typed one or a raw ``uint32 [..., 2]`` one (``jax.random.PRNGKey``)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+def row_keys(key: jax.Array, indices: Sequence[int] | np.ndarray | jax.Array) -> jax.Array:
+    """Per-row keys ``[B]``: ``fold_in(key, index)`` for each row's prompt index.
+
+    A row's random stream depends on nothing but the key and its index, so its samples do not
+    change with batch size, batch composition, packing or the order rows are processed in."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(_as_key(key), jnp.asarray(indices, jnp.uint32))
+
+
+@jax.jit
+def nucleus_mask(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
+    """logits [B, V] -> bool [B, V]: the top-p (nucleus) set of each row.
+
+    The smallest set of highest-probability tokens whose probability sums to >= ``top_p``, as
+    transformers' ``TopPLogitsWarper``: a token is kept when the probability of the tokens ranked
+    above it is < ``top_p``, so the top token always is. Equal logits rank by lower token id (as
+    ``argmax`` does; torch's unstable sort leaves that order unspecified), which makes the set
+    well defined at a tie and a tiny ``top_p`` keep exactly the argmax. ``top_p >= 1`` keeps
+    every token: the float32 cumulative sum can round past 1 and must not drop the tail.
+    """
+    logits = logits.astype(jnp.float32)
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # descending; ties by ascending id
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs  # mass ranked strictly above each sorted token
+    keep_sorted = (above < top_p) | (jnp.asarray(top_p) >= 1.0)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)  # back to vocabulary order
+
+
+@jax.jit
+def sample_next(logits: jax.Array, key: jax.Array, temperature: float | jax.Array = 1.0,
+                top_p: float | jax.Array = 1.0) -> jax.Array:
+    """Draw the next token of each row from ``logits [B, V]`` -> ``[B]`` int32.
+
+    ``key``: one key for the whole batch, or ``[B]`` keys, one per row (what generation passes,
+    so that a row's draw does not depend on the other rows); typed or raw ``uint32``.
+    ``temperature`` 0 gives ``argmax(logits)`` exactly (greedy); otherwise a draw from
+    ``softmax(logits / temperature)`` restricted to its top-p nucleus (``nucleus_mask``,
+    ``top_p`` in (0, 1]) and renormalised. ``top_p = 1`` is ``jax.random.categorical(key,
+    logits / temperature)`` itself. Scalars ``temperature``/``top_p`` may be traced. float32.
+    """
+    logits = logits.astype(jnp.float32)
+    t = jnp.asarray(temperature, jnp.float32)
+    scaled = logits / jnp.where(t > 0, t, 1.0)  # t = 0 takes the argmax below; avoid inf/nan here
+    masked = jnp.where(nucleus_mask(scaled, top_p), scaled, -jnp.inf)
+    key = _as_key(key)
+    if key.ndim == 0:
+        drawn = jax.random.categorical(key, masked, axis=-1)
+    else:
+        drawn = jax.vmap(jax.random.categorical)(key, masked)
+    return jnp.where(t > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _greedy(step: jax.Array, logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _picker(keys: jax.Array | None, temperature: float | jax.Array, top_p: float | jax.Array) -> Picker:
+    """Greedy without ``keys`` (the code greedy decoding always compiled to); else ``sample_next``
+    with row r's key for step s = ``fold_in(keys[r], s)``."""
+    if keys is None:
+        return _greedy
+    keys = _as_key(keys)
+
+    def pick(step: jax.Array, logits: jax.Array) -> jax.Array:
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step.astype(jnp.uint32))
+        return sample_next(logits, step_keys, temperature, top_p)
+
+    return pick
+
 
 def _decode(params: Params, cfg: ModelConfig, first: jax.Array, cache: KVCache, eos_ids: jax.Array,
-            max_new_tokens: int, pad_id: int | jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Greedy steps from each row's first new token ``first [B]`` and the prompts' cache."""
+            max_new_tokens: int, pad_id: int | jax.Array, pick: Picker = _greedy) -> tuple[jax.Array, jax.Array]:
+    """Decode steps 1.. from each row's first new token ``first [B]`` (step 0) and the prompts'
+    cache, choosing each token with ``pick``; returns ``(tokens [B, max_new_tokens], lengths [B])``."""
     b = first.shape[0]
 
     def cond(state: tuple) -> jax.Array:
@@ -35,7 +117,7 @@ def _decode(params: Params, cfg: ModelConfig, first: jax.Array, cache: KVCache, 
         buf = buf.at[:, i].set(jnp.where(done, pad_id, tok))
         done = done | jnp.isin(tok, eos_ids)
         step = forward(params, cfg, tok[:, None], jnp.ones((b, 1), bool), cache=cache, return_logits=False)
-        nxt = jnp.argmax(lm_head(params, cfg, step.hidden)[:, 0], axis=-1).astype(jnp.int32)
+        nxt = pick(i + 1, lm_head(params, cfg, step.hidden)[:, 0])
         return i + 1, nxt, done, step.cache, buf
 
     buf = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
@@ -46,9 +128,9 @@ def _decode(params: Params, cfg: ModelConfig, first: jax.Array, cache: KVCache, 
     return buf, first_eos.astype(jnp.int32)
 
 
-def _first_token(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """hidden [B, D] of each prompt's last token -> greedy first new token [B]."""
-    return jnp.argmax(lm_head(params, cfg, hidden[:, None])[:, 0], axis=-1).astype(jnp.int32)
+def _first_token(params: Params, cfg: ModelConfig, hidden: jax.Array, pick: Picker = _greedy) -> jax.Array:
+    """hidden [B, D] of each prompt's last token -> first new token [B] (step 0)."""
+    return pick(jnp.zeros((), jnp.int32), lm_head(params, cfg, hidden[:, None])[:, 0])
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
@@ -60,18 +142,25 @@ def greedy_tokens(
     eos_ids: jax.Array,
     max_new_tokens: int,
     pad_id: int | jax.Array = 0,
+    keys: jax.Array | None = None,
+    temperature: float | jax.Array = 0.0,
+    top_p: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Greedy continuation of left-padded prompts ``input_ids [B, T]``.
+    """Greedy (or sampled) continuation of left-padded prompts ``input_ids [B, T]``.
 
     Returns ``tokens [B, max_new_tokens]`` (``pad_id`` after a row's end of sequence) and
     ``lengths [B]``: the number of generated tokens, the end-of-sequence token included.
+    With ``keys [B]`` (``row_keys``) tokens are drawn by ``sample_next(logits, fold_in(keys[r],
+    step), temperature, top_p)``; ``temperature``/``top_p`` are traced (no recompilation when they
+    change) and temperature 0 gives the greedy tokens. Without keys, greedy.
     """
     b, t = input_ids.shape
     dtype = params["model"]["embed_tokens"]["weight"].dtype
+    pick = _picker(keys, temperature, top_p)
     cache = init_cache(cfg, b, t + max_new_tokens, dtype)
     out = forward(params, cfg, input_ids, attention_mask, cache=cache, return_logits=False)
-    first = _first_token(params, cfg, out.hidden[:, -1])
-    return _decode(params, cfg, first, out.cache, eos_ids, max_new_tokens, pad_id)
+    first = _first_token(params, cfg, out.hidden[:, -1], pick)
+    return _decode(params, cfg, first, out.cache, eos_ids, max_new_tokens, pad_id, pick)
 
 
 class PackedPrompts(NamedTuple):
@@ -177,14 +266,19 @@ def greedy_tokens_packed(
     eos_ids: jax.Array,
     max_new_tokens: int,
     pad_id: int | jax.Array = 0,
+    keys: jax.Array | None = None,
+    temperature: float | jax.Array = 0.0,
+    top_p: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """``greedy_tokens`` for prompts packed by ``pack_prompts``: the same tokens, with the prefill
-    spending no work on padding and computing a shared prefix once per lane."""
+    spending no work on padding and computing a shared prefix once per lane. ``keys [B]`` (one per
+    row, filler rows included), ``temperature`` and ``top_p`` sample as in ``greedy_tokens``."""
     r, c = packed.ids.shape
     dtype = params["model"]["embed_tokens"]["weight"].dtype
+    pick = _picker(keys, temperature, top_p)
     out = forward(params, cfg, packed.ids, packed.mask, packed.positions, cache=init_cache(cfg, r, c, dtype),
                   segment_ids=packed.segments, return_logits=False)
-    first = _first_token(params, cfg, out.hidden.reshape(r * c, -1)[packed.last])
+    first = _first_token(params, cfg, out.hidden.reshape(r * c, -1)[packed.last], pick)
 
     def rows(kv: jax.Array) -> jax.Array:  # [L, R, C, K, H] -> [L, B, W + max_new, K, H]
         kv = kv.reshape(kv.shape[0], r * c, *kv.shape[3:])[:, packed.gather]
@@ -193,7 +287,7 @@ def greedy_tokens_packed(
     w = packed.gather.shape[1]
     cache = KVCache(rows(out.cache.k), rows(out.cache.v), jnp.pad(packed.valid, ((0, 0), (0, max_new_tokens))),
                     jnp.asarray(w, jnp.int32))
-    return _decode(params, cfg, first, cache, eos_ids, max_new_tokens, pad_id)
+    return _decode(params, cfg, first, cache, eos_ids, max_new_tokens, pad_id, pick)
 
 
 def eos_token_ids(model: Any) -> list[int]:
@@ -228,28 +322,58 @@ def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = No
     return out
 
 
+def _check_sampling(temperature: float, top_p: float, key: Any) -> bool:
+    """Validate the sampling settings; True when they ask for sampling (temperature > 0)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key")
+    return temperature > 0
+
+
 def generate_ids(
     model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
-    shape: PackShape | None = None,
+    shape: PackShape | None = None, *, temperature: float = 0.0, top_p: float = 1.0,
+    key: jax.Array | None = None, indices: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy new token ids (end of turn included when reached) for each prompt's token ids.
+    """New token ids (end of turn included when reached) for each prompt's token ids.
 
-    Prompts are batched in order of length (returned in the input order) and every batch is packed
-    to one shape (``shape``, default ``pack_shape`` of these prompts): one compilation per call.
-    A caller that feeds one dataset in several calls passes the dataset's ``pack_shape``.
+    Greedy by default; ``temperature > 0`` samples (``sample_next``, nucleus ``top_p``) with the
+    PRNG ``key``: prompt i's stream is ``fold_in(key, indices[i])`` (``indices`` defaults to
+    0..n-1), step s's key ``fold_in(that, s)``, so the samples do not depend on batch size,
+    batching or packing; a caller that feeds one list in several calls passes each prompt's index
+    in the whole list. Prompts are batched in order of length (returned in the input order) and
+    every batch is packed to one shape (``shape``, default ``pack_shape`` of these prompts): one
+    compilation per call. A caller that feeds one dataset in several calls passes the dataset's
+    ``pack_shape``.
     """
+    sampling = _check_sampling(temperature, top_p, key)
+    if indices is None:
+        indices = range(len(prompt_ids))
+    if len(indices) != len(prompt_ids):
+        raise ValueError(f"{len(indices)} indices for {len(prompt_ids)} prompts")
     eos = jnp.asarray(eos_token_ids(model), jnp.int32)
     pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if shape is None:
         shape = pack_shape([prompt_ids[i] for i in order], batch_size)
+    # float32 arrays, not Python floats: every setting then shares one compilation.
+    settings = (jnp.float32(temperature), jnp.float32(top_p))
     results: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         chunk = [prompt_ids[i] for i in rows]
         packed = pack_prompts(chunk, batch_size, pad, shape=shape)
-        toks, lengths = greedy_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, packed), eos,
-                                             max_new_tokens, pad)
+        packed = jax.tree.map(jnp.asarray, packed)
+        if sampling:
+            # Filler rows (a short last batch) draw from index 0's stream; their tokens are dropped.
+            idx = [indices[i] for i in rows] + [0] * (batch_size - len(rows))
+            toks, lengths = greedy_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad,
+                                                 row_keys(key, idx), *settings)
+        else:
+            toks, lengths = greedy_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad)
         toks, lengths = np.asarray(toks), np.asarray(lengths)
         results.update((i, toks[r, : lengths[r]].tolist()) for r, i in enumerate(rows))
     return [results[i] for i in range(len(prompt_ids))]
@@ -262,12 +386,23 @@ def generate(
     batch_size: int = 16,
     chat: bool = True,
     system: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy answers to ``prompts`` (rendered with the chat template unless ``chat=False``)."""
+    """Answers to ``prompts`` (rendered with the chat template unless ``chat=False``).
+
+    Greedy by default (``temperature=0``). ``temperature > 0`` samples from the top-p nucleus of
+    ``softmax(logits / temperature)``, reproducibly for a given ``seed``: prompt i draws from
+    ``fold_in(fold_in(key(seed), i), step)``, whatever the batch size. For m samples of one
+    question repeat it: ``generate(model, [q] * m, temperature=1.0, seed=s)`` gives m independent
+    samples, since each copy has its own index.
+    """
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{model.source}: generation from text needs a tokenizer")
     texts = chat_prompts(tok, prompts, system) if chat else list(prompts)
     prompt_ids = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    new = generate_ids(model, prompt_ids, max_new_tokens, batch_size)
+    key = jax.random.key(seed) if temperature > 0 else None
+    new = generate_ids(model, prompt_ids, max_new_tokens, batch_size, temperature=temperature, top_p=top_p, key=key)
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
