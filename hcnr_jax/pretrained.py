@@ -113,11 +113,13 @@ def save_pretrained(
     out_dir: str | Path,
     max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` as a HF directory that ``transformers`` loads.
 
     Tensors keep their names, shapes and dtypes (no silent upcast). The directory is written
-    under a temporary name and moved into place only once complete.
+    under a temporary name and moved into place only once complete. ``extra_files``: name ->
+    text written beside the model (reports).
     """
     specs = param_specs(model.config)
     flat = flatten(model.params)
@@ -136,6 +138,8 @@ def save_pretrained(
             (tmp / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")
         if model.tokenizer is not None and not any(n.startswith("tokenizer") for n in model.carried):
             model.tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)
 
 

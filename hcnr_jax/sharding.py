@@ -122,3 +122,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     """``jax.distributed.initialize`` (arguments default to the cluster's environment)."""
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
+
+
+def microbatch_sharding(mesh: Mesh) -> Any:
+    """``ndim -> NamedSharding`` for stacked micro-batches ``[accum, batch, ...]``: the batch axis
+    (the second) over ``data``."""
+    return lambda ndim: NamedSharding(mesh, P(None, DATA, *([None] * (ndim - 2))) if ndim >= 2 else P())

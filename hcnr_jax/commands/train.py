@@ -1,0 +1,104 @@
+"""`hcnr train`: SFT, DPO or ORPO on a model, full or LoRA; writes a PEFT adapter or a HF directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from pathlib import Path
+
+from hcnr_jax.errors import HcnrError
+from hcnr_jax.train.config import METHODS, OBJECTIVES, SCHEDULES, TrainConfig
+
+# TrainConfig fields settable by flag (--learning-rate for learning_rate, ...): help and choices;
+# types and shown defaults are read from TrainConfig, so they cannot drift apart.
+SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "objective": ("training objective", OBJECTIVES),
+    "method": ("LoRA adapter or every parameter", METHODS),
+    "lora_rank": ("LoRA rank r", None),
+    "lora_alpha": ("LoRA alpha (scaling alpha / r)", None),
+    "lora_targets": ("comma-separated linear layers to adapt", None),
+    "learning_rate": ("peak learning rate (AdamW)", None),
+    "weight_decay": ("AdamW weight decay", None),
+    "warmup_ratio": ("fraction of steps of linear warm-up", None),
+    "schedule": ("learning-rate decay after warm-up", SCHEDULES),
+    "max_grad_norm": ("global gradient-norm clipping (0: off)", None),
+    "epochs": ("passes over the data (may be fractional)", None),
+    "max_steps": ("optimizer steps (overrides --epochs)", None),
+    "batch_size": ("samples per micro-batch", None),
+    "grad_accum": ("micro-batches per optimizer step", None),
+    "beta": ("DPO beta", None),
+    "orpo_lambda": ("ORPO lambda", None),
+    "max_length": ("tokens per sample", None),
+    "limit": ("use the first N samples", None),
+    "checkpoint_every": ("steps between checkpoints (with --checkpoint-dir)", None),
+    "seed": ("LoRA initialisation and data order", None),
+}
+
+
+def _flag_type(name: str) -> type:
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(hint) is tuple:
+        return str  # comma-separated
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune a model (SFT, DPO, ORPO; LoRA or full) in JAX",
+        description="Train MODEL on DATA. Settings: defaults <- --config YAML <- flags. LoRA runs write a PEFT "
+                    "adapter directory (load it as MODEL+OUT); full runs write a HF directory.")
+    p.add_argument("--model", required=True, help="starting model: HF dir, .gguf, or BASE+ADAPTER[+ADAPTER]")
+    p.add_argument("--data", required=True,
+                   help="JSONL: {prompt, response} for sft, {prompt, chosen, rejected} for dpo/orpo")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--config", default=None, help="YAML file of training settings (see configs/)")
+    defaults = TrainConfig()
+    for name, (text, choices) in SETTINGS.items():
+        default = getattr(defaults, name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        p.add_argument("--" + name.replace("_", "-"), type=_flag_type(name), choices=choices, default=None,
+                       help=f"{text} [{'all' if default is None else shown}]")
+    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=8 (default: all devices on data)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def _inputs(model: str) -> list[Path]:
+    return [Path(part) for part in model.split("+")] if not Path(model).exists() else [Path(model)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.train.config import load_train_config
+
+    tc = load_train_config(args.config, **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    out = Path(args.out)
+    # Everything cheap is checked before the model is loaded.
+    if out.exists() and not args.overwrite:
+        raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
+    for src in [*_inputs(args.model), Path(args.data)]:
+        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+            raise HcnrError(f"{out}: the output would overwrite or sit inside the input {src}")
+    if not Path(args.data).is_file():
+        raise HcnrError(f"{args.data}: no such data file")
+    if args.mesh is not None:
+        from hcnr_jax.sharding import parse_mesh
+
+        parse_mesh(args.mesh)
+
+    from hcnr_jax import load_pretrained
+    from hcnr_jax.train import loop
+    from hcnr_jax.train.output import write_result
+
+    model = load_pretrained(args.model)
+    data = loop.load_training_data(args.data, model, tc)
+    result = loop.train(model, data, tc, checkpoint_dir=args.checkpoint_dir, mesh=args.mesh)
+    result.report.update(model=args.model, data=args.data)
+    write_result(result, model, out, tc, overwrite=args.overwrite)
+    r = result.report
+    print(f"wrote {out}: {tc.method} {tc.objective}, {r['steps']} steps on {r['samples']} samples, final loss "
+          f"{r['final_loss']:.4f}, {r['wall_s']:.0f}s ({r['samples_per_s']:.2f} samples/s)")
+    print(json.dumps({k: r[k] for k in ("steps", "samples", "wall_s", "trainable_params")}))
+    return 0
+
