@@ -11,7 +11,7 @@ import sys
 from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
-COMMANDS = ("convert", "stats", "repair", "eval", "calib")
+COMMANDS = ("demo", "convert", "stats", "repair", "eval", "calib", "train", "honesty-data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"hcnr_jax.commands.{name}").add_parser(sub)
+        importlib.import_module(f"hcnr_jax.commands.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 
