@@ -26,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    if not args.verbose:  # JAX logs backend probing ("Unable to initialize backend 'tpu'") at INFO
-        logging.getLogger("jax").setLevel(logging.WARNING)
+    if not args.verbose:
+        # JAX logs backend probing ("Unable to initialize backend 'tpu'") and orbax (through absl)
+        # a dozen lines per checkpoint at INFO: noise next to the progress bars.
+        for name in ("jax", "absl", "orbax"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except HcnrError as e:
