@@ -41,7 +41,7 @@ from hcnr_jax.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-LENGTH_BUCKET = 64
+LENGTH_BUCKET = 32
 CHECKPOINT_FORMAT = 1  # bump when what a checkpoint holds changes
 
 
