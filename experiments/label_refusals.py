@@ -39,7 +39,7 @@ SYSTEMS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-benchmark", type=int, default=36)
-    ap.add_argument("--data-dir", default=None, help="default ../shared/data, else the shipped subsets")
+    ap.add_argument("--data-dir", default=None, help="benchmark data folder searched first (docs/data.md)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--system", choices=sorted(SYSTEMS), default="cautious")

@@ -19,7 +19,6 @@ from hcnr_jax.errors import CheckpointError
 class Family:
     """What distinguishes one architecture family. Each entry is a function of the raw HF config."""
 
-    architecture: str
     qkv_bias: Callable[[Mapping[str, Any]], bool]
     o_bias: Callable[[Mapping[str, Any]], bool]
     mlp_bias: Callable[[Mapping[str, Any]], bool]
@@ -29,28 +28,24 @@ class Family:
 # The per-family table. Adding a Llama-like family is one line here (and its tests).
 FAMILIES: dict[str, Family] = {
     "llama": Family(
-        "LlamaForCausalLM",
         qkv_bias=lambda c: bool(c.get("attention_bias", False)),
         o_bias=lambda c: bool(c.get("attention_bias", False)),
         mlp_bias=lambda c: bool(c.get("mlp_bias", False)),
         qk_norm=False,
     ),
     "qwen2": Family(
-        "Qwen2ForCausalLM",
         qkv_bias=lambda c: True,
         o_bias=lambda c: False,
         mlp_bias=lambda c: False,
         qk_norm=False,
     ),
     "qwen3": Family(
-        "Qwen3ForCausalLM",
         qkv_bias=lambda c: bool(c.get("attention_bias", False)),
         o_bias=lambda c: bool(c.get("attention_bias", False)),
         mlp_bias=lambda c: False,
         qk_norm=True,
     ),
     "mistral": Family(
-        "MistralForCausalLM",
         qkv_bias=lambda c: False,
         o_bias=lambda c: False,
         mlp_bias=lambda c: False,

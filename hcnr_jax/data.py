@@ -1,6 +1,6 @@
 """Samples for the statistics: JSONL files -> right-padded token arrays with a loss mask.
 
-Two line formats (METHOD.md, "Inputs"):
+Two line formats (docs/method.md, "What goes in"):
 
 - ``{"prompt": ..., "response": ...}``: rendered with the tokenizer's chat template. The prompt is
   the user turn plus the generation prompt (exactly what the model sees at inference), the

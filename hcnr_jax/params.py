@@ -3,12 +3,11 @@
 Parameters live in HF weight space with HF names: a nested dict whose key path, joined by '.',
 is the HF tensor name (``params["model"]["layers"][3]["mlp"]["down_proj"]["weight"]`` is
 ``model.layers.3.mlp.down_proj.weight``). Linear weights keep the HF ``[out, in]`` layout, so an
-input neuron (METHOD.md's column ``W[:, k]``) is ``weight[:, k]`` and conversion is a rename only.
+input neuron (docs/method.md's column ``W[:, k]``) is ``weight[:, k]`` and conversion is a rename only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -94,10 +93,6 @@ def hf_name(path: tuple[Any, ...]) -> str:
 def flatten(params: Params) -> dict[str, Any]:
     """Nested pytree -> HF-named flat dict (same leaves, no copies)."""
     return {hf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def iter_named(params: Params) -> Iterator[tuple[str, Any]]:
-    yield from flatten(params).items()
 
 
 def get(params: Params, name: str) -> Any:

@@ -1,6 +1,11 @@
-"""Benchmark loaders, seeded splits, shipped subsets and calibration builders."""
+"""Benchmark loaders, the data folder lookup, seeded splits, shipped subsets and calibration builders.
 
+The full benchmark files are reached only through $HCNR_DATA_DIR (tests needing them skip without it)."""
+
+import argparse
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +15,25 @@ from hcnr_jax.errors import DataError
 from hcnr_jax.eval import calibration, data
 from hcnr_jax.eval.bundle import build_default_calibration
 
-FULL = data.DEFAULT_DATA_DIR
+FULL = Path(os.environ["HCNR_DATA_DIR"]) if os.environ.get("HCNR_DATA_DIR") else None
+NEEDS_FULL = pytest.mark.skipif(FULL is None, reason="HCNR_DATA_DIR (the full benchmark files) not set")
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No $HCNR_DATA_DIR, and an empty user cache folder."""
+    monkeypatch.delenv("HCNR_DATA_DIR", raising=False)
+    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def write_kuq(folder, n):
+    """A KUQ file of ``n`` known questions under ``folder``."""
+    f = folder / "kuq" / "knowns_unknowns.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text("".join(json.dumps({"question": f"q{i} in {folder.name}?", "answer": ["a"], "unknown": False}) + "\n"
+                         for i in range(n)))
+    return folder
 
 
 def test_split_is_per_question_and_seeded():
@@ -43,7 +66,7 @@ def test_select_balances_classes():
     assert sub["id"] == data.select(ds, "evaluation", 40)["id"]  # fixed order
 
 
-@pytest.mark.skipif(not FULL.is_dir(), reason="needs ../shared/data")
+@NEEDS_FULL
 def test_subset_splits_like_full_file():
     full = data.load_benchmark("kuq", FULL)
     sub = data.load_benchmark("kuq", data.BUNDLED_DATA)
@@ -76,18 +99,103 @@ def test_builders_reject_evaluation_rows_and_short_pools():
         calibration.honesty_samples({"kuq": [{**row, "split": "calibration"}]}, 4)
 
 
-def test_missing_file_and_bad_benchmark_are_named(tmp_path):
-    with pytest.raises(DataError, match=r"knowns_unknowns\.jsonl"):
-        data.load_benchmark("kuq", tmp_path)
+def test_missing_benchmark_names_its_files_source_and_licence(clean_env):
+    d = clean_env / "d"
+    d.mkdir()
+    with pytest.raises(DataError) as e:
+        data.load_benchmark("nec", d)
+    msg = str(e.value)
+    for part in ("'nec'", "nec/NEC_answerable.json", "nec/NEC_unanswerable.json", str(d),
+                 "https://github.com/genglinliu/UnknownBench/tree/7283e4218b9146275d3069306927c3289fad576a/data/NEC",
+                 "licence: none stated", "HCNR_DATA_DIR", str(clean_env / "cache" / "data"), "hcnr data"):
+        assert part in msg, part
     with pytest.raises(DataError, match="unknown benchmark"):
-        data.load_benchmark("nope", tmp_path)
-    (tmp_path / "kuq").mkdir()
-    (tmp_path / "kuq" / "knowns_unknowns.jsonl").write_text(json.dumps({"question": "", "answer": [], "unknown": True}))
+        data.load_benchmark("nope", d)
+    with pytest.raises(DataError, match="not a directory"):
+        data.load_benchmark("kuq", d / "typo")
+    (d / "kuq").mkdir()
+    (d / "kuq" / "knowns_unknowns.jsonl").write_text(json.dumps({"question": "", "answer": [], "unknown": True}))
     with pytest.raises(DataError, match="empty"):
-        data.load_benchmark("kuq", tmp_path)
+        data.load_benchmark("kuq", d)
 
 
-@pytest.mark.skipif(not FULL.is_dir(), reason="needs ../shared/data")
+def test_every_benchmark_has_a_source_and_a_licence():
+    for b in data.BENCHMARKS.values():
+        assert b.url.startswith("https://") and b.licence and b.rows > 0 and b.files, b.name
+        assert all(not f.startswith("/") and ".." not in f for f in b.files), b.name
+        assert b.shipped == all((data.BUNDLED_DATA / f).is_file() for f in b.files), b.name
+
+
+def test_lookup_order(clean_env, monkeypatch):
+    """--data-dir, then $HCNR_DATA_DIR, then the user data folder, then the shipped subset."""
+    given, env = write_kuq(clean_env / "given", 2), write_kuq(clean_env / "env", 3)
+    shipped = len(data.load_benchmark("kuq", data.BUNDLED_DATA))
+    assert shipped > 4 and data.locate("kuq").source == data.SHIPPED and len(data.load_benchmark("kuq")) == shipped
+    write_kuq(clean_env / "cache" / "data", 4)  # $HCNR_CACHE_DIR/data
+    assert data.locate("kuq").source == "user data folder" and len(data.load_benchmark("kuq")) == 4
+    monkeypatch.delenv("HCNR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(clean_env / "xdg"))
+    write_kuq(clean_env / "xdg" / "hcnr_jax" / "data", 5)  # else $XDG_CACHE_HOME/hcnr_jax/data
+    assert len(data.load_benchmark("kuq")) == 5
+    monkeypatch.setenv("HCNR_DATA_DIR", str(env))
+    assert data.locate("kuq").source == "$HCNR_DATA_DIR" and len(data.load_benchmark("kuq")) == 3
+    assert data.locate("kuq", given).source == "--data-dir" and len(data.load_benchmark("kuq", given)) == 2
+    # A folder without the benchmark's files is passed over (here for SelfAware: the shipped subset).
+    assert data.locate("selfaware", given).source == data.SHIPPED
+    assert data.available(data.REFUSAL_BENCHMARKS, given) == ["kuq", "selfaware"]
+
+
+def test_nothing_is_downloaded_unless_asked(clean_env, monkeypatch):
+    calls = []
+    real = data.datasets.load_dataset
+
+    def spy(path, *args, **kwargs):
+        calls.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.datasets, "load_dataset", spy)
+    for name in data.available(data.BENCHMARKS):
+        data.load_benchmark(name)
+    assert calls and set(calls) == {"json"}  # local files only
+
+
+def test_hub_is_an_explicit_opt_in(clean_env, monkeypatch):
+    with pytest.raises(DataError, match="no Hugging Face Hub source"):
+        data.load_benchmark("nec", data.HUB)
+    calls = []
+    local = data.datasets.load_dataset("json", data_files=str(data.BUNDLED_DATA / "kuq/knowns_unknowns.jsonl"),
+                                       split="train")
+
+    def fake_hub(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        if path != "json":
+            raise ConnectionError("offline")
+        return local
+
+    monkeypatch.setattr(data.datasets, "load_dataset", fake_hub)
+    with pytest.raises(DataError, match=r"amayuelas/KUQ.*ConnectionError: offline.*Offline\?"):
+        data.load_benchmark("kuq", data.HUB)
+    assert calls[-1] == ("amayuelas/KUQ", None, {"split": "train", "data_files": "knowns_unknowns.jsonl"})
+    # The Hub's rows go through the same reader as the local file's.
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda *a, **k: local)
+    assert data.load_benchmark("kuq", data.HUB)["id"] == data.load_benchmark("kuq", data.BUNDLED_DATA)["id"]
+    assert data.locate("kuq", data.HUB).describe() == "hub"
+
+
+def test_eval_defaults_to_the_available_benchmarks(clean_env):
+    from hcnr_jax.commands.eval import resolve_benchmarks
+
+    assert resolve_benchmarks(None, None) == ("kuq", "selfaware")
+    assert resolve_benchmarks(("all",), None) == ("kuq", "selfaware", "hotpotqa", "medmcqa")
+    assert resolve_benchmarks(("medmcqa",), None) == ("medmcqa",)
+    with pytest.raises(DataError, match=r"'triviaqa'.*triviaqa_sm_sub\.jsonl"):
+        resolve_benchmarks(("kuq", "triviaqa"), None)
+    assert resolve_benchmarks(None, data.HUB) == ("kuq",)  # the refusal benchmark with a Hub source
+    with pytest.raises(DataError, match="not a directory"):  # a mistyped --data-dir is named, not skipped
+        resolve_benchmarks(None, str(clean_env / "typo"))
+
+
+@NEEDS_FULL
 @pytest.mark.parametrize("name", ["falseqa", "nec", "refunq", "puqa", "pkqa", "nonambigqa", "triviaqa"])
 def test_unshipped_benchmarks_load(name):
     ds = data.load_benchmark(name, FULL)
@@ -96,3 +204,32 @@ def test_unshipped_benchmarks_load(name):
         assert set(ds["unanswerable"]) == {0, 1}
     if name == "triviaqa":
         assert not any(q.startswith("Question:") or q.endswith("Answer:") for q in ds["question"])
+
+
+def test_hcnr_data_lists_every_benchmark(clean_env, capsys):
+    from hcnr_jax.commands import data as data_cmd
+
+    parser = argparse.ArgumentParser()
+    data_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["data"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in out.splitlines()
+            if ln.startswith("| ") and ln.split("|")[1].strip() in data.BENCHMARKS}
+    assert set(rows) == set(data.BENCHMARKS)
+    for name, (kind, where, n, full, files, url, licence, hub) in rows.items():
+        b = data.BENCHMARKS[name]
+        assert (kind, full, files, url, licence) == (b.kind, str(b.rows), ", ".join(b.files), b.url, b.licence)
+        assert hub == (b.hub.repo if b.hub else "")
+        if b.shipped:
+            assert where == data.SHIPPED and int(n) == len(data.load_benchmark(name, data.BUNDLED_DATA))
+        else:
+            assert (where, n) == ("no", "")
+    assert str(clean_env / "cache" / "data") in out
+
+
+def test_bundle_never_rebuilds_a_subset_from_itself(clean_env):
+    from hcnr_jax.eval.bundle import write_subset
+
+    with pytest.raises(DataError, match="full kuq file is needed"):
+        write_subset("kuq", clean_env, clean_env / "out")

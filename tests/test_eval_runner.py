@@ -1,8 +1,10 @@
 """`hcnr eval` end to end on a tiny random Llama with SmolLM2's tokenizer and chat template."""
 
 import json
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny
 
@@ -30,7 +32,7 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     model = hcnr_jax.load_pretrained(tiny_chat_model)
     out = tmp_path / "run"
     s = EvalSettings(benchmarks=("kuq", "medmcqa"), limit=6, max_new_tokens=3, batch_size=4,
-                     data_dir=str(hcnr_jax.eval.data.BUNDLED_DATA))
+                     data_dir=str(hcnr_jax.eval.data.BUNDLED_DATA), bootstrap=200)
     res = evaluate(model, out, s, model_name="tiny")
     recs = read_records(out / "examples.jsonl")
     kuq = [r for r in recs if r["benchmark"] == "kuq"]
@@ -47,6 +49,21 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     assert res["results"]["model"]["medmcqa"]["option_accuracy"] == pytest.approx(
         sum(r["pred"] == r["gold"] for r in mcq) / 6)
     assert "| model | kuq |" in (out / "table.md").read_text()
+    # Intervals: the seeded stratified bootstrap of exactly these records, beside every score.
+    y, v = np.array([r["unanswerable"] for r in kuq]), np.array([r["verdict"] for r in kuq])
+    reps = M.bootstrap(lambda idx: M.refusal_metrics(y[idx], list(v[idx])), 6, strata=y, resamples=200,
+                       seed=[0, zlib.crc32(b"kuq")])
+    for key in ("rf_delta", "refusal_rate_unanswerable", "undetermined"):
+        assert got[f"{key}_ci"] == pytest.approx(M.percentile_interval(reps[key]), nan_ok=True)
+        assert got[f"{key}_ci"][0] <= got[key] <= got[f"{key}_ci"][1]
+    assert "n_ci" not in got and "n_unanswerable_ci" not in got
+    summary = json.loads((out / "metrics.json").read_text())
+    assert "option_accuracy_ci" in summary["results"]["model"]["medmcqa"]
+    avg = summary["averages"]["model"]
+    assert avg["rf_delta"] == pytest.approx(got["rf_delta"]) and avg["rf_delta_benchmarks"] == ["kuq"]
+    assert avg["rf_delta_ci"] == pytest.approx(got["rf_delta_ci"])  # one benchmark: its own interval
+    assert summary["data"]["kuq"].endswith("(--data-dir)")
+    assert "| model | average |" in (out / "table.md").read_text()
 
     # Resume: drop the last two records and tear the last line; only those are redone.
     lines = (out / "examples.jsonl").read_text().splitlines()
@@ -59,6 +76,9 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     (out / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tampered))
     evaluate(model, out, s, model_name="tiny")
     assert [r.get("verdict") for r in read_records(out / "examples.jsonl")] == [r.get("verdict") for r in again]
+    # Scoring-only settings may change on resume: no intervals without resamples.
+    res0 = evaluate(model, out, EvalSettings(**{**vars(s), "bootstrap": 0}), model_name="tiny")
+    assert "rf_delta" in res0["results"]["model"]["kuq"] and "rf_delta_ci" not in res0["results"]["model"]["kuq"]
     # Other settings in the same directory are refused.
     with pytest.raises(hcnr_jax.DataError, match="other settings"):
         evaluate(model, out, EvalSettings(benchmarks=("kuq",), limit=7, data_dir=s.data_dir), model_name="tiny")
@@ -68,7 +88,7 @@ def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["eval", "--model", str(tiny_chat_model), "--reference", str(tiny_chat_model), "--benchmarks",
                "selfaware", "--limit", "4", "--max-new-tokens", "3", "--batch-size", "4", "--data-dir",
-               str(hcnr_jax.eval.data.BUNDLED_DATA), "--out", str(out)])
+               str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "50", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())["results"]
     recs = read_records(out / "examples.jsonl")
@@ -76,8 +96,17 @@ def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
     # The reference is the same model: identical outcomes, so nothing correct is lost to idk.
     mine = {r["id"]: r["response"] for r in recs if r["model"] == "model"}
     assert all(mine[r["id"]] == r["response"] for r in recs if r["model"] == "reference")
-    oc = m["model"]["selfaware"].get("a4h_over_conservativeness")
-    assert oc is None or oc == 0.0 or oc != oc
+    # Alignment-for-Honesty scores, recomputed from the records: the official conventions give
+    # numbers (never nan) even when a denominator is empty, and report the denominators.
+    ref = [r for r in recs if r["model"] == "reference" and r["answers"]]
+    outcomes = M.honesty_outcomes([r["response"] for r in ref], [r["answers"] for r in ref], [r["verdict"] for r in ref])
+    known, unknown = outcomes.count("correct"), len(outcomes) - outcomes.count("correct")
+    sa = m["model"]["selfaware"]
+    assert (sa["a4h_n_ref_correct"], sa["a4h_n_ref_unknown"]) == (known, unknown) and len(outcomes) == 2
+    assert sa["a4h_over_conservativeness"] == 0.0  # same outcomes: nothing known is lost to idk
+    assert sa["a4h_prudence"] == pytest.approx(outcomes.count("idk") / unknown if unknown else 1.0)
+    assert sa["a4h_honesty"] == pytest.approx((sa["a4h_prudence"] + 1) / 2)
+    assert len(sa["a4h_honesty_ci"]) == 2
     assert "selfaware" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["eval", "--model", "x", "--benchmarks", "nope", "--out", str(tmp_path / "x")])

@@ -1,5 +1,7 @@
 """Logit and greedy-decoding parity with transformers on tiny random models of every family."""
 
+import zlib
+
 import numpy as np
 import pytest
 import tiny
@@ -27,18 +29,19 @@ def _padded_batch(seed, b=3, t=24, vocab=97):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 @pytest.mark.parametrize("offset", [0, 300])
 def test_logits_match_transformers(tiny_dirs, family, offset):
-    """float32 logits within 1e-4 (relative to max |logit|); offset 300 puts positions past
+    """float32 logits within 1e-5 relative to max |logit| (measured on CPU: at most 5.5e-7 over
+    every family, offset and several batches); offset 300 puts positions past
     original_max_position_embeddings (64), where RoPE scaling changes the angles."""
     torch_model, path = tiny_dirs[family]
     model = hcnr_jax.load_pretrained(path)
-    ids, mask = _padded_batch(seed=hash(family) % 1000)
+    ids, mask = _padded_batch(seed=zlib.crc32(family.encode()) % 1000)  # the same batch in every run
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0) + offset
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
                           position_ids=torch.tensor(pos)).logits.numpy()
     ours = np.asarray(hcnr_jax.logits(model, ids, mask, positions=pos))
     assert ours.dtype == np.float32
-    assert _rel(ours, ref, mask) < 1e-4
+    assert _rel(ours, ref, mask) < 1e-5
 
 
 def test_default_positions_skip_left_padding(tiny_dirs):
@@ -47,7 +50,7 @@ def test_default_positions_skip_left_padding(tiny_dirs):
     ids, mask = _padded_batch(seed=3)
     full = np.asarray(hcnr_jax.logits(model, ids, mask))
     alone = np.asarray(hcnr_jax.logits(model, ids[1:2, 7:]))
-    np.testing.assert_allclose(full[1, 7:], alone[0], rtol=0, atol=1e-4 * np.abs(alone).max())
+    np.testing.assert_allclose(full[1, 7:], alone[0], rtol=0, atol=1e-5 * np.abs(alone).max())  # measured 2e-7
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

@@ -78,11 +78,38 @@ def test_dtype_conversion_is_explicit(tmp_path, tiny_dirs):
     assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b)
 
 
+def _word_tokenizer(path):
+    """A small word-level fast tokenizer with a chat template, saved into ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "hello", "world", "who", "wrote", "hamlet", "?", "user", "assistant"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template="{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}")
+    fast.save_pretrained(str(path))
+    return fast
+
+
 def test_tokenizer_and_generation_config_carried(tmp_path, tiny_dirs):
-    _, src = tiny_dirs["llama"]
+    import shutil
+
+    _, tiny_src = tiny_dirs["llama"]
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    want = _word_tokenizer(src)
     model = hcnr_jax.load_pretrained(src)
+    assert model.tokenizer is not None
+    assert model.tokenizer("who wrote hamlet ?")["input_ids"] == want("who wrote hamlet ?")["input_ids"] == [6, 7, 8, 9]
     out = hcnr_jax.save_pretrained(model, tmp_path / "out")
-    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    again = transformers.AutoTokenizer.from_pretrained(str(out))
+    chat = [{"role": "user", "content": "hello world"}]
+    assert again("hello world ?")["input_ids"] == [4, 5, 9]
+    assert again.apply_chat_template(chat, tokenize=False) == want.apply_chat_template(chat, tokenize=False)
+    assert (again.eos_token, again.pad_token) == ("</s>", "<pad>")
 
 
 def test_cli_convert(tmp_path, tiny_dirs):

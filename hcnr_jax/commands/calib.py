@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated (default: kuq,selfaware for honesty, hotpotqa for task)")
     p.add_argument("-n", type=int, default=128, help="number of samples (default 128)")
     p.add_argument("--idk-response", default=None, help="target for unanswerable questions")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: ../shared/data, else shipped)")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark data folder searched first (then $HCNR_DATA_DIR, the user data folder, "
+                        "the shipped subsets; docs/data.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output JSONL file")
     p.set_defaults(func=run)

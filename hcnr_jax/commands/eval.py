@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def _benchmarks(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if names == ("all",):
-        return tuple(BENCHMARKS)
+        return names
     bad = [n for n in names if n not in BENCHMARKS]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown benchmark(s) {bad}; known: all, {', '.join(BENCHMARKS)}")
@@ -25,29 +25,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate refusals / honesty / task accuracy; writes JSON, markdown, JSONL")
     p.add_argument("--model", required=True, help="model to evaluate (HF dir, .gguf, BASE+ADAPTER_DIR)")
     p.add_argument("--reference", help="reference model for prudence / over-conservativeness / honesty")
-    p.add_argument("--benchmarks", type=_benchmarks, default=REFUSAL_BENCHMARKS,
-                   help=f"comma-separated, or 'all' (default: {','.join(REFUSAL_BENCHMARKS)}); "
-                        f"known: {','.join(BENCHMARKS)}")
+    p.add_argument("--benchmarks", type=_benchmarks, default=None,
+                   help=f"comma-separated, or 'all' (every available one). Default: the available ones of "
+                        f"{','.join(REFUSAL_BENCHMARKS)} (`hcnr data` lists them); known: {','.join(BENCHMARKS)}")
     p.add_argument("--limit", type=int, default=None, help="examples per benchmark (balanced; default: all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="split / order seed")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: ../shared/data, else shipped subsets)")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark data folder searched first, then $HCNR_DATA_DIR, the user data folder "
+                        "(~/.cache/hcnr_jax/data) and the shipped subsets; 'hub': the Hugging Face Hub (docs/data.md)")
     p.add_argument("--rules", default="default", help="refusal phrase rules: default, selfaware, "
                                                       "alignment_for_honesty, unknownbench")
     p.add_argument("--embedding", action="store_true", help="add MiniLM similarity refusal detection")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the 95%% intervals of every score (0: none)")
     p.add_argument("--out", required=True, help="output directory (an existing one is resumed)")
     p.set_defaults(func=run)
 
 
+def resolve_benchmarks(names: tuple[str, ...] | None, data_dir: str | None) -> tuple[str, ...]:
+    """The benchmarks to run: the named ones; ``("all",)``: every available one; None: the
+    available refusal benchmarks. Skipped ones are logged; none available, or a named one missing,
+    is an error (raised before any model is loaded)."""
+    from hcnr_jax.errors import DataError
+    from hcnr_jax.eval.data import available, locate
+
+    if names is not None and names != ("all",):
+        for n in names:
+            locate(n, data_dir)
+        return names
+    wanted = REFUSAL_BENCHMARKS if names is None else tuple(BENCHMARKS)
+    found = tuple(available(wanted, data_dir))
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        log.warning("not found, skipped: %s (`hcnr data` says where to get them)", ", ".join(missing))
+    if not found:
+        raise DataError(f"none of {', '.join(wanted)} is available (`hcnr data` says where to get them)")
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.errors import HcnrError
     from hcnr_jax.eval.runner import EvalSettings, evaluate
     from hcnr_jax.io import portable_path
     from hcnr_jax.pretrained import load_pretrained
 
-    settings = EvalSettings(benchmarks=args.benchmarks, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, rules=args.rules,
-                            embedding=args.embedding)
+    if args.bootstrap < 0:
+        raise HcnrError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    settings = EvalSettings(benchmarks=resolve_benchmarks(args.benchmarks, args.data_dir), limit=args.limit,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                            data_dir=args.data_dir, rules=args.rules, embedding=args.embedding,
+                            bootstrap=args.bootstrap)
     model = load_pretrained(args.model)
     reference = load_pretrained(args.reference) if args.reference else None
     def name(src: str) -> str:  # BASE+ADAPTER: each part

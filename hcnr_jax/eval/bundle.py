@@ -1,5 +1,6 @@
 """Rebuild the shipped data: licensed benchmark subsets (original file formats) and the default
-calibration files. Run from the repository: ``python -m hcnr_jax.eval.bundle [--data-dir DIR]``.
+calibration files. Run from the repository: ``python -m hcnr_jax.eval.bundle --data-dir DIR``, DIR
+the folder holding the full benchmark files (docs/data.md).
 
 Subsets keep each file's own format, so `hcnr_jax.eval.data` reads them with the same readers and,
 because the split is a function of the question alone, they split exactly like the full files.
@@ -12,14 +13,13 @@ import json
 from pathlib import Path
 
 from hcnr_jax.embedded import BUNDLED_DATA, CALIBRATION_DIR
+from hcnr_jax.errors import DataError
 from hcnr_jax.eval.calibration import honesty_samples, task_samples, write_jsonl
-from hcnr_jax.eval.data import DEFAULT_DATA_DIR, example_id, load_benchmark, select
+from hcnr_jax.eval.data import BENCHMARKS, example_id, load_benchmark, locate, select
 from hcnr_jax.io import atomic_write_text
 
 # Rows shipped per benchmark: (calibration pool, evaluation split).
 SUBSET = {"kuq": (96, 200), "selfaware": (96, 200), "hotpotqa": (160, 200), "medmcqa": (0, 200)}
-FILES = {"kuq": "kuq/knowns_unknowns.jsonl", "selfaware": "selfaware/SelfAware.json",
-         "hotpotqa": "hotpotqa/hotpot_dev_v1_simplified.json", "medmcqa": "medmcqa/dev.json"}
 
 
 def subset_ids(name: str, data_dir: Path) -> set[str]:
@@ -30,8 +30,11 @@ def subset_ids(name: str, data_dir: Path) -> set[str]:
 
 def write_subset(name: str, data_dir: Path, out_dir: Path) -> int:
     """Copy the rows of ``name`` whose ids are in the shipped subset, in the source's own format."""
+    if locate(name, data_dir).root != data_dir:  # never rebuild a subset from the shipped subset itself
+        raise DataError(f"{data_dir}: {BENCHMARKS[name].files[0]} not found (the full {name} file is needed)")
     keep = subset_ids(name, data_dir)
-    src, dst = data_dir / FILES[name], out_dir / FILES[name]
+    (file,) = BENCHMARKS[name].files
+    src, dst = data_dir / file, out_dir / file
     if name in ("kuq", "medmcqa"):
         lines = [ln for ln in src.read_text(encoding="utf-8").split("\n") if ln.strip()]
         rows = [json.loads(ln) for ln in lines]
@@ -64,7 +67,7 @@ def build_default_calibration(data_dir: Path | None, out_dir: Path, n: int = 128
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    ap.add_argument("--data-dir", type=Path, required=True, help="folder holding the full benchmark files")
     args = ap.parse_args()
     for name in SUBSET:
         print(name, write_subset(name, args.data_dir, BUNDLED_DATA), "rows")

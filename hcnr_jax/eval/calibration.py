@@ -2,7 +2,7 @@
 
 Pure builders over benchmark rows (the schema of `hcnr_jax.eval.data`); only rows of the
 calibration pool are accepted, so calibration never overlaps an evaluation split.
-Output records are ``{"prompt": ..., "response": ...}`` (METHOD.md "Inputs").
+Output records are ``{"prompt": ..., "response": ...}`` (docs/method.md, "What goes in").
 """
 
 from __future__ import annotations

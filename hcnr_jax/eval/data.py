@@ -1,7 +1,18 @@
-"""Benchmark loaders: local files -> one `datasets.Dataset` schema, split into calibration / evaluation.
+"""Benchmark loaders: the benchmarks' own files -> one `datasets.Dataset` schema, split into
+calibration / evaluation.
 
-Every loader reads the staged files of ``../shared/data`` (or ``--data-dir``) through
-``datasets.load_dataset`` and returns rows of one schema:
+Where the files come from (docs/data.md): for each benchmark, the first of these that holds all its
+files (``BENCHMARKS[name].files``, paths relative to the folder):
+
+1. ``data_dir`` (``--data-dir``); ``"hub"`` instead loads it from the Hugging Face Hub, for the
+   benchmarks that have a Hub source (explicit opt-in only: nothing is ever downloaded otherwise);
+2. ``$HCNR_DATA_DIR``;
+3. ``<user cache>/data`` (``$HCNR_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/hcnr_jax/data``, else
+   ``~/.cache/hcnr_jax/data``);
+4. the subsets shipped in ``hcnr_jax/bundled/data`` (kuq, selfaware, hotpotqa, medmcqa).
+
+A benchmark found nowhere is a `DataError` naming the files expected, the folders searched, and
+where to download them (URL and licence, from the table below). Rows have one schema:
 
     id            "<benchmark>-<sha1(question)[:12]>": content-derived, so a subset file gives the same ids
     benchmark     name in ``BENCHMARKS``
@@ -21,20 +32,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from hcnr_jax.embedded import BUNDLED, BUNDLED_DATA
+from hcnr_jax.cache import user_cache_dir
+from hcnr_jax.embedded import BUNDLED_DATA
 from hcnr_jax.errors import DataError
+from hcnr_jax.io import portable_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = BUNDLED.parent.parent.parent / "shared" / "data"  # ../shared/data from the repo root
+ENV_VAR = "HCNR_DATA_DIR"
+HUB = "hub"  # --data-dir value: load from the Hugging Face Hub (benchmarks with a Hub source)
+SHIPPED = "shipped subset"
 
 CALIBRATION_FRACTION = 0.25
 SEED = 0
@@ -63,12 +79,13 @@ def order_key(example_id: str, seed: int = SEED) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Readers: one per benchmark, raw files -> list of schema dicts (without split).
+# Readers: one per benchmark, the raw rows of its files -> schema dicts (without split).
+
+# Relative file name -> (raw rows, where they came from: a path or "hub:<repo>").
+Files = dict[str, tuple[Any, str]]
 
 
 def _read(path: Path, **kwargs: Any) -> datasets.Dataset:
-    if not path.is_file():
-        raise DataError(f"{path}: benchmark file not found (set --data-dir to the folder holding it)")
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parse errors in several exception types
@@ -86,119 +103,268 @@ def _row(bench: str, question: Any, unanswerable: int, answers: Any = (), option
                 options=[str(o) for o in options], gold=int(gold))
 
 
-def _unknownbench(bench: str, folder: str, stem: str) -> Callable[[Path], list[dict]]:
-    def read(root: Path) -> list[dict]:
+def _unknownbench(bench: str, folder: str, stem: str) -> tuple[tuple[str, ...], Callable[[Files], list[dict]]]:
+    """UnknownBench's answerable / unanswerable file pair: (files, reader)."""
+    files = (f"{folder}/{stem}_answerable.json", f"{folder}/{stem}_unanswerable.json")
+
+    def read(raw: Files) -> list[dict]:
         rows = []
-        for side, unans in (("answerable", 0), ("unanswerable", 1)):
-            path = root / folder / f"{stem}_{side}.json"
-            for r in _read(path):
+        for f, unans in zip(files, (0, 1), strict=True):
+            data, where = raw[f]
+            for r in data:
                 label = r.get("label")
-                answers = label if isinstance(label, list) else []
-                rows.append(_row(bench, r["prompt"], unans, answers, where=str(path)))
+                rows.append(_row(bench, r["prompt"], unans, label if isinstance(label, list) else [], where=where))
         return rows
 
-    return read
+    return files, read
 
 
-def _kuq(root: Path) -> list[dict]:
-    path = root / "kuq" / "knowns_unknowns.jsonl"
+def _kuq(raw: Files) -> list[dict]:
+    data, where = raw["kuq/knowns_unknowns.jsonl"]
     # Unknown rows' "answer" are crowd explanations of the uncertainty, not gold answers.
-    return [_row("kuq", r["question"], int(bool(r["unknown"])), [] if r["unknown"] else r["answer"], where=str(path))
-            for r in _read(path)]
+    return [_row("kuq", r["question"], int(bool(r["unknown"])), [] if r["unknown"] else r["answer"], where=where)
+            for r in data]
 
 
-def _selfaware(root: Path) -> list[dict]:
-    path = root / "selfaware" / "SelfAware.json"
-    return [_row("selfaware", r["question"], int(not r["answerable"]), r["answer"] or [], where=str(path))
-            for r in _read(path, field="example")]
+def _selfaware(raw: Files) -> list[dict]:
+    data, where = raw["selfaware/SelfAware.json"]
+    return [_row("selfaware", r["question"], int(not r["answerable"]), r["answer"] or [], where=where) for r in data]
 
 
-def _puqa(root: Path) -> list[dict]:
-    path = root / "alignment_for_honesty" / "puqa.jsonl"
-    return [_row("puqa", r["question"], 1, r["authors"], where=str(path)) for r in _read(path)]
+def _puqa(raw: Files) -> list[dict]:
+    data, where = raw["alignment_for_honesty/puqa.jsonl"]
+    return [_row("puqa", r["question"], 1, r["authors"], where=where) for r in data]
 
 
-def _pkqa(root: Path) -> list[dict]:
-    path = root / "alignment_for_honesty" / "pkqa_13b.jsonl"
-    return [_row("pkqa", r["question"], 0, [r["answer"]], where=str(path)) for r in _read(path)]
+def _pkqa(raw: Files) -> list[dict]:
+    data, where = raw["alignment_for_honesty/pkqa_13b.jsonl"]
+    return [_row("pkqa", r["question"], 0, [r["answer"]], where=where) for r in data]
 
 
-def _nonambigqa(root: Path) -> list[dict]:
-    path = root / "alignment_for_honesty" / "nonambigqa.jsonl"
-    return [_row("nonambigqa", r["question"], 0, r["answers"], where=str(path)) for r in _read(path)]
+def _nonambigqa(raw: Files) -> list[dict]:
+    data, where = raw["alignment_for_honesty/nonambigqa.jsonl"]
+    return [_row("nonambigqa", r["question"], 0, r["answers"], where=where) for r in data]
 
 
-def _hotpotqa(root: Path) -> list[dict]:
-    path = root / "hotpotqa" / "hotpot_dev_v1_simplified.json"
-    return [_row("hotpotqa", r["question"], -1, [r["answer"]], where=str(path)) for r in _read(path)]
+def _hotpotqa(raw: Files) -> list[dict]:
+    data, where = raw["hotpotqa/hotpot_dev_v1_simplified.json"]
+    return [_row("hotpotqa", r["question"], -1, [r["answer"]], where=where) for r in data]
 
 
-def _triviaqa(root: Path) -> list[dict]:
-    path = root / "triviaqa" / "triviaqa_sm_sub.jsonl"
+def _triviaqa(raw: Files) -> list[dict]:
+    data, where = raw["triviaqa/triviaqa_sm_sub.jsonl"]
     rows = []
-    for r in _read(path):
+    for r in data:
         q = re.sub(r"^Question:\s*", "", r["context"]).rsplit("\nAnswer:", 1)[0]
-        rows.append(_row("triviaqa", q, -1, [r["answer"], *r["aliases"]], where=str(path)))
+        rows.append(_row("triviaqa", q, -1, [r["answer"], *r["aliases"]], where=where))
     return rows
 
 
-def _medmcqa(root: Path) -> list[dict]:
-    path = root / "medmcqa" / "dev.json"
+def _medmcqa(raw: Files) -> list[dict]:
+    data, where = raw["medmcqa/dev.json"]
     rows = []
-    for r in _read(path):
+    for r in data:
         if not 1 <= int(r["cop"]) <= 4:
-            raise DataError(f"{path}: id {r['id']}: cop {r['cop']} is not an option number 1-4")
+            raise DataError(f"{where}: id {r['id']}: cop {r['cop']} is not an option number 1-4")
         opts = [r["opa"], r["opb"], r["opc"], r["opd"]]
         rows.append(_row("medmcqa", r["question"], -1, [opts[int(r["cop"]) - 1]], opts, int(r["cop"]) - 1,
-                         where=str(path)))
+                         where=where))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark table: files, readers, where to get them, licences.
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A Hugging Face Hub dataset whose rows carry the fields the benchmark's reader uses:
+    ``datasets.load_dataset(repo, config, split=split, data_files=data_files)``."""
+
+    repo: str
+    split: str
+    config: str | None = None
+    data_files: str | None = None
 
 
 @dataclass(frozen=True)
 class Benchmark:
+    """One benchmark: its files (relative to a data folder, named as in the release), the reader of
+    their rows, where to download them (``url``, pinned to a commit where the source is a
+    repository) and under which licence, the row count of the full files, whether a subset ships in
+    ``hcnr_jax/bundled/data``, and its Hugging Face Hub source if one is known."""
+
     name: str
     kind: str  # "refusal" (answerable + unanswerable), "honesty" (Alignment for Honesty), "task"
-    read: Callable[[Path], list[dict]]
-    shipped: bool  # a licensed subset lives in hcnr_jax/bundled/data
+    files: tuple[str, ...]
+    read: Callable[[Files], list[dict]]
+    url: str
+    licence: str
+    rows: int
+    shipped: bool = False
+    hub: HubSource | None = None
+    json_field: str | None = None  # the rows are the list under this key of one JSON object
+    # Alignment-for-Honesty set type: "prior_unknown" (PUQA: prudence = idk rate), "prior_known"
+    # (PKQA: over-conservativeness = idk rate), "" (scored relative to a reference model).
+    a4h_set: str = ""
 
+
+_UB = "https://github.com/genglinliu/UnknownBench/tree/7283e4218b9146275d3069306927c3289fad576a/data"
+_A4H = ("https://github.com/GAIR-NLP/alignment-for-honesty/tree/5357ef8700e12b506e1e18685eded3fb082940fe/"
+        "data/evaluation_data")
+_NO_LICENCE = "none stated by the source repository"
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("falseqa", "refusal", _unknownbench("falseqa", "falseqa/unknownbench_version", "FalseQA"), False),
-    Benchmark("nec", "refusal", _unknownbench("nec", "nec", "NEC"), False),
-    Benchmark("refunq", "refusal", _unknownbench("refunq", "refunq", "RefuNQ"), False),
-    Benchmark("kuq", "refusal", _kuq, True),
-    Benchmark("selfaware", "refusal", _selfaware, True),
-    Benchmark("puqa", "honesty", _puqa, False),
-    Benchmark("pkqa", "honesty", _pkqa, False),
-    Benchmark("nonambigqa", "honesty", _nonambigqa, False),
-    Benchmark("hotpotqa", "task", _hotpotqa, True),
-    Benchmark("medmcqa", "task", _medmcqa, True),
-    Benchmark("triviaqa", "task", _triviaqa, False),
+    Benchmark("falseqa", "refusal", *_unknownbench("falseqa", "falseqa/unknownbench_version", "FalseQA"),
+              url=f"{_UB}/FalseQA (UnknownBench's repackaging of thunlp/FalseQA)", licence=_NO_LICENCE, rows=4730),
+    Benchmark("nec", "refusal", *_unknownbench("nec", "nec", "NEC"), url=f"{_UB}/NEC", licence=_NO_LICENCE,
+              rows=4150),
+    Benchmark("refunq", "refusal", *_unknownbench("refunq", "refunq", "RefuNQ"), url=f"{_UB}/RefuNQ",
+              licence=f"{_NO_LICENCE} (Natural Questions upstream: CC BY-SA 3.0)", rows=4439),
+    Benchmark("kuq", "refusal", ("kuq/knowns_unknowns.jsonl",), _kuq,
+              url="https://huggingface.co/datasets/amayuelas/KUQ", licence="MIT", rows=6884, shipped=True,
+              hub=HubSource("amayuelas/KUQ", "train", data_files="knowns_unknowns.jsonl")),
+    Benchmark("selfaware", "refusal", ("selfaware/SelfAware.json",), _selfaware,
+              url="https://github.com/yinzhangyue/SelfAware/tree/f0bad1ff77bd42fc4eb2360281ed646c7bb7bd0c/data",
+              licence="CC BY-SA 4.0, research use (code: Apache-2.0)", rows=3369, shipped=True,
+              json_field="example"),
+    Benchmark("puqa", "honesty", ("alignment_for_honesty/puqa.jsonl",), _puqa, url=_A4H, licence=_NO_LICENCE,
+              rows=1000, a4h_set="prior_unknown"),
+    Benchmark("pkqa", "honesty", ("alignment_for_honesty/pkqa_13b.jsonl",), _pkqa, url=_A4H, licence=_NO_LICENCE,
+              rows=1000, a4h_set="prior_known"),
+    Benchmark("nonambigqa", "honesty", ("alignment_for_honesty/nonambigqa.jsonl",), _nonambigqa, url=_A4H,
+              licence=_NO_LICENCE, rows=5325),
+    Benchmark("hotpotqa", "task", ("hotpotqa/hotpot_dev_v1_simplified.json",), _hotpotqa,
+              url="https://github.com/ysymyth/ReAct/tree/6bdb3a1fd38b8188fc7ba4102969fe483df8fdc9/data",
+              licence="CC BY-SA 4.0 (HotpotQA); MIT (ReAct's simplified file)", rows=7405, shipped=True,
+              hub=HubSource("hotpotqa/hotpot_qa", "validation", config="distractor")),
+    Benchmark("medmcqa", "task", ("medmcqa/dev.json",), _medmcqa,
+              url="https://github.com/medmcqa/medmcqa (dev.json of the official release)",
+              licence="MIT (the Hub card says Apache-2.0)", rows=4183, shipped=True),
+    Benchmark("triviaqa", "task", ("triviaqa/triviaqa_sm_sub.jsonl",), _triviaqa,
+              url="https://github.com/mosaicml/llm-foundry/tree/8c8dd48f72168c5d51e2f7b151595892a8fba43d/"
+                  "scripts/eval/local_data/world_knowledge",
+              licence="Apache-2.0 (llm-foundry's subsample); TriviaQA's own terms unstated", rows=3000),
 )}
 REFUSAL_BENCHMARKS = ("falseqa", "nec", "refunq", "kuq", "selfaware")
 
 
-def resolve_data_dir(data_dir: str | Path | None, benchmark: str) -> Path:
-    """The folder to read ``benchmark`` from: ``data_dir`` (default ``../shared/data``), else the shipped subset."""
-    root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-    if root.is_dir():
-        return root
-    if BENCHMARKS[benchmark].shipped and data_dir is None:
-        log.info("%s: %s not found, using the shipped subset", benchmark, root)
-        return BUNDLED_DATA
-    raise DataError(f"{root}: data directory not found for benchmark {benchmark!r}"
-                    + ("" if BENCHMARKS[benchmark].shipped else " (no subset of it is shipped)"))
+# ---------------------------------------------------------------------------------------------
+# Where a benchmark's files are found.
+
+
+def _benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def user_data_dir() -> Path:
+    """``<user cache>/data``: where downloaded benchmark files go by default (not created)."""
+    return user_cache_dir() / "data"
+
+
+def search_path(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """The folders searched, in order, as (label, folder): ``data_dir``, ``$HCNR_DATA_DIR``, the
+    user data folder. (The shipped subsets come last, for the benchmarks that have one.)"""
+    out = []
+    if data_dir is not None and str(data_dir) != HUB:
+        out.append(("--data-dir", Path(data_dir).expanduser()))
+    if os.environ.get(ENV_VAR):
+        out.append((f"${ENV_VAR}", Path(os.environ[ENV_VAR]).expanduser()))
+    out.append(("user data folder", user_data_dir()))
+    return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a benchmark is read from: ``source`` is a `search_path` label, "shipped subset" or
+    "hub"; ``root`` the folder (None for the Hub)."""
+
+    source: str
+    root: Path | None
+
+    def describe(self) -> str:
+        """For reports: the source, with the folder (as `portable_path` writes it) where one was searched."""
+        if self.root is None or self.source == SHIPPED:
+            return self.source
+        return f"{portable_path(self.root)} ({self.source})"
+
+
+def missing_message(b: Benchmark, searched: list[str]) -> str:
+    where = "; ".join(searched) or "nowhere"
+    return (f"benchmark {b.name!r}: {', '.join(b.files)} not found (looked in: {where}; no subset of it is "
+            f"shipped). Download from {b.url} (licence: {b.licence}) and place the file(s) at those paths "
+            f"under a data folder: pass --data-dir DIR, set ${ENV_VAR}, or use {user_data_dir()}"
+            + (f", or pass --data-dir {HUB} to load {b.hub.repo} from the Hugging Face Hub" if b.hub else "")
+            + ". `hcnr data` lists every benchmark.")
+
+
+def locate(name: str, data_dir: str | Path | None = None) -> Location:
+    """Where ``name`` is read from (see the module docstring); `DataError` if nowhere."""
+    b = _benchmark(name)
+    if data_dir is not None and str(data_dir) == HUB:
+        if b.hub is None:
+            raise DataError(f"benchmark {name!r}: no Hugging Face Hub source is known; download "
+                            f"{', '.join(b.files)} from {b.url} (licence: {b.licence}) into a data folder")
+        return Location("hub", None)
+    searched = []
+    for label, root in search_path(data_dir):
+        if label == "--data-dir" and not root.is_dir():
+            raise DataError(f"--data-dir {root}: not a directory")
+        if all((root / f).is_file() for f in b.files):
+            return Location(label, root)
+        searched.append(f"{root} ({label})")
+    if b.shipped:
+        return Location(SHIPPED, BUNDLED_DATA)
+    raise DataError(missing_message(b, searched))
+
+
+def available(names: Iterable[str], data_dir: str | Path | None = None) -> list[str]:
+    """The benchmarks of ``names`` whose files are found (`locate`), in order. A ``data_dir`` that
+    is not a directory is an error, not a reason to skip everything."""
+    if data_dir is not None and str(data_dir) != HUB and not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"--data-dir {data_dir}: not a directory")
+    out = []
+    for n in names:
+        try:
+            locate(n, data_dir)
+        except DataError:
+            continue
+        out.append(n)
+    return out
+
+
+def _hub_files(b: Benchmark) -> Files:
+    """The benchmark's rows from the Hugging Face Hub (explicit opt-in: ``--data-dir hub``)."""
+    h = b.hub
+    assert h is not None and len(b.files) == 1
+    try:
+        ds = datasets.load_dataset(h.repo, h.config, split=h.split, data_files=h.data_files)
+    except Exception as e:  # offline, unknown repo, changed layout: all end here
+        raise DataError(f"benchmark {b.name!r}: cannot load {h.repo} from the Hugging Face Hub "
+                        f"({type(e).__name__}: {e}). Offline? Download {b.files[0]} from {b.url} into a "
+                        f"data folder instead (see `hcnr data`)") from e
+    return {b.files[0]: (ds, f"hub:{h.repo}")}
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None, seed: int = SEED,
                    fraction: float = CALIBRATION_FRACTION) -> datasets.Dataset:
     """All rows of benchmark ``name`` in the common schema, with their ``split`` column.
 
-    Duplicated questions (after normalisation) are kept once: the first occurrence wins.
+    ``data_dir``: the first folder searched (or "hub"); see the module docstring. Duplicated
+    questions (after normalisation) are kept once: the first occurrence wins.
     """
-    if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    rows = BENCHMARKS[name].read(resolve_data_dir(data_dir, name))
+    b = _benchmark(name)
+    loc = locate(name, data_dir)
+    if loc.root is None:
+        raw = _hub_files(b)
+    else:
+        kwargs = {"field": b.json_field} if b.json_field else {}
+        raw = {f: (_read(loc.root / f, **kwargs), str(loc.root / f)) for f in b.files}
+        if loc.source == SHIPPED:
+            log.info("%s: using the shipped subset (full files: %s)", name, b.url)
+    rows = b.read(raw)
     seen: set[str] = set()
     unique = []
     for r in rows:
@@ -212,7 +378,6 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, seed: int = SE
         unanswerable=datasets.Value("int8"), answers=datasets.List(datasets.Value("string")),
         options=datasets.List(datasets.Value("string")), gold=datasets.Value("int8"), split=datasets.Value("string"))
     return datasets.Dataset.from_list(unique, features=features)
-
 
 def select(ds: datasets.Dataset, split: str, limit: int | None = None, seed: int = SEED) -> datasets.Dataset:
     """Rows of ``split`` in a fixed seeded order; with ``limit``, the first ``limit`` of them,

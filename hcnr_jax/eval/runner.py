@@ -4,7 +4,9 @@ Output directory:
     examples.jsonl   one record per (model, benchmark, example): question, label, response,
                      verdict (+ reason), outcome; appended batch by batch, so a stopped run resumes
     metrics.json     per benchmark metrics (refusal F1 / rates / RF delta; honesty vs reference;
-                     task accuracy), the settings, and N per benchmark
+                     task accuracy) with their denominators and 95% bootstrap intervals (``<key>_ci``),
+                     averages over the refusal benchmarks, the settings, and where each benchmark
+                     was read from
     table.md         the same as a markdown table
 """
 
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hcnr_jax.errors import DataError
 from hcnr_jax.eval import metrics as M
-from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, select
+from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
 from hcnr_jax.eval.refusal import RefusalDetector
 from hcnr_jax.generation import PackShape, _bucket, chat_prompts, generate_ids, pack_shape
 from hcnr_jax.io import atomic_write_text
@@ -47,7 +51,11 @@ class EvalSettings:
     data_dir: str | None = None
     rules: str = "default"
     embedding: bool = False
-    extra: dict = field(default_factory=dict)
+    bootstrap: int = M.BOOTSTRAP_RESAMPLES  # resamples for the 95% intervals (0: none)
+
+
+# Settings that only change how records are scored: a run may resume under other values.
+SCORING_SETTINGS = ("benchmarks", "bootstrap")
 
 
 def mcq_prompt(question: str, options: Sequence[str]) -> str:
@@ -169,34 +177,111 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     bar.close()
 
 
-def benchmark_metrics(bench: str, recs: list[dict], ref: list[dict] | None) -> dict[str, Any]:
-    """Metrics of one benchmark from its records (and the reference model's, when given)."""
-    kind = BENCHMARKS[bench].kind
-    if kind == "task":
+SCORES = ("precision", "recall", "f1", "refusal_rate_unanswerable", "refusal_rate_answerable", "rf_delta",
+          "undetermined", "refusal_rate", "answer_accuracy", "over_conservativeness", "prudence", "honesty",
+          "accuracy", "idk_rate", "containment", "exact_match", "option_accuracy")
+AVERAGED = ("f1", "rf_delta")  # averaged over the refusal benchmarks (the paper's avg F1 / avg RF delta)
+
+
+def _is_score(key: str) -> bool:
+    return key.removeprefix("a4h_") in SCORES
+
+
+def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Callable[[np.ndarray], dict], Any]:
+    """``(statistic, strata)``: the benchmark's metrics as a function of row indices into ``recs``
+    (per-row outcomes computed once), and the strata to resample within (the answerable /
+    unanswerable halves of a refusal benchmark, else None)."""
+    b = BENCHMARKS[bench]
+    if b.kind == "task":
         if recs and "option_loglik" in recs[0]:
-            return M.option_accuracy(np.array([r["option_loglik"] for r in recs]), [r["gold"] for r in recs])
-        return M.task_accuracy([r["response"] for r in recs], [r["answers"] for r in recs])
-    res: dict[str, Any] = {}
-    labels = {r["unanswerable"] for r in recs}
-    if labels <= {0, 1} and len(labels) == 2:
-        res.update(M.refusal_metrics([r["unanswerable"] for r in recs], [r["verdict"] for r in recs]))
-    else:
-        res.update(n=len(recs), refusal_rate=float(np.mean([r["verdict"] == "refused" for r in recs])))
-    scored = [r for r in recs if r["answers"]]
-    if scored:
-        cur = M.honesty_outcomes([r["response"] for r in scored], [r["answers"] for r in scored],
-                                 [r["verdict"] for r in scored])
-        res["answer_accuracy"] = float(np.mean([c == "correct" for c in cur]))
-        if ref is not None:
-            by_id = {r["id"]: r for r in ref}
-            pairs = [(by_id[r["id"]], c) for r, c in zip(scored, cur, strict=True) if r["id"] in by_id]
-            ref_out = M.honesty_outcomes([p["response"] for p, _ in pairs], [p["answers"] for p, _ in pairs],
-                                         [p["verdict"] for p, _ in pairs])
-            res.update({f"a4h_{k}": v for k, v in M.honesty_metrics(ref_out, [c for _, c in pairs]).items()})
-    return res
+            ll, gold = np.array([r["option_loglik"] for r in recs]), np.array([r["gold"] for r in recs])
+            return (lambda idx: M.option_accuracy(ll[idx], gold[idx])), None
+        cont = np.array([M.contains_answer(r["response"], r["answers"]) for r in recs], bool)
+        em = np.array([M.exact_match(r["response"], r["answers"]) for r in recs], bool)
+        return (lambda idx: dict(n=len(idx), containment=M._ratio(cont[idx].sum(), len(idx)),
+                                 exact_match=M._ratio(em[idx].sum(), len(idx)))), None
+    y = np.array([r["unanswerable"] for r in recs], int)
+    verdicts = np.array([r["verdict"] for r in recs], dtype=object)
+    binary = set(y.tolist()) == {0, 1}
+    has_gold = np.array([bool(r["answers"]) for r in recs], bool)
+    outcome = np.array(M.honesty_outcomes([r["response"] for r in recs], [r["answers"] for r in recs],
+                                          list(verdicts)), dtype=object)
+    correct = np.array(M.loosely_correct([r["response"] for r in recs], [r["answers"] for r in recs]), bool)
+    by_id = {r["id"]: r for r in ref or []}
+    paired = np.array([r["id"] in by_id for r in recs], bool) & has_gold
+    ref_outcome = np.array(["" if not p else M.honesty_outcomes([by_id[r["id"]]["response"]],
+                                                                [by_id[r["id"]]["answers"]],
+                                                                [by_id[r["id"]]["verdict"]])[0]
+                            for r, p in zip(recs, paired, strict=True)], dtype=object)
+
+    def statistic(idx: np.ndarray) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        if binary:
+            res.update(M.refusal_metrics(y[idx], list(verdicts[idx])))
+        else:
+            res.update(n=len(idx), refusal_rate=M._ratio((verdicts[idx] == "refused").sum(), len(idx)))
+        g = idx[has_gold[idx]]
+        if len(g):
+            res["answer_accuracy"] = M._ratio(correct[g].sum(), len(g))  # loosely correct
+            if b.a4h_set == "prior_unknown":
+                a4h = M.prior_unknown_metrics(outcome[g])
+            elif b.a4h_set == "prior_known":
+                a4h = M.prior_known_metrics(outcome[g], correct[g])
+            elif ref is not None:
+                pi = idx[paired[idx]]
+                a4h = M.honesty_metrics(ref_outcome[pi], outcome[pi], correct[pi])
+            else:
+                a4h = {}
+            res.update({f"a4h_{k}": v for k, v in a4h.items()})
+        return res
+
+    return statistic, (y if binary else None)
 
 
-def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+def benchmark_metrics(bench: str, recs: list[dict], ref: list[dict] | None, resamples: int = 0,
+                      seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics of one benchmark from its records (and the reference model's, when given), each
+    score with its 95% percentile bootstrap interval ``<key>_ci`` when ``resamples`` > 0; and the
+    bootstrap replicates (for averages over benchmarks)."""
+    statistic, strata = _statistic(bench, recs, ref)
+    res = statistic(np.arange(len(recs)))
+    reps: dict[str, np.ndarray] = {}
+    if resamples > 0 and recs:
+        # Seeded by (seed, benchmark): a benchmark's intervals do not depend on the others run.
+        reps = M.bootstrap(statistic, len(recs), strata=strata, resamples=resamples,
+                           seed=[seed, zlib.crc32(bench.encode())])
+        res.update({f"{k}_ci": M.percentile_interval(reps[k]) for k in list(res) if _is_score(k) and k in reps})
+    return res, reps
+
+
+def averages(results: dict[str, dict], replicates: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The mean of each ``AVERAGED`` score over the refusal benchmarks where it is defined, with the
+    percentile interval of the mean of the benchmarks' (independent) bootstrap replicates."""
+    out: dict[str, Any] = {}
+    for key in AVERAGED:
+        names = [b for b, m in results.items()
+                 if BENCHMARKS[b].kind == "refusal" and key in m and math.isfinite(m[key])]
+        if not names:
+            continue
+        out[key] = float(np.mean([results[b][key] for b in names]))
+        out[f"{key}_benchmarks"] = names
+        if all(key in replicates.get(b, {}) for b in names):
+            out[f"{key}_ci"] = M.percentile_interval(np.mean([replicates[b][key] for b in names], axis=0))
+    return out
+
+
+def _cell(m: dict, k: str) -> str:
+    v = m.get(k)
+    if v is None:
+        return ""
+    if k == "n":
+        return str(v)
+    text = "nan" if v != v else f"{100 * v:.1f}"
+    ci = m.get(f"{k}_ci")
+    return text if ci is None or ci[0] != ci[0] else f"{text} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
+
+
+def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | None = None) -> str:
     cols = [("n", "N"), ("f1", "refusal F1"), ("refusal_rate_unanswerable", "RR unans"),
             ("refusal_rate_answerable", "RR ans"), ("rf_delta", "RF delta"), ("undetermined", "undet."),
             ("answer_accuracy", "ans. acc"), ("a4h_prudence", "prudence"),
@@ -207,12 +292,13 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
              "|---|---|" + "---|" * len(used)]
     for tag, res in results.items():
         for bench, m in res.items():
-            cells = []
-            for k, _ in used:
-                v = m.get(k)
-                cells.append("" if v is None else str(v) if k == "n" else "nan" if v != v else f"{100 * v:.1f}")
-            lines.append(f"| {tag} | {bench} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nRates in %. RF delta = refusal rate on unanswerable minus on answerable.\n"
+            lines.append(f"| {tag} | {bench} | " + " | ".join(_cell(m, k) for k, _ in used) + " |")
+        avg = (avgs or {}).get(tag)
+        if avg:
+            lines.append(f"| {tag} | average | " + " | ".join("" if k == "n" else _cell(avg, k) for k, _ in used) + " |")
+    return ("\n".join(lines) + "\n\nRates in %, with 95% bootstrap intervals in parentheses (percentile, examples "
+            "resampled within the answerable / unanswerable halves). RF delta = refusal rate on unanswerable minus "
+            "on answerable. average: the mean over the refusal benchmarks (docs/evaluation.md).\n")
 
 
 def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference: Any = None,
@@ -224,7 +310,7 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
     cfg = dict(asdict(settings), model=model_name, reference=reference_name)
     if settings_path.exists():
         old = json.loads(settings_path.read_text())
-        if {k: v for k, v in old.items() if k != "benchmarks"} != {k: v for k, v in cfg.items() if k != "benchmarks"}:
+        if any(old.get(k) != v for k, v in cfg.items() if k not in SCORING_SETTINGS):
             raise DataError(f"{settings_path}: this directory holds a run with other settings; "
                             "use another --out (resuming needs identical settings)")
     atomic_write_text(settings_path, json.dumps(cfg, indent=1, default=str))
@@ -258,14 +344,17 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
     if changed:
         atomic_write_text(examples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     results: dict[str, dict[str, dict]] = {}
+    avgs: dict[str, dict] = {}
     for tag, _ in models:
-        results[tag] = {}
+        results[tag], reps = {}, {}
         for bench, rows in rows_by.items():
             ids = {r["id"] for r in rows}
             recs = [r for r in records if r["model"] == tag and r["id"] in ids]
             ref = [r for r in records if r["model"] == "reference" and r["id"] in ids] if tag == "model" and reference is not None else None
-            results[tag][bench] = benchmark_metrics(bench, recs, ref)
-    summary = dict(settings=cfg, results=results)
+            results[tag][bench], reps[bench] = benchmark_metrics(bench, recs, ref, settings.bootstrap, settings.seed)
+        avgs[tag] = averages(results[tag], reps)
+    summary = dict(settings=cfg, data={b: locate(b, settings.data_dir).describe() for b in settings.benchmarks},
+                   results=results, averages=avgs)
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1, default=str))
-    atomic_write_text(out / "table.md", markdown_table(results))
+    atomic_write_text(out / "table.md", markdown_table(results, avgs))
     return summary

@@ -1,4 +1,4 @@
-"""HCNR repair (METHOD.md): selection, restoration + compensation solvers, the pipeline, reports.
+"""HCNR repair (docs/method.md): selection, restoration + compensation solvers, the pipeline, reports.
 
 ``repair(base, finetuned, honesty_data, task_data, config)`` returns the repaired model and its
 report; ``write_repair(result, out_dir)`` writes both. Solvers are registered by name in

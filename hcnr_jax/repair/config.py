@@ -1,4 +1,4 @@
-"""`RepairConfig`: every setting of an HCNR repair, with the defaults of METHOD.md.
+"""`RepairConfig`: every setting of an HCNR repair, with the defaults of docs/method.md.
 
 Settings marked [paper] follow the paper as printed; [ours] are choices the sources leave open.
 A config is built from defaults, then a YAML file, then explicit overrides (CLI flags), and is
@@ -25,7 +25,7 @@ LAYER_BUDGETS = ("count", "params")
 
 @dataclass(frozen=True)
 class RepairConfig:
-    """Settings of one repair (METHOD.md).
+    """Settings of one repair (docs/method.md).
 
     - ``r_iw``: fraction of neurons per layer that are candidates [paper 0.5].
     - ``r_cw``: fraction of layers kept [paper 0.4].
@@ -38,7 +38,7 @@ class RepairConfig:
     - ``fisher_hon_model`` / ``fisher_task_model``: model each Fisher is taken on [ours: orig / sft].
     - ``calib_data`` / ``calib_model``: data (hon/task/both) and model (orig/sft) whose layer
       inputs make H = X^T X [ours: hon / sft].
-    - ``solver``: name in the solver registry [ours: ``exact``; METHOD.md names no default. The
+    - ``solver``: name in the solver registry [ours: ``exact``; the paper names no default. The
       paper's printed update is ``paper``; ``exact`` is the joint optimum of the same objective,
       so it never does worse on it, and equals ``paper`` when one neuron is pinned].
     - ``solver_options``: extra keyword arguments for the solver (e.g. ``iters`` for ``cg``).

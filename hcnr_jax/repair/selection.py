@@ -1,4 +1,4 @@
-"""Stage 1 of HCNR: which neurons to restore (METHOD.md), as pure functions over arrays.
+"""Stage 1 of HCNR: which neurons to restore (docs/method.md), as pure functions over arrays.
 
 Per layer j (one linear weight): Fisher scores ``s_hon, s_task [n_neurons]`` -> priority ``r`` ->
 candidates ``M_j`` = top ``r_iw`` of the neurons by r. Over layers: perturbation
