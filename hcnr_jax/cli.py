@@ -11,7 +11,7 @@ import sys
 from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
-COMMANDS = ("demo", "convert", "stats", "repair", "eval", "calib", "train", "honesty-data")
+COMMANDS = ("demo", "convert", "stats", "repair", "plan", "eval", "data", "calib", "train", "honesty-data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,14 @@ output/input dim, n query heads, k kv heads, g query heads per kv head, h head d
 Activations stay in the parameters' dtype like transformers does; RMSNorm statistics, softmax and
 the returned logits are float32.
 
+Matmul precision: ``forward(..., precision=None)`` (the default) leaves every einsum at XLA's
+default precision, on purpose: generation, evaluation and training may then use the fast path of
+the accelerator (on NVIDIA GPUs a float32 matmul may run as TF32, ~10 bits of mantissa). The
+statistics (``hcnr_jax.stats``) pass ``precision=jax.lax.Precision.HIGHEST``, which reaches every
+einsum here, forward and backward (the transposed dots of the gradient keep it), so Fisher and
+Hessian are exact float32 on every backend. With bfloat16 weights the products are exact either
+way; the setting matters for float32 weights and activations.
+
 Two hooks serve the statistics without a second copy of the model:
 - ``capture=True`` returns every linear layer's input, keyed by the HF weight name
   (``model.layers.3.mlp.down_proj.weight`` -> its input ``[B, T, in]``). Layers that share an
@@ -27,6 +35,7 @@ from hcnr_jax.config import ModelConfig
 from hcnr_jax.params import Params
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+Precision = jax.lax.Precision | None  # an einsum's ``precision``; None: XLA's default
 
 
 class KVCache(NamedTuple):
@@ -65,13 +74,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 class _Linears:
     """Applies linear layers by HF name, recording inputs and adding probes when asked."""
 
-    def __init__(self, capture: bool, probes: Mapping[str, jax.Array] | None):
+    def __init__(self, capture: bool, probes: Mapping[str, jax.Array] | None, precision: Precision = None):
         self.capture = capture
+        self.precision = precision
         self.probes = probes or {}
         self.inputs: dict[str, jax.Array] = {}
 
     def __call__(self, p: Mapping[str, jax.Array], x: jax.Array, name: str) -> jax.Array:
-        y = jnp.einsum("bti,oi->bto", x, p["weight"])
+        y = jnp.einsum("bti,oi->bto", x, p["weight"], precision=self.precision)
         if "bias" in p:
             y = y + p["bias"]
         if self.capture:
@@ -102,16 +112,17 @@ def _attention_mask(
     return allowed & key_valid[:, None, :]
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig,
+            precision: Precision = None) -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N*H]."""
     b, t, n, h = q.shape
     g = n // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision)
     scores = scores * (h**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=precision)
     return out.reshape(b, t, n * h)
 
 
@@ -133,6 +144,7 @@ def forward(
     probes: Mapping[str, jax.Array] | None = None,
     return_logits: bool = True,
     segment_ids: jax.Array | None = None,
+    precision: Precision = None,
 ) -> Output:
     """Run the model on ``input_ids [B, T]``.
 
@@ -143,6 +155,9 @@ def forward(
     ``segment_ids [B, T]`` (int, >= 0) packs several sequences into one row: a token attends only
     to earlier tokens of its own segment and of segment 0, a prefix they share. Give explicit
     ``positions``; with a cache, it must be empty (earlier slots would count as segment 0).
+
+    ``precision``: the matmul precision of every einsum (None: XLA's default; the statistics pass
+    ``jax.lax.Precision.HIGHEST``, see the module doc).
     """
     b, t = input_ids.shape
     if attention_mask is None:
@@ -171,7 +186,7 @@ def forward(
     masks = {w: _attention_mask(q_idx, k_idx, key_valid, w, segments) for w in set(cfg.sliding_windows)}
 
     cos, sin = rope.cos_sin(cfg, positions)
-    linear = _Linears(capture, probes)
+    linear = _Linears(capture, probes, precision)
     x = params["model"]["embed_tokens"]["weight"][input_ids]
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(params["model"]["layers"]):
@@ -190,7 +205,7 @@ def forward(
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, start, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
             k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
-        o = _attend(q, k, v, masks[cfg.sliding_windows[i]], cfg)
+        o = _attend(q, k, v, masks[cfg.sliding_windows[i]], cfg, precision)
         x = x + linear(attn["o_proj"], o, pre + "self_attn.o_proj.weight")
 
         mlp = layer["mlp"]
@@ -200,14 +215,14 @@ def forward(
         x = x + linear(mlp["down_proj"], jax.nn.silu(gate) * up, pre + "mlp.down_proj.weight")
 
     hidden = rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
-    logits = lm_head(params, cfg, hidden) if return_logits else None
+    logits = lm_head(params, cfg, hidden, precision) if return_logits else None
     out_cache = None
     if cache is not None:
         out_cache = KVCache(ck, cv, valid, start + t)
     return Output(logits, hidden, out_cache, linear.inputs)
 
 
-def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, precision: Precision = None) -> jax.Array:
     """hidden [B, T, D] -> float32 logits [B, T, V] (tied embeddings when the config says so)."""
     w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32, precision=precision)

@@ -12,6 +12,9 @@ The Pallas kernel forms ``G`` tile by tile in on-chip memory and reduces it ther
 reaches HBM (the per-sample gradient is never materialised). ``neuron_sq_norms_reference`` is the
 plain ``jax.numpy`` version (ghost or direct, whichever is cheaper); ``neuron_sq_norms`` dispatches.
 
+``backend="auto"`` uses a Pallas kernel only on a platform listed for it in ``VERIFIED`` (where it
+has been run against its reference, e.g. by ``experiments/gpu_check.py``), else the XLA path.
+
 Letters: b sample, t/s token, o output dim, i input dim.
 """
 
@@ -25,6 +28,15 @@ from jax.experimental import pallas as pl
 
 HIGHEST = jax.lax.Precision.HIGHEST
 AXES = ("input", "output")
+
+# Kernel -> platforms (``jax.default_backend()``) where its compiled (not interpreted) Pallas
+# version has been checked against its reference; ``backend="auto"`` uses Pallas only there.
+# Empty today: the kernels have not run on a GPU or TPU yet. Add a platform after
+# ``experiments/gpu_check.py`` passes its "kernels" rows on it.
+VERIFIED: dict[str, frozenset[str]] = {
+    "fisher_norms": frozenset(),
+    "gram": frozenset(),
+}
 
 
 def _check(g: jax.Array, x: jax.Array, axis: str) -> None:
@@ -58,7 +70,7 @@ def neuron_sq_norms_reference(g: jax.Array, x: jax.Array, axis: str = "input", m
     return jnp.sum(mixed * keep, axis=1)
 
 
-def _kernel(g_ref, x_ref, out_ref, *, axis: str, num_k: int):
+def _kernel(g_ref, x_ref, out_ref, *, axis: str):
     # Grid (b, n, k): n tiles the scored neurons, k tiles the summed-over dimension (last, so the
     # output block stays resident while it accumulates).
     k = pl.program_id(2)
@@ -92,18 +104,17 @@ def neuron_sq_norms_pallas(g: jax.Array, x: jax.Array, axis: str = "input", bloc
     g = jnp.pad(g, ((0, 0), (0, tp - t), (0, op - o)))
     x = jnp.pad(x, ((0, 0), (0, tp - t), (0, ip - i)))
     if axis == "input":
-        n_blk, k_blk, n_out = bi, bo, ip
+        n_blk, n_out = bi, ip
         grid = (b, ip // bi, op // bo)
         g_spec = pl.BlockSpec((1, tp, bo), lambda bb, n, k: (bb, 0, k))
         x_spec = pl.BlockSpec((1, tp, bi), lambda bb, n, k: (bb, 0, n))
     else:
-        n_blk, k_blk, n_out = bo, bi, op
+        n_blk, n_out = bo, op
         grid = (b, op // bo, ip // bi)
         g_spec = pl.BlockSpec((1, tp, bo), lambda bb, n, k: (bb, 0, n))
         x_spec = pl.BlockSpec((1, tp, bi), lambda bb, n, k: (bb, 0, k))
-    del k_blk
     out = pl.pallas_call(
-        functools.partial(_kernel, axis=axis, num_k=grid[2]),
+        functools.partial(_kernel, axis=axis),
         grid=grid,
         in_specs=[g_spec, x_spec],
         out_specs=pl.BlockSpec((1, n_blk), lambda bb, n, k: (bb, n)),
@@ -114,17 +125,20 @@ def neuron_sq_norms_pallas(g: jax.Array, x: jax.Array, axis: str = "input", bloc
 
 
 def neuron_sq_norms(g: jax.Array, x: jax.Array, axis: str = "input", backend: str = "auto") -> jax.Array:
-    """Dispatch: ``backend`` "pallas" (interpret mode off GPU), "reference", or "auto" (Pallas on
-    GPU, the reference elsewhere)."""
-    backend = resolve_backend(backend)
+    """Dispatch: ``backend`` "pallas" (interpret mode off GPU), "reference", or "auto" (Pallas where
+    ``VERIFIED`` lists this platform, the reference elsewhere)."""
+    backend = resolve_backend(backend, "fisher_norms")
     if backend == "pallas":
         return neuron_sq_norms_pallas(g, x, axis=axis, interpret=jax.default_backend() != "gpu")
     return neuron_sq_norms_reference(g, x, axis)
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, kernel: str | None = None) -> str:
+    """"pallas" or "reference" for ``backend``; "auto" is "pallas" only where ``VERIFIED[kernel]``
+    holds the current platform (``kernel`` None: no kernel is verified)."""
     if backend not in ("auto", "pallas", "reference"):
         raise ValueError(f"kernel backend must be auto, pallas or reference, got {backend!r}")
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        verified = VERIFIED.get(kernel, frozenset()) if kernel is not None else frozenset()
+        return "pallas" if jax.default_backend() in verified else "reference"
     return backend

@@ -76,6 +76,6 @@ def gram_pallas(h: jax.Array, x: jax.Array, mask: jax.Array, block: int = 128, t
 
 def gram(h: jax.Array, x: jax.Array, mask: jax.Array, backend: str = "auto") -> jax.Array:
     """``h + X^T X`` over masked-in rows; ``backend`` as in ``fisher_norms.neuron_sq_norms``."""
-    if resolve_backend(backend) == "pallas":
+    if resolve_backend(backend, "gram") == "pallas":
         return gram_pallas(h, x, mask, interpret=jax.default_backend() != "gpu")
     return gram_reference(h, x, mask)

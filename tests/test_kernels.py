@@ -53,3 +53,17 @@ def test_bad_shapes_and_backend():
         neuron_sq_norms(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)), backend="cuda")
     with pytest.raises(ValueError):
         gram_reference(np.zeros((3, 3)), np.zeros((5, 4)), np.zeros(5, bool))
+
+
+def test_auto_uses_pallas_only_where_verified(monkeypatch):
+    """``backend="auto"``: the XLA reference unless the kernel is listed as checked on this platform."""
+    import jax
+
+    from hcnr_jax.kernels import fisher_norms
+
+    assert fisher_norms.resolve_backend("auto", "gram") == "reference"
+    assert fisher_norms.VERIFIED["fisher_norms"] == fisher_norms.VERIFIED["gram"] == frozenset()  # none yet
+    monkeypatch.setitem(fisher_norms.VERIFIED, "gram", frozenset({jax.default_backend()}))
+    assert fisher_norms.resolve_backend("auto", "gram") == "pallas"
+    assert fisher_norms.resolve_backend("auto", "fisher_norms") == "reference"
+    assert fisher_norms.resolve_backend("reference", "gram") == "reference"

@@ -145,6 +145,74 @@ def test_restored_fraction_within_rounding(pair_dirs, llama):
     assert sum(m["restored_params"] for m in by_mod.values()) == s["restored_params"]
 
 
+# --- the [ours] options of Stage 1 and 2, checked against statistics computed here -----------------
+
+def _samples(pair_dirs):
+    from hcnr_jax.data import load_samples
+
+    return tuple(load_samples(p, None, max_length=512, vocab_size=97) for p in pair_dirs["data"])
+
+
+def _kept_objectives(res):
+    return {r["name"]: r["objective_sft"] for r in res.report["layers"] if r["kept"]}
+
+
+def test_calib_data_both_adds_the_two_hessians(pair_dirs, llama):
+    """objective_sft = tr(dW H dW^T) is linear in H, so with H = H_hon + H_task it is the sum of the
+    objectives on each; the selection does not depend on the calibration data."""
+    objs = {c: _kept_objectives(run(pair_dirs, llama, solver="none", calib_data=c)) for c in ("hon", "task", "both")}
+    assert objs["hon"].keys() == objs["task"].keys() == objs["both"].keys()
+    for n, both in objs["both"].items():
+        assert both == pytest.approx(objs["hon"][n] + objs["task"][n], rel=1e-5), n
+        assert min(objs["hon"][n], objs["task"][n]) > 0.1 * both, n  # each data set contributes
+
+
+def test_calib_model_takes_the_layer_inputs_from_that_model(pair_dirs, llama):
+    from hcnr_jax import stats
+    from hcnr_jax.params import get
+    from hcnr_jax.repair.solvers import layer_objective
+
+    base, ft = llama
+    hon, _ = _samples(pair_dirs)
+    moved = 0
+    for model, params in (("orig", base.params), ("sft", ft.params)):
+        got = _kept_objectives(run(pair_dirs, llama, solver="none", calib_model=model))
+        h = stats.hessian(params, ft.config, hon, layers=sorted(got), progress=False)
+        for n, obj in got.items():
+            want = layer_objective(get(ft.params, n), get(base.params, n), h[n])
+            assert obj == pytest.approx(want, rel=1e-5), (model, n)
+        if model == "orig":
+            h_orig = h
+        else:  # inputs of layers after the first block's attention differ between the two models
+            moved = sum(not np.allclose(h[n], h_orig[n], rtol=1e-3) for n in got)
+    assert moved > 0
+
+
+def test_fisher_models_choose_where_each_score_is_taken(pair_dirs, llama):
+    from hcnr_jax import stats
+    from hcnr_jax.repair import selection
+
+    base, ft = llama
+    hon, task = _samples(pair_dirs)
+    names = linear_names(ft.config)
+    params = {"orig": base.params, "sft": ft.params}
+    b, f = np_flat(base.params), np_flat(ft.params)
+    chosen = {}
+    for hon_model, task_model in (("orig", "sft"), ("sft", "orig")):
+        res = run(pair_dirs, llama, solver="none", fisher_hon_model=hon_model, fisher_task_model=task_model)
+        s_hon = stats.fisher(params[hon_model], ft.config, hon, progress=False)
+        s_task = stats.fisher(params[task_model], ft.config, task, progress=False)
+        want = selection.select(names, lambda n: (b[n], f[n]), s_hon, s_task, r_iw=0.5, r_cw=0.4)
+        r = np_flat(res.model.params)
+        for rec, sl in zip(res.report["layers"], want, strict=True):
+            assert (rec["name"], rec["kept"]) == (sl.name, sl.kept) and rec["d"] == pytest.approx(sl.d, rel=1e-5)
+            # solver none: exactly the honesty-critical columns hold the base weights
+            restored = (r[sl.name] == b[sl.name]).all(axis=0) & (r[sl.name] != f[sl.name]).any(axis=0)
+            np.testing.assert_array_equal(restored, sl.restored, err_msg=sl.name)
+        chosen[hon_model] = [sl.candidates for sl in want]
+    assert any(not np.array_equal(a, c) for a, c in zip(chosen["orig"], chosen["sft"], strict=True))
+
+
 def _files(d):
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
@@ -292,7 +360,17 @@ def test_dry_run_writes_nothing(pair_dirs, tmp_path, capsys):
     text = capsys.readouterr().out
     plan = json.loads(text[: text.rindex("}") + 1])["plan"]
     assert plan["layers"] == 21 and plan["units_kept"] == top_count(0.4, 21)
-    assert plan["memory_estimate_mib"]["total"] > 0 and "nothing written" in text
+    # Compiled, not estimated: XLA's per-device numbers of each step (hcnr_jax.plan).
+    mem, steps = plan["memory_mib"], plan["compiled"]["steps"]
+    assert set(steps) == {"fisher", "hessian", "solve"} and plan["compiled"]["devices"] == jax.device_count()
+    # The Fisher step's arguments hold the float32 model (the state and batch are small).
+    assert 4 * plan["all_params"] <= steps["fisher"]["argument_bytes"] < 4 * plan["all_params"] + 2**20
+    for name, s in steps.items():
+        assert s["flops"] > 0 and s["peak_bytes"] == (s["argument_bytes"] + s["temp_bytes"] + s["output_bytes"]
+                                                      - s["alias_bytes"]), name
+        assert mem[name]["peak"] == round(s["peak_bytes"] / 2**20, 1)
+    assert mem["total"] >= max(m["peak"] for m in (mem["fisher"], mem["hessian"], mem["solve"]))
+    assert "compiled peak per device" in text and "nothing written" in text
 
 
 def test_existing_output_refused(pair_dirs, tmp_path, capsys):
@@ -307,9 +385,10 @@ def test_python_api_errors(llama):
         repair(base, ft, "/nonexistent.jsonl", "/nonexistent.jsonl", progress=False)
     with pytest.raises(HcnrError, match="r_cw"):
         repair(base, ft, None, None, RepairConfig(r_cw=2.0), progress=False)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"tensor sets differ.*model\.layers\.2\."):
         hcnr_jax.repair.check_compatible(base, ft.replace(config=ft.config.replace(num_layers=2)))
-    assert jax.tree_util.tree_structure(ft.params) is not None
+    hcnr_jax.repair.check_compatible(base, ft)  # the real pair passes: the error came from the edit
+    assert ft.config.num_layers == base.config.num_layers == 3  # replace() left ft untouched
 
 
 def test_example_config_holds_the_defaults():
@@ -319,8 +398,8 @@ def test_example_config_holds_the_defaults():
 
     configs = Path(__file__).parent.parent / "configs"
     assert load_config(configs / "hcnr_default.yaml") == RepairConfig()
-    for f in configs.glob("*.yaml"):
-        load_config(f)  # every example is valid
+    for f in configs.glob("hcnr_*.yaml"):
+        load_config(f)  # every repair example is valid (train_*.yaml are training settings: test_train.py)
 
 
 def test_cli_repair_with_config_and_flags(pair_dirs, tmp_path, capsys):

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "repair", help="repair a fine-tuned model's honesty with HCNR (training-free)",
         description="Restore honesty-critical neurons of FINETUNED from BASE and compensate the rest. "
-                    "Settings: defaults (METHOD.md) <- --config YAML <- flags.")
+                    "Settings: defaults (docs/method.md) <- --config YAML <- flags.")
     p.add_argument("--base", required=True, help="the model before fine-tuning (HF dir, .gguf, BASE+ADAPTER)")
     p.add_argument("--finetuned", required=True, help="the fine-tuned model (HF dir, .gguf, BASE+ADAPTER)")
     p.add_argument("--honesty-data", default=None, help="JSONL honesty samples (default: bundled, 128)")
@@ -59,7 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="reuse statistics computed before (statistics cache)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--dry-run", action="store_true", help="print what would change and a memory estimate")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would change and each step's compiled memory and FLOPs per device "
+                        "(compiles, computes nothing, writes nothing)")
     p.set_defaults(func=run)
 
 
@@ -82,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
         p = plan(ft, cfg, hon, task)
         print(json.dumps({"settings": cfg.to_dict(), "data": {"honesty": hon_info, "task": task_info},
                           "plan": p, "out": str(out)}, indent=2))
+        m = p["memory_mib"]
         print(f"dry run: would restore about {100 * p['expected_restored_fraction_of_linear']:.1f}% of "
               f"{p['linear_params']:,} block linear parameters in {p['units_kept']} of {p['units']} "
-              f"{p['unit']}s; estimated peak memory {p['memory_estimate_mib']['total']:.0f} MiB; nothing written")
+              f"{p['unit']}s; compiled peak per device: fisher {m['fisher']['peak']:.0f} MiB, hessian "
+              f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
+              f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
         return 0
     stats_options = {"cache_dir": args.cache_dir} if args.cache_dir else None
     result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,

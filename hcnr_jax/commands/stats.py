@@ -52,7 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=16,
                    help="with --cache-dir: save the accumulators every N batches, so a killed run resumes [16]")
     p.add_argument("--backend", choices=("auto", "pallas", "reference"), default="auto",
-                   help="Pallas kernels (GPU) or jax.numpy [auto]")
+                   help="Pallas kernels or jax.numpy; auto: Pallas only on a platform where the kernel "
+                        "was checked (kernels/fisher_norms.py VERIFIED) [auto]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -23,16 +23,13 @@ import numpy as np
 
 from hcnr_jax.embedded import calibration_file
 from hcnr_jax.errors import CheckpointError, DataError
-from hcnr_jax.params import flatten, get, linear_names, param_specs, set_leaves
+from hcnr_jax.params import get, linear_names, param_specs, set_leaves
 from hcnr_jax.pretrained import Pretrained, load_pretrained
 from hcnr_jax.repair import selection
 from hcnr_jax.repair.config import RepairConfig
 from hcnr_jax.repair.solvers import layer_objective, restore_only, solve
 
 log = logging.getLogger("hcnr_jax.repair")
-
-STAGES = ("load", "fisher", "select", "hessian", "solve")
-
 
 @dataclass
 class RepairResult:
@@ -163,8 +160,14 @@ def prepare(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, h
     return cfg, base_m, ft_m, hon, hon_info, task, task_info
 
 
-def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any) -> dict[str, Any]:
-    """What a repair would change and a memory estimate, from shapes only (``--dry-run``)."""
+def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any, *, mesh: Any = None) -> dict[str, Any]:
+    """What a repair would change, and XLA's compiled per-device memory and FLOPs of its steps
+    (``--dry-run``): the Fisher update, the Hessian update of the kept layers (worst case: the
+    largest) and one layer's solve are compiled on abstract inputs of this model, data and
+    settings (``hcnr_jax.plan``); nothing is computed."""
+    from hcnr_jax import plan as planlib
+    from hcnr_jax.stats.fisher_accum import target_capacity
+
     mc = base.config
     names = linear_names(mc)
     specs = param_specs(mc)
@@ -179,22 +182,29 @@ def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any) -> dict[str, 
     kept = selection.top_count(cfg.r_cw, units)
     linear_params = sum(int(np.prod(specs[n])) for n in names)
     all_params = sum(int(np.prod(s)) for s in specs.values())
-    itemsize = np.dtype(base.dtype).itemsize
-    # Distinct layer inputs (q/k/v and gate/up share one H).
-    h_bytes = 4 * mc.num_layers * (2 * mc.hidden_size**2 + (mc.num_heads * mc.head_dim) ** 2 + mc.intermediate_size**2)
-    t = max(hon.input_ids.shape[1], task.input_ids.shape[1])
-    act_per_layer = 4 * cfg.batch_size * t * (6 * mc.hidden_size + 4 * mc.intermediate_size
-                                              + 3 * mc.num_heads * mc.head_dim)
-    act_bytes = act_per_layer * mc.num_layers + 4 * cfg.batch_size * t * mc.vocab_size * 2
-    est = {"params_two_models": 2 * all_params * itemsize, "hessians": h_bytes,
-           "activations_fisher": act_bytes, "fisher_scores": 4 * 2 * sum(m["neurons"] * m["layers"]
-                                                                         for m in by_module.values())}
-    est["total"] = sum(est.values())
+    req = planlib.PlanRequest(
+        hf_config=base.hf_config, devices=jax.device_count(), mesh=mesh, batch_size=cfg.batch_size,
+        seq_len=max(hon.input_ids.shape[1], task.input_ids.shape[1]),
+        max_targets=max(target_capacity(hon.loss_mask), target_capacity(task.loss_mask)),
+        dtype=str(np.dtype(base.dtype)), repair=cfg.to_dict(), num_honesty=len(hon), num_task=len(task))
+    compiled = planlib.compute_plan(req, cfg=mc)
+    mib = {name: {k.removesuffix("_bytes"): round(s[k] / 2**20, 1)
+                  for k in ("argument_bytes", "temp_bytes", "output_bytes", "peak_bytes")}
+           for name, s in compiled["steps"].items()}
+    resident = compiled["resident"]["first_device_extra_bytes"]
+    memory = {**mib, "resident_models": round(resident / 2**20, 1),
+              "total": round((max(s["peak_bytes"] for s in compiled["steps"].values()) + resident) / 2**20, 1)}
     return {
         "layers": len(names), "units": units, "unit": cfg.layer_unit, "units_kept": kept,
         "modules": by_module, "linear_params": linear_params, "all_params": all_params,
         "expected_restored_fraction_of_linear": cfg.r_iw * cfg.r_cw,
-        "memory_estimate_mib": {k: round(v / 2**20, 1) for k, v in est.items()},
+        "memory_mib": memory,
+        "compiled": {"devices": compiled["devices"], "platform": compiled["platform"], "mesh": compiled["mesh"],
+                     "steps": {n: {k: v for k, v in s.items() if k != "dot_flops_by_dtype"}
+                               for n, s in compiled["steps"].items()},
+                     "warnings": compiled["warnings"],
+                     "method": "XLA compiled memory_analysis()/cost_analysis() per device (hcnr_jax.plan); "
+                               "total = the largest step peak + the models resident on the first device"},
     }
 
 
@@ -209,7 +219,7 @@ def repair(
     stats_options: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> RepairResult:
-    """Repair ``finetuned`` towards ``base`` with HCNR (METHOD.md) and return the model + report.
+    """Repair ``finetuned`` towards ``base`` with HCNR (docs/method.md) and return the model + report.
 
     ``base``/``finetuned``: `Pretrained` or a source as in ``hcnr convert``. ``honesty_data`` /
     ``task_data``: `Samples`, a JSONL path, or None for the bundled calibration files.
@@ -357,11 +367,5 @@ def write_repair(result: RepairResult, out_dir: str | Path, *, plots: bool = Tru
     return Path(out_dir)
 
 
-def restored_mask_of(params_before: Any, params_after: Any) -> dict[str, np.ndarray]:
-    """Name -> bool of elements that differ (a debugging helper for tests and notebooks)."""
-    a, b = flatten(params_before), flatten(params_after)
-    return {n: np.asarray(a[n]) != np.asarray(b[n]) for n in a}
-
-
-__all__ = ["STAGES", "VOLATILE_KEYS", "RepairResult", "check_compatible", "plan",
+__all__ = ["VOLATILE_KEYS", "RepairResult", "check_compatible", "plan",
            "prepare", "repair", "write_repair"]

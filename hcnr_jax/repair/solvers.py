@@ -1,6 +1,6 @@
 """Restoration + compensation of one layer, and the registry of solvers.
 
-The problem (METHOD.md, Stage 2). For one linear layer ``W [out, in]`` (HF layout), neurons are
+The problem (docs/method.md, Stage 2). For one linear layer ``W [out, in]`` (HF layout), neurons are
 input columns. ``restored`` marks the honesty-critical columns ``hc``; the others (``task``)
 stay pinned at ``W_sft``. With ``H = X^T X [in, in]`` the layer inputs' second moment on the
 calibration data, the layer objective is the squared output error against the original layer
@@ -81,10 +81,17 @@ def register_solver(name: str) -> Callable[[Solver], Solver]:
 
 # --- shared pieces ------------------------------------------------------------------------------
 
+@jax.jit
+def objective(w: jax.Array, w_orig: jax.Array, h: jax.Array) -> jax.Array:
+    """The traced layer objective (float32 scalar); `layer_objective` is its host-side wrapper."""
+    d = w.astype(jnp.float32) - w_orig.astype(jnp.float32)
+    return jnp.sum(jnp.matmul(d, h.astype(jnp.float32), precision=HIGHEST) * d)
+
+
 def layer_objective(w: Any, w_orig: Any, h: Any) -> float:
     """tr((W - W_orig) H (W - W_orig)^T) in float32 (W, W_orig [out, in]; H [in, in])."""
-    d = jnp.asarray(w, jnp.float32) - jnp.asarray(w_orig, jnp.float32)
-    return float(jnp.sum(jnp.matmul(d, jnp.asarray(h, jnp.float32), precision=HIGHEST) * d))
+    return float(objective(jnp.asarray(w, jnp.float32), jnp.asarray(w_orig, jnp.float32),
+                           jnp.asarray(h, jnp.float32)))
 
 
 def restore_only(w_orig: np.ndarray, w_sft: np.ndarray, restored: np.ndarray) -> np.ndarray:

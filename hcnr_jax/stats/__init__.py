@@ -10,7 +10,9 @@ checkpoints and a result cache (``cache_dir``). Common keyword options:
 
 - ``mesh``: Mesh, ``"data=2,model=4"`` or None (all devices on ``data``); ``fsdp``: also split
   weights over ``data``.
-- ``backend``: "auto" (Pallas kernels on GPU, jax.numpy elsewhere), "pallas" or "reference".
+- ``backend``: "auto" (a Pallas kernel only on a platform where it has been checked against its
+  reference, ``hcnr_jax.kernels.fisher_norms.VERIFIED``; jax.numpy elsewhere), "pallas" or
+  "reference".
 - ``cache_dir``: reuse results for identical weights, data and settings; checkpoints go there too
   (every ``checkpoint_every`` batches, default 16) so that a killed run resumes.
 - ``progress``: show a progress bar (samples/s); ``on_batch``: callback after each batch.

@@ -62,12 +62,15 @@ def _padded_batches(samples: Samples, batch_size: int) -> tuple[dict[str, np.nda
     return arrays, num
 
 
-def _step(update: Callable, cfg: ModelConfig, opts: tuple, mesh: jax.sharding.Mesh, fsdp: bool,
-          state: Any, params: Any) -> tuple[Callable, Any, Any, Any]:
-    """The jitted step and its shardings, compiled once per (update, cfg, options, mesh, shapes)."""
+def step_and_shardings(update: Callable, cfg: ModelConfig, opts: tuple, mesh: jax.sharding.Mesh, fsdp: bool,
+                       state: Any, params: Any) -> tuple[Callable, Any, Any, Any]:
+    """The jitted step ``(state, params, batch) -> state`` with explicit in/out shardings (weights
+    by role, statistics like their weight's neuron axis, the batch over ``data``; the state is
+    donated), compiled once per (update, cfg, options, mesh, shapes). ``state`` and ``params`` may
+    be abstract (``jax.ShapeDtypeStruct``): ``hcnr_jax.plan`` lowers the very same step."""
     shapes = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves((state, params)))
     key = (update, cfg, opts, mesh, fsdp, jax.tree.structure((state, params)), shapes)
-    state_sh = jax.tree.map(lambda a: jax.sharding.NamedSharding(mesh, sharding.spec_for(a.shape, mesh)), state)
+    state_sh = sharding.stat_shardings(state, mesh, neuron_axis=dict(opts).get("neuron_axis", "input"), fsdp=fsdp)
     param_sh = sharding.param_shardings(params, mesh, fsdp)
     batch_sh = sharding.batch_sharding(mesh)
     if key not in _STEPS:
@@ -120,7 +123,7 @@ def accumulate(
     arrays, num_batches = _padded_batches(samples, batch_size)
 
     state0 = jax.eval_shape(init, params)
-    step, state_sh, param_sh, batch_sh = _step(update, cfg, opts_t, mesh, fsdp, state0, params)
+    step, state_sh, param_sh, batch_sh = step_and_shardings(update, cfg, opts_t, mesh, fsdp, state0, params)
     dev_params = sharding.put_tree(params, param_sh)
     state = jax.tree.map(lambda s, sh: sharding.put(np.zeros(s.shape, s.dtype), sh), state0, state_sh)
 

@@ -1,4 +1,4 @@
-"""Per-neuron Fisher information (METHOD.md, Stage 1): ``s_jk = E_n ||dL_n / dW_j[:, k]||^2``.
+"""Per-neuron Fisher information (docs/method.md, Stage 1): ``s_jk = E_n ||dL_n / dW_j[:, k]||^2``.
 
 ``L_n`` is sample n's mean cross-entropy over its loss-masked tokens. One backward pass of
 ``sum_n L_n`` gives, at every linear layer, each token's output gradient ``g[n, t]`` belonging to
@@ -12,6 +12,9 @@ The LM head (``V`` logits per position, forward and backward) is applied only wh
 targets: each row's target-predicting hidden states are gathered into ``max_targets`` slots (a
 capacity fixed for the whole run, so one compilation), which in SFT data, where only the
 response tokens are targets, skips most of that work. Empty slots contribute exactly 0.
+
+Every matmul runs at ``precision=HIGHEST`` (the model's einsums through ``forward(precision=)``,
+the LM head, the ghost norms): exact float32 on every backend, never TF32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.kernels.fisher_norms import AXES, neuron_sq_norms
+from hcnr_jax.kernels.fisher_norms import AXES, HIGHEST, neuron_sq_norms
 from hcnr_jax.model import forward, lm_head
 from hcnr_jax.params import Params, get, linear_names
 
@@ -56,15 +59,16 @@ def target_capacity(loss_mask: np.ndarray, multiple: int = 16) -> int:
 
 
 def gathered_loss(params: Params, cfg: ModelConfig, hidden: jax.Array, input_ids: jax.Array,
-                  loss_mask: jax.Array, capacity: int) -> jax.Array:
+                  loss_mask: jax.Array, capacity: int, precision: jax.lax.Precision | None = None) -> jax.Array:
     """``per_sample_loss(lm_head(params, cfg, hidden), input_ids, loss_mask)`` with the LM head
     applied only at the target-predicting positions: hidden [B, T, D] (final-norm) -> [B].
 
     Each row's positions t - 1 with ``loss_mask[:, t]`` are gathered, in order, into ``capacity``
     slots (static; at least the row's number of targets, e.g. ``target_capacity`` of the data set,
-    else the excess targets are dropped); unused slots are masked out and contribute exactly 0."""
+    else the excess targets are dropped); unused slots are masked out and contribute exactly 0.
+    ``precision``: of the LM head's matmul (None: XLA's default)."""
     h, labels, valid = gather_targets(hidden, input_ids, loss_mask, capacity)
-    return _mean_nll(lm_head(params, cfg, h), labels, valid)
+    return _mean_nll(lm_head(params, cfg, h, precision), labels, valid)
 
 
 def gather_targets(hidden: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
@@ -103,8 +107,9 @@ def output_gradients(params: Params, cfg: ModelConfig, batch: Batch,
     capacity = ids.shape[1] - 1 if max_targets is None else max_targets
 
     def loss(probes):
-        out = forward(params, cfg, ids, attn, probes=probes, capture=True, return_logits=False)
-        return jnp.sum(gathered_loss(params, cfg, out.hidden, ids, batch["loss_mask"], capacity)), out.inputs
+        out = forward(params, cfg, ids, attn, probes=probes, capture=True, return_logits=False, precision=HIGHEST)
+        loss = gathered_loss(params, cfg, out.hidden, ids, batch["loss_mask"], capacity, precision=HIGHEST)
+        return jnp.sum(loss), out.inputs
 
     grads, inputs = jax.grad(loss, has_aux=True)(probes)
     return grads, inputs

@@ -1,5 +1,6 @@
-"""Layer-input second moments (METHOD.md, Stage 2): ``H_j = sum X^T X`` over every non-padding
-token, float32. Layers reading the same input (q/k/v, gate/up) share one accumulator."""
+"""Layer-input second moments (docs/method.md, Stage 2): ``H_j = sum X^T X`` over every non-padding
+token, float32. Layers reading the same input (q/k/v, gate/up) share one accumulator. The forward
+pass and the Gram run at ``precision=HIGHEST`` (exact float32 on every backend, never TF32)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from hcnr_jax.config import ModelConfig
+from hcnr_jax.kernels.fisher_norms import HIGHEST
 from hcnr_jax.kernels.gram import gram
 from hcnr_jax.model import forward
 from hcnr_jax.params import SHARED_INPUT, Params, get, linear_names
@@ -37,7 +39,8 @@ def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: Mo
            backend: str = "auto") -> dict[str, jax.Array]:
     """Add ``X^T X`` of the batch's non-padding tokens to each accumulator. Pure; jit with ``cfg``
     and ``backend`` static."""
-    out = forward(params, cfg, batch["input_ids"], batch["attention_mask"], capture=True, return_logits=False)
+    out = forward(params, cfg, batch["input_ids"], batch["attention_mask"], capture=True, return_logits=False,
+                  precision=HIGHEST)
     mask = batch["attention_mask"].reshape(-1)
     new = {}
     for name, acc in state.items():

@@ -15,7 +15,8 @@ from hcnr_jax.stats.fisher_accum import per_sample_loss
 
 def sample_loss(params: Params, cfg: ModelConfig, ids: jax.Array, attn: jax.Array, lm: jax.Array) -> jax.Array:
     """Scalar loss of one sample (``ids [T]``)."""
-    return per_sample_loss(forward(params, cfg, ids[None], attn[None]).logits, ids[None], lm[None])[0]
+    logits = forward(params, cfg, ids[None], attn[None], precision=jax.lax.Precision.HIGHEST).logits
+    return per_sample_loss(logits, ids[None], lm[None])[0]
 
 
 def fisher_vmap(params: Params, cfg: ModelConfig, samples: Samples, neuron_axis: str = "input",

@@ -1,0 +1,120 @@
+"""`hcnr plan`: per-device memory, FLOPs and time of a repair from a config.json alone (no weights),
+by compiling its steps ahead of time on simulated devices (``hcnr_jax.plan``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hcnr_jax.errors import HcnrError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from hcnr_jax.plan import DEFAULT_ACCELERATOR, DEFAULT_MFU, PEAKS
+
+    p = sub.add_parser(
+        "plan", help="memory, FLOPs and time of a repair from config.json, by compiling (no weights)",
+        description="Compile the Fisher update, the Hessian update (all kept layers) and one layer's solve "
+                    "for a model given by its HF config.json, on a mesh of simulated devices, and print "
+                    "XLA's per-device memory and FLOPs and the expected time. Nothing runs, no weights are read.")
+    p.add_argument("--config", required=True, help="HF config.json (or a model directory, or a .gguf file)")
+    p.add_argument("--mesh", default=None, help="mesh axes, e.g. data=2,model=4 [every device on data]")
+    p.add_argument("--devices", type=int, default=None,
+                   help="number of devices [the mesh's size, else 1]; simulated when this process has fewer")
+    p.add_argument("--fsdp", action="store_true", help="also split weights over the data axis")
+    p.add_argument("--batch-size", type=int, default=8, help="statistics batch size [8]")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample [512]")
+    p.add_argument("--max-targets", type=int, default=None,
+                   help="LM head slots per row in the Fisher (targets per sample) [seq-len - 1]")
+    p.add_argument("--num-honesty", type=int, default=128, help="honesty samples [128]")
+    p.add_argument("--num-task", type=int, default=128, help="task samples [128]")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                   help="storage dtype of the weights [bfloat16]; statistics are float32")
+    p.add_argument("--repair-config", default=None, help="YAML of repair settings (r_cw, solver, ...)")
+    p.add_argument("--layers", choices=("full", "extrapolate"), default="full",
+                   help="compile the whole model, or 1 and 2 blocks extrapolated to its depth (faster) [full]")
+    p.add_argument("--accelerator", choices=sorted(PEAKS), default=DEFAULT_ACCELERATOR,
+                   help=f"peak FLOP/s for the time estimate [{DEFAULT_ACCELERATOR}]")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed utilisation of that peak [{DEFAULT_MFU}]")
+    p.add_argument("--device-memory", default=None,
+                   help="memory per device, e.g. 80GB or 141GiB: report which step does not fit, by how much")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--out", default=None, help="also write the JSON plan to this file")
+    p.set_defaults(func=run)
+
+
+def devices_of(mesh: str | None, devices: int | None) -> int:
+    """``--devices``, else the product of the mesh's explicit sizes, else 1."""
+    from hcnr_jax.sharding import parse_mesh
+
+    if devices is not None:
+        if devices < 1:
+            raise HcnrError(f"--devices {devices}: must be >= 1")
+        return devices
+    sizes = parse_mesh(mesh).values() if mesh is not None else [1]
+    if any(s < 1 for s in sizes):
+        raise HcnrError(f"--mesh {mesh}: give --devices with a -1 axis")
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    from hcnr_jax import plan as planlib
+    from hcnr_jax.config import config_from_hf
+    from hcnr_jax.repair.config import load_config
+    from hcnr_jax.sharding import mesh_shape
+
+    hf = planlib.load_hf_config(args.config)
+    config_from_hf(hf, source=str(args.config))  # reject unsupported configs before compiling
+    devices = devices_of(args.mesh, args.devices)
+    mesh_shape(args.mesh, devices)  # the mesh must fit the devices
+    for name in ("batch_size", "seq_len", "num_honesty", "num_task"):
+        if getattr(args, name) < 1 or (name == "seq_len" and args.seq_len < 2):
+            raise HcnrError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
+    if not 0 < args.mfu <= 1:
+        raise HcnrError(f"--mfu {args.mfu}: must be in (0, 1]")
+    device_bytes = planlib.parse_bytes(args.device_memory)
+    rcfg = load_config(args.repair_config)
+    req = planlib.PlanRequest(
+        hf_config=hf, devices=devices, mesh=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
+        seq_len=args.seq_len, max_targets=args.max_targets, dtype=args.dtype, repair=rcfg.to_dict(),
+        num_honesty=args.num_honesty, num_task=args.num_task, layers=args.layers)
+    result = planlib.plan(req)
+    times = planlib.estimate_time(result["steps"], args.accelerator, args.mfu)
+    doc = planlib.summary_json(result)
+    doc["expected_time_s"] = {"accelerator": args.accelerator, "mfu": args.mfu,
+                              "source": planlib.PEAKS[args.accelerator]["source"],
+                              **{k: float(f"{v:.4g}") for k, v in times.items()}, "total": float(f"{sum(times.values()):.4g}")}
+    if device_bytes is not None:
+        doc["fit"] = {"device_bytes": device_bytes, "over": planlib.check_fit(result, device_bytes)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(planlib.format_plan(result, args.accelerator, args.mfu, device_bytes))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hcnr_jax.commands.plan ...`` = ``hcnr plan ...`` (same arguments and exit codes)."""
+    import logging
+    import sys
+
+    parser = argparse.ArgumentParser(prog="hcnr")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except HcnrError as e:
+        print(f"hcnr plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

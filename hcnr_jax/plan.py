@@ -1,0 +1,581 @@
+"""Planning by compilation: per-device memory, FLOPs and time of a repair, from a config.json alone.
+
+No weights are read and nothing runs. The parameters are ``jax.ShapeDtypeStruct`` leaves (storage
+dtype, bfloat16 for big models) carrying the shardings the statistics engine would give them on
+the mesh, and the three device steps of ``hcnr repair`` are compiled ahead of time
+(``jax.jit(...).lower(...).compile()``) on abstract inputs:
+
+- ``fisher``: the statistics engine's jitted Fisher update (``stats.fisher_update``, the very step
+  ``stats.fisher`` runs) for one batch ``[B, T]``, LM head at ``max_targets`` slots per row;
+- ``hessian``: the Hessian update accumulating *all kept layers at once*, as the pipeline does;
+  which layers are kept is only known after the Fisher, so the plan keeps the ``r_cw`` share of
+  units with the largest Hessians (an upper bound: every down_proj first);
+- ``solve``: one layer's compensation (the configured solver's device work: Cholesky, solve,
+  objectives) for the largest kept layer, on one device, as the pipeline runs it.
+
+XLA's ``compiled.memory_analysis()`` gives per-device argument, temp (activations, workspace) and
+output bytes; ``compiled.cost_analysis()["flops"]`` per-device FLOPs. The expected time divides the
+FLOPs of all runs of a step by an accelerator's peak at a stated utilisation (``PEAKS``), dot by
+dot at the peak of its operand dtype (bfloat16 tensor cores for bf16 weights, plain FP32 for the
+float32 statistics at ``precision=HIGHEST``, which never use TF32); communication is not modelled.
+
+Simulated devices: XLA fixes the number of host (CPU) devices when its backend starts, from
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``, once per process. A process with fewer
+devices than the plan asks for therefore runs the plan in a fresh ``python -m hcnr_jax.plan``
+subprocess with that flag (and ``JAX_PLATFORMS=cpu``), request and result as JSON on stdin/stdout.
+Compiled for CPU devices the numbers are the CPU compiler's (measured within 3% on SmolLM2 in
+float32, ``experiments/results/plan_smollm2.md``); fusion and scheduling differ on a GPU. The CPU
+compiler has no bfloat16 dots: it converts bf16 weights to float32 copies, which a GPU does not
+make; their bytes are reported (``cpu_upcast_bytes``) and subtracted in ``accelerator_peak_bytes``,
+a low estimate for an accelerator (in the Fisher step the copies live through the backward pass,
+so the estimate is close; in the forward-only Hessian step they are transient and it understates):
+an accelerator's peak lies between the two.
+
+``layers="extrapolate"``: compile the Fisher step (forward + backward, the slow compile) for a
+model cut to 1 and 2 transformer blocks and extrapolate every number linearly to the full depth
+(``v(L) = v(1) + (L - 1) (v(2) - v(1))``); the output says so. The Hessian step (forward only) is
+always compiled whole, since its kept set does not scale with depth. On Llama-3.1-70B over 8
+simulated devices the extrapolated Fisher is within 0.01% of the full compile (68 s here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from hcnr_jax.errors import HcnrError
+
+log = logging.getLogger(__name__)
+
+# Dense peak TFLOP/s by dtype and memory (GB) of accelerators, from the vendors' datasheets.
+# "fp32" is the non-tensor-core rate that precision=HIGHEST float32 matmuls run at.
+PEAKS: dict[str, dict[str, Any]] = {
+    "H100-SXM": {"bf16": 989.4, "fp32": 66.9, "memory_gb": 80,
+                 "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity "
+                           "= 989 dense; FP32 67 TFLOPS; 80 GB HBM3"},
+    "H200-SXM": {"bf16": 989.4, "fp32": 66.9, "memory_gb": 141,
+                 "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS with sparsity; "
+                           "FP32 67 TFLOPS; 141 GB HBM3e"},
+    "A100-SXM-80GB": {"bf16": 312.0, "fp32": 19.5, "memory_gb": 80,
+                      "source": "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS (dense); FP32 19.5 "
+                                "TFLOPS; 80 GB HBM2e"},
+}
+DEFAULT_ACCELERATOR = "H100-SXM"
+DEFAULT_MFU = 0.4
+STEPS = ("fisher", "hessian", "solve")
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "f32": "float32",
+          "float16": "float16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything a plan depends on (JSON-serialisable: it crosses into the subprocess)."""
+
+    hf_config: Mapping[str, Any]
+    devices: int = 1
+    mesh: str | None = None
+    fsdp: bool = False
+    batch_size: int = 8
+    seq_len: int = 512
+    max_targets: int | None = None  # LM head slots per row (None: seq_len - 1, every position)
+    dtype: str = "bfloat16"
+    repair: Mapping[str, Any] = field(default_factory=dict)  # RepairConfig fields
+    num_honesty: int = 128
+    num_task: int = 128
+    layers: str = "full"  # "full" or "extrapolate" (compile 1 and 2 blocks, scale to the depth)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """``"80GB"``, ``"80GiB"``, ``"512MiB"``, ``1e9`` -> bytes (GB = 1e9, GiB = 2^30)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise HcnrError(f"memory size {text!r}: expected e.g. 80GB or 141GiB")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * ((1024 if m.group(3) else 1000) ** power))
+
+
+def load_hf_config(path: str | Path) -> dict[str, Any]:
+    """A HF ``config.json`` (a file, a model directory holding one, or a ``.gguf`` file's metadata)
+    as a dict."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        from hcnr_jax.conversion.gguf import _read_reader, hf_config_from_gguf
+
+        return hf_config_from_gguf(_read_reader(p), p)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        hf = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise HcnrError(f"{p}: config file not found") from e
+    except json.JSONDecodeError as e:
+        raise HcnrError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise HcnrError(f"{p}: expected a JSON object")
+    return hf
+
+
+# --- dot FLOPs by operand dtype, from the lowered StableHLO ------------------------------------
+
+_DOT = re.compile(r"stablehlo\.dot_general.*?contracting_dims = \[([0-9, ]*)\] x .*?: \(tensor<([^>]*)>, "
+                  r"tensor<[^>]*>\) -> tensor<([^>]*)>")
+
+
+def dot_flops_by_dtype(stablehlo: str) -> dict[str, float]:
+    """``{lhs dtype: 2 * prod(output) * prod(contracted)}`` over every ``dot_general`` of a lowered
+    module (global shapes, each dot once: only the ratio between dtypes is used)."""
+    out: dict[str, float] = {}
+    for m in _DOT.finditer(stablehlo):
+        contract = [int(c) for c in m.group(1).split(",") if c.strip()]
+        *lhs, dtype = m.group(2).split("x")
+        *res, _ = m.group(3).split("x")
+        k = math.prod(int(lhs[c]) for c in contract)
+        out[dtype] = out.get(dtype, 0.0) + 2.0 * math.prod(int(d) for d in res) * k
+    return out
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    arg, temp, out = int(m.argument_size_in_bytes), int(m.temp_size_in_bytes), int(m.output_size_in_bytes)
+    alias = int(m.alias_size_in_bytes)
+    return {"argument_bytes": arg, "temp_bytes": temp, "output_bytes": out, "alias_bytes": alias,
+            "peak_bytes": arg + temp + out - alias}
+
+
+def _flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+_ENTRY_PARAM = re.compile(r"([\w.]+): (?:bf16|f16)\[")
+_UPCAST = re.compile(r"= f32\[([0-9,]*)\][^\n]*? fusion\(%([\w.]+)\)[^\n]*wrapped_convert")
+
+
+def cpu_upcast_bytes(hlo: str) -> int:
+    """Bytes of the float32 copies a compiled CPU module makes of its bfloat16/float16 arguments
+    (the CPU compiler has no bf16 dots and converts their operands; a GPU multiplies bf16 as it
+    is). These copies stay live from the forward to the backward pass, so they inflate a CPU
+    plan's temp by up to twice the weights' bytes."""
+    if "ENTRY" not in hlo:
+        return 0
+    entry = hlo[hlo.index("ENTRY"):]
+    header = entry[: entry.index("{")]
+    low = set(_ENTRY_PARAM.findall(header))
+    return sum(4 * math.prod(int(d) for d in m.group(1).split(",") if d) for m in _UPCAST.finditer(entry)
+               if m.group(2) in low)
+
+
+def _compile(fn: Any, *args: Any) -> dict[str, Any]:
+    import jax
+
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    compiled = lowered.compile()
+    info = {**_memory(compiled), "flops": _flops(compiled),
+            "dot_flops_by_dtype": dot_flops_by_dtype(lowered.as_text()),
+            "compile_s": round(time.perf_counter() - t0, 2)}
+    upcast = cpu_upcast_bytes(compiled.as_text()) if jax.default_backend() == "cpu" else 0
+    if upcast:
+        info["cpu_upcast_bytes"] = upcast
+    return info
+
+
+# --- the three steps ---------------------------------------------------------------------------
+
+def _abstract_params(cfg: Any, dtype: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    from hcnr_jax.params import param_specs, unflatten
+
+    dt = jnp.dtype(DTYPES[dtype])
+    flat = {k: jax.ShapeDtypeStruct(s, dt) for k, s in param_specs(cfg).items()}
+    return unflatten(flat, cfg.num_layers)
+
+
+def _abstract_batch(batch: int, seq: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    return {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+            "attention_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_),
+            "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_)}
+
+
+def kept_owners(cfg: Any, rcfg: Any) -> list[str]:
+    """The Hessian accumulators of the kept layers in the worst case: the ``r_cw`` share of units
+    whose Hessians are largest (modules: by input width; blocks: any ``k`` blocks)."""
+    from hcnr_jax.params import linear_names, param_specs
+    from hcnr_jax.repair.selection import top_count
+    from hcnr_jax.stats.hessian_accum import owner
+
+    names = linear_names(cfg)
+    specs = param_specs(cfg)
+    if rcfg.layer_unit == "block":
+        blocks = top_count(rcfg.r_cw, cfg.num_layers)
+        kept = [n for n in names if int(n.split(".")[2]) < blocks]
+    else:
+        kept = sorted(names, key=lambda n: -specs[n][1])[: top_count(rcfg.r_cw, len(names))]
+    return sorted({owner(n) for n in kept})
+
+
+def _stat_step(update: Any, init: Any, cfg: Any, opts: dict[str, Any], mesh: Any, fsdp: bool, dtype: str,
+               batch: int, seq: int) -> dict[str, Any]:
+    import jax
+
+    from hcnr_jax import sharding
+    from hcnr_jax.stats import engine
+
+    params = _abstract_params(cfg, dtype)
+    state0 = jax.eval_shape(init, params)
+    step, state_sh, param_sh, batch_sh = engine.step_and_shardings(
+        update, cfg, tuple(sorted(opts.items())), mesh, fsdp, state0, params)
+    args = (sharding.abstract(state0, state_sh), sharding.abstract(params, param_sh),
+            sharding.abstract(_abstract_batch(batch, seq), {k: batch_sh for k in ("input_ids", "attention_mask",
+                                                                                   "loss_mask")}))
+    return _compile(step, *args)
+
+
+def fisher_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: int, seq: int,
+                max_targets: int | None) -> dict[str, Any]:
+    from hcnr_jax import stats
+    from hcnr_jax.stats import fisher_accum
+
+    cap = seq - 1 if max_targets is None else min(max_targets, seq - 1)
+    opts = {"neuron_axis": rcfg.neuron_axis, "backend": "auto", "max_targets": cap}
+    init = partial(fisher_accum.init, cfg=cfg, neuron_axis=rcfg.neuron_axis)
+    info = _stat_step(stats.fisher_update, init, cfg, opts, mesh, fsdp, dtype, batch, seq)
+    return {**info, "what": f"one Fisher update, batch [{batch}, {seq}], LM head at {cap} target slots per row"}
+
+
+def hessian_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: int, seq: int) -> dict[str, Any]:
+    from hcnr_jax import stats
+    from hcnr_jax.stats import hessian_accum
+
+    owners = tuple(kept_owners(cfg, rcfg))
+    init = partial(hessian_accum.init, cfg=cfg, owners=owners)
+    info = _stat_step(stats.hessian_update, init, cfg, {"backend": "auto"}, mesh, fsdp, dtype, batch, seq)
+    return {**info, "what": f"one Hessian update of all kept layers ({len(owners)} accumulators, worst case: "
+                            f"largest Hessians kept), batch [{batch}, {seq}]"}
+
+
+def solve_program(solver: str, out_dim: int, in_dim: int, n_hc: int) -> Any:
+    """The device work of one layer's solve (``repair.solvers``), as one traced function of
+    ``(w_orig, w_sft, h, hc, task, shift)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from hcnr_jax.repair import solvers
+
+    def program(w_orig, w_sft, h, hc, task, shift):
+        w_hc = w_orig[:, hc]
+        if solver == "none":
+            e = jnp.zeros_like(w_hc)
+        else:
+            dw_task = w_sft[:, task] - w_orig[:, task]
+            if solver == "paper":
+                chol, _ = solvers._cholesky(h, shift)
+                e = solvers._paper_update(chol, dw_task, task, hc)
+            elif solver == "cg":
+                h_hh = h[hc][:, hc] + shift * jnp.eye(n_hc, dtype=h.dtype)
+                rhs = -jnp.matmul(dw_task, h[task][:, hc], precision=solvers.HIGHEST)
+                e, _ = solvers._cg_rows_jit(h_hh, rhs, 100, 1e-5)
+            else:  # exact (and plug-ins: planned as exact)
+                chol, _ = solvers._cholesky(h[hc][:, hc], shift)
+                e = solvers._exact_update(chol, dw_task, h[task][:, hc])
+        w_new = w_sft.at[:, hc].set(w_hc + e)
+        before = solvers.objective(w_sft.at[:, hc].set(w_hc), w_orig, h)
+        return w_new, before, solvers.objective(w_new, w_orig, h)
+
+    return jax.jit(program)
+
+
+def solve_step(cfg: Any, rcfg: Any) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from hcnr_jax.params import linear_names, param_specs
+    from hcnr_jax.repair.selection import top_count
+
+    specs = param_specs(cfg)
+    out_dim, in_dim = max((specs[n] for n in linear_names(cfg)), key=lambda s: (s[1], s[0]))
+    n_hc = top_count(rcfg.r_iw, in_dim)
+    # Output neurons (rows) decouple: the pipeline restores them and evaluates the objectives only.
+    solver = rcfg.solver if rcfg.neuron_axis == "input" else "none"
+    f32 = jnp.float32
+    args = (jax.ShapeDtypeStruct((out_dim, in_dim), f32), jax.ShapeDtypeStruct((out_dim, in_dim), f32),
+            jax.ShapeDtypeStruct((in_dim, in_dim), f32), jax.ShapeDtypeStruct((n_hc,), jnp.int32),
+            jax.ShapeDtypeStruct((in_dim - n_hc,), jnp.int32), jax.ShapeDtypeStruct((), f32))
+    info = _compile(solve_program(solver, out_dim, in_dim, n_hc), *args)
+    # Cholesky and triangular solves are library calls (LAPACK / cuSOLVER) that the cost analysis
+    # does not count: n^3 / 3 for the factor, 2 n^2 per right-hand side for the two solves.
+    n, rhs = {"none": (0, 0), "cg": (0, 0), "paper": (in_dim, in_dim)}.get(solver, (n_hc, out_dim))
+    extra = n**3 / 3 + 2 * n**2 * rhs
+    info["flops"] += extra
+    info["dot_flops_by_dtype"]["f32"] = info["dot_flops_by_dtype"].get("f32", 0.0) + extra
+    return {**info, "what": f"one layer's {solver} solve for the largest layer [{out_dim}, {in_dim}], "
+                            f"{n_hc} restored neurons, on one device (float32)"}
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+def _cut(cfg: Any, layers: int) -> Any:
+    return cfg.replace(num_layers=layers, sliding_windows=cfg.sliding_windows[:layers])
+
+
+def _extrapolate(one: dict[str, Any], two: dict[str, Any], depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in one.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "compile_s":
+            x = v + (depth - 1) * (two[k] - v)
+            out[k] = round(x) if isinstance(v, int) else float(x)
+        elif isinstance(v, dict):
+            out[k] = {d: v.get(d, 0.0) + (depth - 1) * (two[k].get(d, 0.0) - v.get(d, 0.0))
+                      for d in set(v) | set(two[k])}
+        elif k == "compile_s":
+            out[k] = round(v + two[k], 2)
+        else:
+            out[k] = two[k]
+    out["what"] = two["what"] + f"; extrapolated linearly to {depth} layers from compiles of 1 and 2 layers"
+    return out
+
+
+def _runs(cfg: Any, rcfg: Any, req: PlanRequest, batch: int) -> dict[str, int]:
+    """How often each step runs in a repair: batches of both Fisher passes and of the Hessian's
+    calibration data, and one solve per kept layer."""
+    from hcnr_jax.params import linear_names
+    from hcnr_jax.repair.selection import top_count
+
+    calib = {"hon": req.num_honesty, "task": req.num_task, "both": req.num_honesty + req.num_task}[rcfg.calib_data]
+    units = len(linear_names(cfg)) if rcfg.layer_unit == "module" else cfg.num_layers
+    kept = top_count(rcfg.r_cw, units) * (1 if rcfg.layer_unit == "module" else 7)
+    return {"fisher": -(-req.num_honesty // batch) + -(-req.num_task // batch), "hessian": -(-calib // batch),
+            "solve": kept}
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def compute_plan(req: PlanRequest, cfg: Any = None) -> dict[str, Any]:
+    """Compile the three steps in this process (it must have ``req.devices`` devices) and return
+    the plan dict (see ``format_plan`` / the module doc). ``cfg``: the ModelConfig, if already
+    resolved (default: from ``req.hf_config``). Sharding warnings (tensors that cannot be split
+    on this mesh) are returned under ``warnings``."""
+    from hcnr_jax import sharding
+
+    handler = _Collect()
+    logging.getLogger(sharding.__name__).addHandler(handler)
+    sharding._WARNED.clear()  # every plan reports its own mesh's warnings
+    try:
+        result = _compute(req, cfg)
+    finally:
+        logging.getLogger(sharding.__name__).removeHandler(handler)
+    result["warnings"] = sorted(set(handler.messages))
+    return result
+
+
+def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
+    import jax
+
+    from hcnr_jax import sharding
+    from hcnr_jax.config import config_from_hf
+    from hcnr_jax.repair.config import RepairConfig
+
+    cfg = cfg or config_from_hf(req.hf_config, source="config.json")
+    rcfg = RepairConfig.from_dict(dict(req.repair)) if req.repair else RepairConfig().validate()
+    if len(jax.devices()) < req.devices:
+        raise HcnrError(f"plan: {req.devices} devices asked, this process has {len(jax.devices())}")
+    mesh = sharding.make_mesh(req.mesh, jax.devices()[: req.devices])
+    data = mesh.shape[sharding.DATA]
+    batch = -(-req.batch_size // data) * data  # the engine rounds the batch up the same way
+    steps: dict[str, dict[str, Any]] = {}
+    for name in ("fisher", "hessian"):
+        def one(c, name=name):
+            if name == "fisher":
+                return fisher_step(c, rcfg, mesh, req.fsdp, req.dtype, batch, req.seq_len, req.max_targets)
+            return hessian_step(c, rcfg, mesh, req.fsdp, req.dtype, batch, req.seq_len)
+
+        # The Hessian's kept set does not scale with depth (accumulators are shared and ranked by
+        # size), and its forward-only step compiles quickly: it is always compiled whole.
+        if req.layers == "extrapolate" and name == "fisher" and cfg.num_layers > 2:
+            steps[name] = _extrapolate(one(_cut(cfg, 1)), one(_cut(cfg, 2)), cfg.num_layers)
+        else:
+            steps[name] = one(cfg)
+    steps["solve"] = solve_step(cfg, rcfg)
+    runs = _runs(cfg, rcfg, req, batch)
+    for name, s in steps.items():
+        if "cpu_upcast_bytes" in s:
+            s["accelerator_peak_bytes"] = s["peak_bytes"] - s["cpu_upcast_bytes"]
+        s["runs"] = runs[name]
+        s["devices"] = 1 if name == "solve" else req.devices
+    return {"devices": req.devices, "mesh": dict(mesh.shape), "platform": jax.devices()[0].platform,
+            "model": {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                      "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+                      "params": _num_params(cfg), "dtype": DTYPES[req.dtype]},
+            "batch": {"batch_size": batch, "seq_len": req.seq_len,
+                      "max_targets": req.seq_len - 1 if req.max_targets is None else req.max_targets,
+                      "num_honesty": req.num_honesty, "num_task": req.num_task},
+            "repair": rcfg.to_dict(), "layers": req.layers, "steps": steps,
+            "resident": _resident(cfg, req)}
+
+
+def _num_params(cfg: Any) -> int:
+    from hcnr_jax.params import param_specs
+
+    return sum(math.prod(s) for s in param_specs(cfg).values())
+
+
+def _resident(cfg: Any, req: PlanRequest) -> dict[str, Any]:
+    """Device memory held outside the steps by ``hcnr repair`` today: the loader places both
+    models whole on the first device; a step's own model is its argument, the other stays."""
+    import jax.numpy as jnp
+
+    one = _num_params(cfg) * jnp.dtype(DTYPES[req.dtype]).itemsize
+    extra = one if req.devices == 1 else 2 * one
+    return {"model_bytes": one, "first_device_extra_bytes": extra,
+            "note": "hcnr repair loads base and fine-tuned models unsharded onto the first device: besides a "
+                    "step's sharded arguments it holds " + ("the other model" if req.devices == 1 else
+                                                             "both models in full")}
+
+
+def plan(req: PlanRequest, *, timeout: float | None = None) -> dict[str, Any]:
+    """``compute_plan`` here if this process has enough devices, else in a subprocess with
+    ``req.devices`` simulated CPU devices (module doc)."""
+    import jax
+
+    if len(jax.devices()) >= req.devices:
+        return compute_plan(req)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={req.devices}".strip()}
+    res = subprocess.run([sys.executable, "-m", "hcnr_jax.plan"], input=json.dumps(req.to_json()), env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise HcnrError(f"plan subprocess ({req.devices} simulated devices) failed:\n{res.stderr[-3000:]}")
+    result = json.loads(res.stdout)
+    for msg in result.get("warnings", []):
+        log.warning(msg)
+    return result
+
+
+# --- reading a plan ----------------------------------------------------------------------------
+
+def estimate_time(steps: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERATOR, mfu: float = DEFAULT_MFU
+                  ) -> dict[str, float]:
+    """Seconds per step kind (all its runs) on ``accelerator`` at utilisation ``mfu``: each step's
+    per-device FLOPs split by dot operand dtype, bf16/f16 at the tensor-core peak, the rest at FP32."""
+    if accelerator not in PEAKS:
+        raise HcnrError(f"accelerator {accelerator!r}: choose one of {sorted(PEAKS)}")
+    peak = PEAKS[accelerator]
+    out = {}
+    for name, s in steps.items():
+        by = s.get("dot_flops_by_dtype") or {}
+        total = sum(by.values())
+        low = (by.get("bf16", 0.0) + by.get("f16", 0.0)) / total if total else 0.0
+        seconds_per_flop = (low / peak["bf16"] + (1 - low) / peak["fp32"]) / 1e12 / mfu
+        out[name] = s["flops"] * s["runs"] * seconds_per_flop
+    return out
+
+
+def check_fit(result: Mapping[str, Any], device_bytes: int) -> list[str]:
+    """One line per step whose first-device peak (its own peak plus what ``hcnr repair`` keeps
+    resident there) exceeds ``device_bytes``; empty when everything fits."""
+    lines = []
+    extra = result["resident"]["first_device_extra_bytes"]
+    for name, s in result["steps"].items():
+        need = s["peak_bytes"] + extra
+        if need > device_bytes:
+            line = (f"{name}: needs {need / 1e9:.2f} GB on the first device ({s['peak_bytes'] / 1e9:.2f} GB step "
+                    f"peak + {extra / 1e9:.2f} GB resident models) > {device_bytes / 1e9:.2f} GB: over by "
+                    f"{(need - device_bytes) / 1e9:.2f} GB")
+            accel = s.get("accelerator_peak_bytes", s["peak_bytes"]) + extra
+            if accel != need:
+                line += (f" (low estimate for an accelerator, without the CPU compiler's float32 weight "
+                         f"copies: {accel / 1e9:.2f} GB, " + ("fits" if accel <= device_bytes else
+                                                            f"over by {(accel - device_bytes) / 1e9:.2f} GB") + ")")
+            lines.append(line)
+    return lines
+
+
+def summary_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The stable machine-readable core: ``{"devices", "steps": {step: {argument_bytes, temp_bytes,
+    output_bytes, flops}}}`` plus the rest of the plan."""
+    keys = ("argument_bytes", "temp_bytes", "output_bytes", "flops")
+    core = {"devices": result["devices"],
+            "steps": {n: {**{k: result["steps"][n][k] for k in keys},
+                          **{k: v for k, v in result["steps"][n].items() if k not in keys}} for n in STEPS}}
+    return {**core, **{k: v for k, v in result.items() if k not in core}}
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_plan(result: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERATOR, mfu: float = DEFAULT_MFU,
+                device_bytes: int | None = None) -> str:
+    """A human-readable table of the plan, the expected time and the fit check."""
+    m, b = result["model"], result["batch"]
+    times = estimate_time(result["steps"], accelerator, mfu)
+    mesh = ",".join(f"{k}={v}" for k, v in result["mesh"].items())
+    lines = [f"plan: {m['model_type']} {m['params'] / 1e9:.2f}B params ({m['dtype']}), {m['num_layers']} layers; "
+             f"{result['devices']} {result['platform']} device(s), mesh {mesh}; batch [{b['batch_size']}, "
+             f"{b['seq_len']}]; memory per device from XLA's compiled memory_analysis()",
+             f"{'step':8} {'argument':>11} {'temp':>11} {'output':>11} {'peak':>11} {'accel. low':>11} "
+             f"{'GFLOP/device':>13} {'runs':>5} {'time':>9}"]
+    for name in STEPS:
+        s = result["steps"][name]
+        lines.append(f"{name:8} {_size(s['argument_bytes']):>11} {_size(s['temp_bytes']):>11} "
+                     f"{_size(s['output_bytes']):>11} {_size(s['peak_bytes']):>11} "
+                     f"{_size(s.get('accelerator_peak_bytes', s['peak_bytes'])):>11} {s['flops'] / 1e9:13.1f} "
+                     f"{s['runs']:5d} {times[name]:8.1f}s")
+    for name in STEPS:
+        lines.append(f"  {name}: {result['steps'][name]['what']}")
+    if any("cpu_upcast_bytes" in s for s in result["steps"].values()):
+        lines.append("  accel. low: peak without the float32 copies the CPU compiler makes of bfloat16 weights (a "
+                     "GPU multiplies bfloat16 as it is): an accelerator's peak lies between it and XLA's CPU peak")
+    lines.append(f"time: {sum(times.values()):.1f} s on {accelerator} at {mfu:.0%} of peak "
+                 f"(bf16 {PEAKS[accelerator]['bf16']} / fp32 {PEAKS[accelerator]['fp32']} TFLOP/s, "
+                 f"{PEAKS[accelerator]['source']}); communication not modelled")
+    r = result["resident"]
+    lines.append(f"resident: {_size(r['first_device_extra_bytes'])} on the first device ({r['note']})")
+    lines += [f"warning: {w}" for w in result.get("warnings", [])]
+    if device_bytes is not None:
+        over = check_fit(result, device_bytes)
+        lines += over or [f"fits: every step within {device_bytes / 1e9:.2f} GB per device"]
+    return "\n".join(lines)
+
+
+def _worker() -> None:
+    req = PlanRequest(**json.loads(sys.stdin.read()))
+    json.dump(compute_plan(req), sys.stdout)
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,122 @@
+"""`hcnr plan`: compiled per-device memory and FLOPs of a repair's steps from a config.json alone."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+import tiny
+
+from hcnr_jax import plan as planlib
+from hcnr_jax.commands.plan import main as plan_main
+
+TINY = {**tiny.BASE, **tiny.FEATURES["qwen2"], "model_type": "qwen2", "num_hidden_layers": 3, "vocab_size": 96}
+KEYS = {"argument_bytes", "temp_bytes", "output_bytes", "flops"}
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "config.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_device(config_file):
+    return planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32"))
+
+
+def test_cli_json_has_the_documented_keys(config_file, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = plan_main(["--config", str(config_file), "--batch-size", "4", "--seq-len", "16", "--dtype", "float32",
+                    "--json", "--out", str(out), "--device-memory", "1GB"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads(out.read_text())
+    assert doc["devices"] == 1 and set(doc["steps"]) == {"fisher", "hessian", "solve"}
+    for name, step in doc["steps"].items():
+        assert set(step) >= KEYS, name
+        assert step["argument_bytes"] > 0 and step["flops"] > 0, name
+    assert doc["fit"]["device_bytes"] == 10**9 and doc["fit"]["over"] == []
+    assert doc["expected_time_s"]["total"] > 0 and doc["expected_time_s"]["accelerator"] == "H100-SXM"
+
+
+def test_numbers_follow_the_model(one_device):
+    """The Fisher step's arguments are the float32 model (+ a small state and batch); its FLOPs are
+    at least those of a forward and a backward pass through the block linears."""
+    from hcnr_jax.config import config_from_hf
+
+    cfg = config_from_hf(TINY)
+    f = one_device["steps"]["fisher"]
+    params = one_device["model"]["params"]
+    assert 4 * params <= f["argument_bytes"] < 4 * params + 2**16
+    d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    linear = cfg.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * i)
+    assert f["flops"] >= 4 * linear * 4 * 16
+    h = one_device["steps"]["hessian"]
+    # The accumulators are donated and updated in place (the output's tuple index is not aliased).
+    assert 0 < h["output_bytes"] - h["alias_bytes"] < 1024
+    assert one_device["steps"]["solve"]["runs"] == 8  # top_count(0.4, 21) kept layers
+    assert one_device["steps"]["fisher"]["runs"] == 2 * 32  # 128 / 4 batches of each data set
+
+
+def test_device_memory_names_the_step_and_the_excess(one_device):
+    f = one_device["steps"]["fisher"]["peak_bytes"] + one_device["resident"]["first_device_extra_bytes"]
+    over = planlib.check_fit(one_device, f - 1000)
+    assert over and over[0].startswith("fisher: needs") and "over by" in over[0]
+    assert planlib.check_fit(one_device, 10**12) == []
+    text = planlib.format_plan(one_device, device_bytes=f - 1000)
+    assert "fisher: needs" in text and "H100" in text
+
+
+def test_simulated_devices_in_a_subprocess(one_device):
+    """More devices than this process has: the plan runs in a subprocess with simulated devices,
+    and the model axis divides each device's share of the weights."""
+    assert len(jax.devices()) < 4
+    four = planlib.plan(planlib.PlanRequest(hf_config=TINY, devices=4, mesh="data=1,model=4", batch_size=4,
+                                            seq_len=16, dtype="float32"))
+    assert four["devices"] == 4 and four["mesh"] == {"data": 1, "model": 4}
+    one, split = one_device["steps"]["fisher"], four["steps"]["fisher"]
+    assert split["argument_bytes"] < 0.5 * one["argument_bytes"]
+    assert split["flops"] < 0.5 * one["flops"]
+    assert four["warnings"] == []  # every tiny dimension divides by 4
+
+
+def test_extrapolated_layers_match_the_full_compile(one_device):
+    """The Fisher compiled at 1 and 2 layers and extrapolated to 3; the Hessian is compiled whole."""
+    ext = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32",
+                                                   layers="extrapolate"))
+    full, est = one_device["steps"]["fisher"], ext["steps"]["fisher"]
+    assert "extrapolated" in est["what"]
+    assert est["argument_bytes"] == pytest.approx(full["argument_bytes"], rel=0.01)
+    assert est["flops"] == pytest.approx(full["flops"], rel=0.01)
+    assert est["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=0.1)
+    h = ext["steps"]["hessian"]
+    assert "extrapolated" not in h["what"] and h["peak_bytes"] == one_device["steps"]["hessian"]["peak_bytes"]
+
+
+def test_bfloat16_weight_copies_of_the_cpu_compiler_are_reported():
+    """The CPU compiler multiplies bfloat16 in float32: the plan reports the float32 weight copies
+    (every matmul weight, here the block linears and the untied LM head) and the peak without them."""
+    from hcnr_jax.config import config_from_hf
+    from hcnr_jax.params import param_specs
+
+    bf16 = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="bfloat16"))
+    f = bf16["steps"]["fisher"]
+    specs = param_specs(config_from_hf(TINY))
+    matmul_weights = sum(s[0] * s[1] for n, s in specs.items() if n.endswith("proj.weight") or n == "lm_head.weight")
+    assert f["cpu_upcast_bytes"] == 4 * matmul_weights
+    assert f["accelerator_peak_bytes"] == f["peak_bytes"] - f["cpu_upcast_bytes"]
+
+
+def test_helpers_and_errors(config_file, tmp_path, capsys):
+    assert planlib.parse_bytes("80GB") == 80 * 10**9 and planlib.parse_bytes("1GiB") == 2**30
+    text = ("%0 = stablehlo.dot_general %a, %b, contracting_dims = [1] x [0], precision = [HIGHEST, HIGHEST] : "
+            "(tensor<4x8xbf16>, tensor<8x3xbf16>) -> tensor<4x3xf32>")
+    assert planlib.dot_flops_by_dtype(text) == {"bf16": 2 * 4 * 3 * 8}
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({**TINY, "model_type": "gpt2"}))
+    assert plan_main(["--config", str(bad)]) == 2
+    assert plan_main(["--config", str(config_file), "--mesh", "data=3", "--devices", "4"]) == 2
+    assert "hcnr plan: error" in capsys.readouterr().err
