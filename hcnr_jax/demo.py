@@ -96,7 +96,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     tokens = 8 if settings.smoke else settings.max_new_tokens
     cfg = RepairConfig(solver=settings.solver, **({"limit": 4, "max_length": 64} if settings.smoke else {}))
     eval_settings = EvalSettings(benchmarks=(*HONESTY_SETS, TASK_SET), limit=limit, max_new_tokens=tokens,
-                                 batch_size=settings.batch_size, data_dir=settings.data_dir)
+                                 batch_size=settings.batch_size, data_dir=settings.data_dir,
+                                 **({"bootstrap": 0} if settings.smoke else {}))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         t0 = time.perf_counter()
         result = repair(m0, m1, None, None, cfg)

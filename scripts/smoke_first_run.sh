@@ -27,7 +27,8 @@ echo "smoke: torch is not installed in the fresh venv (as intended)"
 
 export HCNR_CACHE_DIR="$tmp/cache"  # cold tokenizer cache, as on a fresh machine
 t1=$SECONDS
-# --- smoke of the main job (one line; to be replaced by `hcnr demo --smoke`) ---
-"$py" experiments/repair_smollm2.py --smoke --work "$tmp/work"
+# --- smoke of the main job: `hcnr demo` on a few samples (the venv's own hcnr, whatever is on PATH) ---
+"$tmp/venv/bin/hcnr" demo --smoke --out "$tmp/demo"
+test -s "$tmp/demo/demo.md" && test -f "$tmp/demo/repaired/config.json"
 ls "$tmp/cache/tokenizers/"*/tokenizer.json >/dev/null  # the tokenizer was built and cached there
 echo "smoke: main job (--smoke) took $((SECONDS - t1)) s; smoke_first_run total $((SECONDS - t0)) s"

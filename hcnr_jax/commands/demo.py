@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"[{d.max_new_tokens}]")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"generation batch [{d.batch_size}]")
     p.add_argument("--solver", default=d.solver, help=f"compensation solver [{d.solver}]")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: the shipped subsets)")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder searched first (docs/data.md; default: the lookup, then the shipped subsets)")
     p.add_argument("--smoke", action="store_true", help="a few samples everywhere: checks an installation quickly")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)

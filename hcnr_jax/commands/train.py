@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model)
     data = loop.load_training_data(args.data, model, tc)
     result = loop.train(model, data, tc, checkpoint_dir=args.checkpoint_dir, mesh=args.mesh)
-    result.report.update(model=args.model, data=args.data)
+    from hcnr_jax.io import portable_path
+
+    result.report.update(model="+".join(portable_path(p) for p in args.model.split("+")), data=portable_path(args.data))
     write_result(result, model, out, tc, overwrite=args.overwrite)
     r = result.report
     print(f"wrote {out}: {tc.method} {tc.objective}, {r['steps']} steps on {r['samples']} samples, final loss "
