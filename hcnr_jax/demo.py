@@ -110,7 +110,10 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
             rows[tag] = {**summarise(m["results"]["model"]), "time_s": time.perf_counter() - t0}
         rows["M1+HCNR"]["time_s"] += repair_s
         s = result.report["summary"]
-        summary = dict(models={**sources, "M1+HCNR": "repaired/"}, settings=vars(settings), rows=rows,
+        from hcnr_jax.io import portable_path
+
+        names = {tag: "+".join(portable_path(p) for p in src.split("+")) for tag, src in sources.items()}
+        summary = dict(models={**names, "M1+HCNR": "repaired/"}, settings=vars(settings), rows=rows,
                        repair=dict(seconds=round(repair_s, 1), restored_fraction_of_linear=s["restored_fraction_of_linear"],
                                    layers_kept=s["layers_kept"], layers=s["layers"]),
                        load_s=round(load_s, 1), total_s=round(time.perf_counter() - t_start, 1))
