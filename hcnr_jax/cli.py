@@ -17,6 +17,7 @@ COMMANDS = ("demo", "convert", "stats", "repair", "plan", "eval", "data", "calib
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcnr", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"hcnr_jax.commands.{name.replace('-', '_')}").add_parser(sub)
@@ -33,7 +34,15 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except HcnrError as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"hcnr {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (HcnrError, OSError, UnicodeDecodeError) as e:
+        # Bad input, files that cannot be read or written (disk full, read-only, not UTF-8): one line.
+        if args.debug:
+            raise
         print(f"hcnr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -286,3 +286,32 @@ def test_yaml_settings_with_flag_overrides(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     for name in ("train_honest.yaml", "train_task.yaml"):
         load_train_config(repo / "configs" / name)
+
+
+@pytest.mark.parametrize(("yaml_text", "match"), [
+    ("damping: [1]\n", "damping"),
+    ("eps: .inf\n", "eps"),
+    ("r_cw: .nan\n", "r_cw"),
+    ("solver_options: 3\n", "solver_options"),
+    ("- a list\n", "mapping"),
+])
+def test_repair_yaml_values_of_the_wrong_type_name_the_field(tmp_path, yaml_text, match):
+    """RepairConfig goes through the same settings reader as TrainConfig (hcnr_jax.settings)."""
+    from hcnr_jax.repair import load_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(HcnrError, match=match):
+        load_config(path)
+
+
+def test_cli_turns_file_errors_and_bad_counts_into_one_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"learning_rate: caf\xe9\n")
+    out = tmp_path / "o"
+    assert cli_main(["train", "--model", "m", "--data", "d", "--out", str(out), "--config", str(bad)]) == 2
+    assert "latin1.yaml" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", "m", "--benchmarks", "kuq", "--limit", "0", "--out", str(out)]) == 2
+    assert "--limit must be a positive integer" in capsys.readouterr().err
+    assert cli_main(["calib", "--kind", "task", "-n", "-5", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "-n -5" in capsys.readouterr().err and not (tmp_path / "c.jsonl").exists()

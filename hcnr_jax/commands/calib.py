@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.eval.calibration import IDK_RESPONSE, honesty_samples, task_samples, write_jsonl
     from hcnr_jax.eval.data import load_benchmark
 
+    if args.n < 1:
+        raise DataError(f"-n {args.n}: the number of samples must be a positive integer")
     default = "kuq,selfaware" if args.kind == "honesty" else "hotpotqa"
     names = [n.strip() for n in (args.benchmarks or default).split(",") if n.strip()]
     for n in names:

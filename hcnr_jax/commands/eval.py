@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 0:
         raise HcnrError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:  # --limit 0 would score nothing and write NaN
+            raise HcnrError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     settings = EvalSettings(benchmarks=resolve_benchmarks(args.benchmarks, args.data_dir), limit=args.limit,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                             data_dir=args.data_dir, rules=args.rules, embedding=args.embedding,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hcnr_jax.errors import HcnrError
+from hcnr_jax.settings import coerce_fields, read_yaml_mapping
 
 PRIORITIES = ("kl", "diff", "hon_only", "random")
 LAYER_UNITS = ("module", "block")
@@ -85,10 +86,10 @@ class RepairConfig:
         get_solver(self.solver)
         if not isinstance(self.solver_options, Mapping):
             raise HcnrError(f"solver_options={self.solver_options!r}: must be a mapping")
-        if not self.damping >= 0.0:
-            raise HcnrError(f"damping={self.damping!r}: must be >= 0")
-        if not self.eps > 0.0:
-            raise HcnrError(f"eps={self.eps!r}: must be > 0")
+        if not 0.0 <= self.damping < float("inf"):
+            raise HcnrError(f"damping={self.damping!r}: must be a finite number >= 0")
+        if not 0.0 < self.eps < float("inf"):
+            raise HcnrError(f"eps={self.eps!r}: must be a finite number > 0")
         for name in ("max_length", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise HcnrError(f"{name}={getattr(self, name)!r}: must be a positive integer")
@@ -105,19 +106,7 @@ class RepairConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> RepairConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise HcnrError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        # YAML reads 1 as int and 1e-8 as a string: coerce float fields explicitly.
-        fixed = dict(values)
-        for name in ("r_iw", "r_cw", "damping", "eps"):
-            if name in fixed and isinstance(fixed[name], (int, str)) and not isinstance(fixed[name], bool):
-                try:
-                    fixed[name] = float(fixed[name])
-                except ValueError as e:
-                    raise HcnrError(f"{source}: {name}={fixed[name]!r} is not a number") from e
-        return cls(**fixed).validate()
+        return cls(**coerce_fields(cls, values, source)).validate()
 
     def override(self, **changes: Any) -> RepairConfig:
         """A copy with the non-None ``changes`` applied (CLI flags over the YAML file)."""
@@ -126,23 +115,5 @@ class RepairConfig:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RepairConfig:
     """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except FileNotFoundError as e:
-            raise HcnrError(f"{p}: config file not found") from e
-        except yaml.YAMLError as e:
-            raise HcnrError(f"{p}: invalid YAML ({e})") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise HcnrError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}")
-        values = loaded
-        base = RepairConfig.from_dict(values, source=str(p))
-    else:
-        base = RepairConfig().validate()
+    base = RepairConfig() if path is None else RepairConfig.from_dict(read_yaml_mapping(path), source=str(path))
     return base.override(**overrides)

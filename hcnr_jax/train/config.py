@@ -8,13 +8,13 @@ file away (``configs/``).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hcnr_jax.errors import HcnrError
+from hcnr_jax.settings import coerce_fields, read_yaml_mapping
 
 OBJECTIVES = ("sft", "dpo", "orpo")
 METHODS = ("lora", "full")
@@ -107,58 +107,7 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
 
 
-def coerce_fields(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """``values`` checked against the dataclass ``cls``: unknown keys are an error, and each value
-    is converted to its field's type (YAML reads ``1e-4`` as a string and ``1`` as an int), with
-    an error naming the field when it cannot be."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise HcnrError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        hint = hints[name]
-        args = typing.get_args(hint)
-        optional = typing.get_origin(hint) is not tuple and type(None) in args
-        base = next(a for a in args if a is not type(None)) if optional else hint
-        try:
-            if value is None and optional:
-                out[name] = None
-            elif typing.get_origin(base) is tuple:
-                items = value.split(",") if isinstance(value, str) else value
-                if not isinstance(items, (list, tuple)):
-                    raise TypeError
-                out[name] = tuple(str(x).strip() for x in items)
-            elif isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-                raise TypeError
-            elif base is int:
-                if isinstance(value, float) and not value.is_integer():
-                    raise TypeError
-                out[name] = int(value)
-            elif base is float:
-                out[name] = float(value)
-            else:
-                out[name] = str(value)
-        except (TypeError, ValueError):
-            raise HcnrError(f"{source}: {name}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
-    return out
-
-
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
-    base = TrainConfig()
-    if path is not None:
-        import yaml
-
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HcnrError(f"{p}: config file not found") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise HcnrError(f"{p}: invalid YAML ({e})") from None
-        if not isinstance(loaded or {}, dict):
-            raise HcnrError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}")
-        base = TrainConfig.from_dict(loaded or {}, source=str(p))
+    base = TrainConfig() if path is None else TrainConfig.from_dict(read_yaml_mapping(path), source=str(path))
     return base.override(**overrides).validate()

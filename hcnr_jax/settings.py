@@ -1,0 +1,79 @@
+"""Settings dataclasses from YAML files and flags: one reader and one type check for every config
+(`RepairConfig`, `TrainConfig`), so a YAML value of the wrong type is a message naming the file and
+the field, never a TypeError from deep inside a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hcnr_jax.errors import HcnrError
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping of settings in a YAML file (empty file: {}); errors name the file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HcnrError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise HcnrError(f"{p}: cannot read as YAML ({e})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise HcnrError(f"{p}: expected a mapping of settings, got {type(loaded).__name__}")
+    return loaded
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` checked against the dataclass ``cls``: unknown keys are an error, and each value
+    is converted to its field's type (YAML reads ``1e-4`` as a string and ``1`` as an int), with
+    an error naming the field when it cannot be. Floats must be finite."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise HcnrError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is not tuple and type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        origin = typing.get_origin(base)
+        try:
+            if value is None and optional:
+                out[name] = None
+            elif origin is tuple:
+                items = value.split(",") if isinstance(value, str) else value
+                if not isinstance(items, (list, tuple)):
+                    raise TypeError
+                out[name] = tuple(str(x).strip() for x in items)
+            elif origin is not None and issubclass(origin, Mapping):
+                if not isinstance(value, Mapping):
+                    raise TypeError
+                out[name] = dict(value)
+            elif isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+                raise TypeError
+            elif base is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise TypeError
+                out[name] = int(value)
+            elif base is float:
+                out[name] = float(value)
+                if not math.isfinite(out[name]):
+                    raise ValueError
+            else:
+                out[name] = str(value)
+        except (TypeError, ValueError, OverflowError):
+            kind = getattr(base, "__name__", str(base))
+            raise HcnrError(f"{source}: {name}={value!r} is not a valid {kind}"
+                            + (" (finite)" if base is float else "")) from None
+    return out
