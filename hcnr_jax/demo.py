@@ -30,6 +30,7 @@ HONEST_ADAPTER = MODELS_DIR / "honest"  # M0 = SmolLM2-135M-Instruct + this
 FINETUNED_ADAPTER = MODELS_DIR / "finetuned"  # M1 = M0 merged + this
 HONESTY_SETS = ("kuq", "selfaware")  # the honesty benchmarks whose subsets ship with the package
 TASK_SET = "hotpotqa"
+SMOKE_SAMPLES, SMOKE_TOKENS = 4, 8  # --smoke: samples per benchmark and per calibration file; new tokens
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,10 @@ def markdown(rows: dict[str, dict[str, Any]], settings: DemoSettings) -> str:
     for tag, r in rows.items():
         cells = ["" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
         lines.append(f"| {tag} | " + " | ".join(cells) + f" | {r['time_s']:.0f} |")
-    n = "a few" if settings.smoke else str(settings.limit)
+    n = SMOKE_SAMPLES if settings.smoke else settings.limit
+    tokens = SMOKE_TOKENS if settings.smoke else settings.max_new_tokens
     return ("\n".join(lines) + f"\n\nScores in %, on {n} evaluation-split questions per benchmark (balanced), greedy, "
-            f"{settings.max_new_tokens} new tokens. Time: evaluation, and for M1+HCNR the repair too.\n")
+            f"{tokens} new tokens. Time: evaluation, and for M1+HCNR the repair too.\n")
 
 
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = False) -> dict[str, Any]:
@@ -92,9 +94,9 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     m0 = merge_lora(base, HONEST_ADAPTER)
     m1 = merge_lora(m0, FINETUNED_ADAPTER)
     load_s = time.perf_counter() - t_start
-    limit = 4 if settings.smoke else settings.limit
-    tokens = 8 if settings.smoke else settings.max_new_tokens
-    cfg = RepairConfig(solver=settings.solver, **({"limit": 4, "max_length": 64} if settings.smoke else {}))
+    limit = SMOKE_SAMPLES if settings.smoke else settings.limit
+    tokens = SMOKE_TOKENS if settings.smoke else settings.max_new_tokens
+    cfg = RepairConfig(solver=settings.solver, **({"limit": SMOKE_SAMPLES} if settings.smoke else {}))
     eval_settings = EvalSettings(benchmarks=(*HONESTY_SETS, TASK_SET), limit=limit, max_new_tokens=tokens,
                                  batch_size=settings.batch_size, data_dir=settings.data_dir,
                                  **({"bootstrap": 0} if settings.smoke else {}))
