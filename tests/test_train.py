@@ -75,8 +75,8 @@ def test_lora_starts_at_the_base_and_changes_only_its_targets(model):
     assert changed == {m + ".weight" for m in adapter}
     a, b = res.trainable["model.layers.1.mlp.down_proj"]["A"], res.trainable["model.layers.1.mlp.down_proj"]["B"]
     w = base["model.layers.1.mlp.down_proj.weight"]
-    np.testing.assert_allclose(after["model.layers.1.mlp.down_proj.weight"], w + 0.5 * 16.0 / 4 * 0 + 4.0 * (b @ a),
-                               rtol=0, atol=1e-6)
+    scaling = 16.0 / 4  # lora_alpha / lora_rank
+    np.testing.assert_allclose(after["model.layers.1.mlp.down_proj.weight"], w + scaling * (b @ a), rtol=0, atol=1e-6)
 
 
 def test_full_finetuning_moves_every_weight_that_has_a_gradient(model):
