@@ -46,6 +46,20 @@ def report(wall, **extra):
     print("RESULT " + json.dumps(dict(wall_s=wall, peak_rss_mb=peak, import_rss_mb=IMPORT_RSS, **extra)))
 """
 
+# The tokenizer build from the GGUF metadata: run with an empty, then a filled cache folder.
+TOKENIZER = """
+import gguf, hcnr_jax, transformers
+from pathlib import Path
+from hcnr_jax.conversion.gguf import _tokenizer
+IMPORT_RSS = rss_mb()
+t = time.perf_counter()
+reader = gguf.GGUFReader(SRC)
+t_reader = time.perf_counter() - t
+t = time.perf_counter()
+tok = _tokenizer(Path(SRC), reader)
+report(time.perf_counter() - t, reader_s=t_reader, vocab=len(tok))
+"""
+
 STEPS = {
     "gguf->params": """
 import hcnr_jax, jax
@@ -74,30 +88,8 @@ m = load_gguf(SRC)
 jax.block_until_ready(m.params)
 report(time.perf_counter() - t)
 """,
-    "tok: cold (build)": """
-import gguf, hcnr_jax, transformers
-from pathlib import Path
-from hcnr_jax.conversion.gguf import _tokenizer
-IMPORT_RSS = rss_mb()
-t = time.perf_counter()
-reader = gguf.GGUFReader(SRC)
-t_reader = time.perf_counter() - t
-t = time.perf_counter()
-tok = _tokenizer(Path(SRC), reader)
-report(time.perf_counter() - t, reader_s=t_reader, vocab=len(tok))
-""",
-    "tok: warm (cache)": """
-import gguf, hcnr_jax, transformers
-from pathlib import Path
-from hcnr_jax.conversion.gguf import _tokenizer
-IMPORT_RSS = rss_mb()
-t = time.perf_counter()
-reader = gguf.GGUFReader(SRC)
-t_reader = time.perf_counter() - t
-t = time.perf_counter()
-tok = _tokenizer(Path(SRC), reader)
-report(time.perf_counter() - t, reader_s=t_reader, vocab=len(tok))
-""",
+    "tok: cold (build)": TOKENIZER,
+    "tok: warm (cache)": TOKENIZER,  # the same script: the cache folder decides cold or warm
     "tok: transformers": """
 import transformers
 from pathlib import Path

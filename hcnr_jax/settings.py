@@ -77,3 +77,30 @@ def coerce_fields(cls: type, values: Mapping[str, Any], source: str) -> dict[str
             raise HcnrError(f"{source}: {name}={value!r} is not a valid {kind}"
                             + (" (finite)" if base is float else "")) from None
     return out
+
+
+class Settings:
+    """Mixin of the settings dataclasses: defaults <- YAML file <- flags, each step type-checked
+    (``coerce_fields``) and validated (the subclass's ``validate``)."""
+
+    def validate(self) -> Any:
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML values: tuples as lists, mappings as dicts."""
+        return {k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v
+                for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> Any:
+        return cls(**coerce_fields(cls, values, source)).validate()
+
+    def override(self, **changes: Any) -> Any:
+        """A copy with the non-None ``changes`` applied (flags over the YAML file)."""
+        return type(self).from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> Any:
+        """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
+        base = cls().validate() if path is None else cls.from_dict(read_yaml_mapping(path), source=str(path))
+        return base.override(**overrides)

@@ -7,14 +7,13 @@ validated once; the resolved config is saved in the report.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hcnr_jax.errors import HcnrError
-from hcnr_jax.settings import coerce_fields, read_yaml_mapping
+from hcnr_jax.settings import Settings
 
 PRIORITIES = ("kl", "diff", "hon_only", "random")
 LAYER_UNITS = ("module", "block")
@@ -25,7 +24,7 @@ LAYER_BUDGETS = ("count", "params")
 
 
 @dataclass(frozen=True)
-class RepairConfig:
+class RepairConfig(Settings):
     """Settings of one repair (docs/method.md).
 
     - ``r_iw``: fraction of neurons per layer that are candidates [paper 0.5].
@@ -99,21 +98,7 @@ class RepairConfig:
             raise HcnrError(f"seed={self.seed!r}: must be an integer")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["solver_options"] = dict(self.solver_options)
-        return d
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> RepairConfig:
-        return cls(**coerce_fields(cls, values, source)).validate()
-
-    def override(self, **changes: Any) -> RepairConfig:
-        """A copy with the non-None ``changes`` applied (CLI flags over the YAML file)."""
-        return RepairConfig.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
-
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> RepairConfig:
     """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
-    base = RepairConfig() if path is None else RepairConfig.from_dict(read_yaml_mapping(path), source=str(path))
-    return base.override(**overrides)
+    return RepairConfig.load(path, **overrides)

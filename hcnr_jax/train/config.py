@@ -7,14 +7,12 @@ file away (``configs/``).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hcnr_jax.errors import HcnrError
-from hcnr_jax.settings import coerce_fields, read_yaml_mapping
+from hcnr_jax.settings import Settings
 
 OBJECTIVES = ("sft", "dpo", "orpo")
 METHODS = ("lora", "full")
@@ -23,7 +21,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Settings of one run.
 
     - ``objective``: ``sft`` on ``{prompt, response}`` (token-mean NLL of the assistant turn), ``dpo``
@@ -93,21 +91,7 @@ class TrainConfig:
     def lora_scaling(self) -> float:
         return self.lora_alpha / self.lora_rank
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
-        return cls(**coerce_fields(cls, values, source)).validate()
-
-    def override(self, **changes: Any) -> TrainConfig:
-        """A copy with the non-None ``changes`` applied (flags over the YAML file)."""
-        return TrainConfig.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
-
 
 def load_train_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
-    base = TrainConfig() if path is None else TrainConfig.from_dict(read_yaml_mapping(path), source=str(path))
-    return base.override(**overrides).validate()
+    return TrainConfig.load(path, **overrides)
