@@ -52,8 +52,26 @@ SMALL = dict(TINY, vocab_size=512, hidden_size=256, intermediate_size=704, num_h
 
 
 class Rows:
-    def __init__(self) -> None:
+    """Result rows; with ``out``, the JSON is rewritten after every row, so a run killed at the
+    device's time limit still leaves what it measured."""
+
+    def __init__(self, out: Path | None = None, meta: dict[str, Any] | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.out, self.meta, self.t0 = out, meta or {}, time.perf_counter()
+
+    def document(self, done: bool) -> dict[str, Any]:
+        failed = [r["check"] for r in self.rows if r["ok"] is False]
+        return {"ok": not failed and done, "complete": done, "failed": failed, **self.meta,
+                "seconds": round(time.perf_counter() - self.t0, 1), "rows": self.rows}
+
+    def flush(self, done: bool = False) -> dict[str, Any]:
+        doc = self.document(done)
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.out.with_name(f".{self.out.name}.tmp")
+            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+            tmp.replace(self.out)
+        return doc
 
     @contextmanager
     def check(self, name: str):
@@ -66,6 +84,7 @@ class Rows:
             row.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
         row["seconds"] = round(time.perf_counter() - t0, 2)
         self.rows.append(row)
+        self.flush()
         status = {True: "ok", False: "FAIL", None: "info"}[row["ok"]]
         shown = {k: v for k, v in row.items() if k not in ("check", "ok", "traceback")}
         print(f"[{status:4}] {name}: {json.dumps(shown, default=str)[:400]}", flush=True)
@@ -402,29 +421,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=128, help="honesty and task samples of the 8B repair [128]")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sample of the 8B repair [256]")
     ap.add_argument("--batch-size", type=int, default=4, help="statistics batch size of the 8B repair [4]")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds after which sections not yet started are skipped (0: none)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: kernels,stats,repair,generate")
     args = ap.parse_args(argv)
     import jax
 
+    import hcnr_jax
+
     skip = set(filter(None, args.skip.split(",")))
-    rows = Rows()
-    t0 = time.perf_counter()
+    rows = Rows(Path(args.out), {"tiny": args.tiny, "backend": jax.default_backend(),
+                                 "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+                                 "jax": jax.__version__, "hcnr_jax": hcnr_jax.__version__})
     # Generation before the repair: PyTorch (the transformers row) needs device memory that JAX's
     # allocator pool would still hold after the repair.
     for section, fn in (("kernels", check_kernels), ("stats", check_statistics), ("generate", check_generation),
                         ("repair", lambda r, t: check_repair(r, t, args))):
-        if section not in skip:
-            with rows.check(f"section:{section}") as row:
-                fn(rows, args.tiny)
-                row.update(detail="section completed")
-    failed = [r["check"] for r in rows.rows if r["ok"] is False]
-    import hcnr_jax
-
-    doc = {"ok": not failed, "failed": failed, "tiny": args.tiny, "backend": jax.default_backend(),
-           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
-           "hcnr_jax": hcnr_jax.__version__, "seconds": round(time.perf_counter() - t0, 1), "rows": rows.rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        if section in skip:
+            continue
+        if args.deadline and time.perf_counter() - rows.t0 > args.deadline:
+            rows.rows.append({"check": f"section:{section}", "ok": None, "skipped": "past --deadline"})
+            continue
+        with rows.check(f"section:{section}") as row:
+            fn(rows, args.tiny)
+            row.update(detail="section completed")
+    doc = rows.flush(done=True)
+    failed = doc["failed"]
     print(f"{'OK' if not failed else 'FAILED: ' + ', '.join(failed)} in {doc['seconds']} s -> {args.out}")
     return 0 if not failed else 1
 
