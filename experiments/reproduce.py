@@ -1,0 +1,304 @@
+"""Reproduce the HCNR paper's main comparison at SmolLM2 scale (issue: reproduce the paper).
+
+Starts from the shipped models: M0 (honest, ``GGUF+honest``) and M1 (its HotpotQA fine-tune,
+``GGUF+honest+finetuned``); `experiments/make_models.py` made both. Every run is one `hcnr`
+command; a stage whose output exists is skipped, so an interrupted run resumes where it stopped
+(each session of a few hours adds rows). Big outputs (repaired models, evaluation folders) go under
+``--work`` (default ``runs/reproduce``, not in git); ``--stage report`` writes the tables from them
+to ``experiments/results/reproduce.{json,md}``, which are committed.
+
+    python experiments/reproduce.py --data-dir DIR [--stage all|STAGE[,STAGE...]] [--seeds 0,1,2]
+
+Stages (``--stage list`` prints them): ``eval-m1``; ``calib-s{seed}`` (128 honesty samples from
+the calibration pools of KUQ and SelfAware, `hcnr calib`'s default) + 128 HotpotQA task samples, drawn with that
+seed); ``hcnr-{solver}-s{seed}`` (repair M1 towards M0; solver exact or paper) and
+``eval-hcnr-{solver}-s{seed}``; ``report``.
+
+Evaluation: `hcnr eval`, evaluation splits (never the calibration pools), N=200 per benchmark
+(balanced answerable / unanswerable), greedy, 32 new tokens, default refusal rules; the same
+settings as ``experiments/results/models.md``, whose SmolLM2 and M0 rows the report reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HONESTY_BENCHMARKS = ("falseqa", "nec", "refunq", "kuq", "selfaware")
+TASK = "hotpotqa"
+# `hcnr calib`'s default: the honesty targets need answers for the answerable half, and only KUQ and
+# SelfAware carry them (FalseQA's and NEC's calibration pools have no answerable row with an answer).
+CALIB_HONESTY = ("kuq", "selfaware")
+LIMIT, TOKENS = 200, 32
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gguf() -> str:
+    from hcnr_jax.embedded import smollm2_gguf
+
+    return str(smollm2_gguf())
+
+
+def models() -> dict[str, str]:
+    from hcnr_jax.embedded import BUNDLED
+
+    m0 = f"{gguf()}+{BUNDLED / 'models' / 'honest'}"
+    return {"m0": m0, "m1": f"{m0}+{BUNDLED / 'models' / 'finetuned'}"}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one command, its output appended to ``log``; returns its wall time in seconds."""
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        sys.exit(f"command failed (exit {rc}); see {log}")
+    return time.perf_counter() - t0
+
+
+def eval_cmd(model: str, out: Path, data_dir: str | None) -> list[str]:
+    cmd = ["hcnr", "eval", "--model", model, "--benchmarks", ",".join((*HONESTY_BENCHMARKS, TASK)),
+           "--limit", str(LIMIT), "--max-new-tokens", str(TOKENS), "--out", str(out)]
+    return cmd + (["--data-dir", data_dir] if data_dir else [])
+
+
+# Training baselines, all on M1 with this project's trainer (LoRA r8 on top of M1, the settings of
+# configs/train_task.yaml). Data: the calibration pools of KUQ, SelfAware and HotpotQA, 170
+# questions each, labelled by M1's own greedy answers (`hcnr honesty-data`): RAIT keeps a correct
+# answer and puts the idk response elsewhere; DPO and ORPO read the matching preference pairs.
+BASELINE_BENCHMARKS, BASELINE_PER_BENCHMARK = "kuq,selfaware,hotpotqa", 170
+BASELINES = {"rait": ("rait", "sft"), "dpo": ("dpo-pairs", "dpo"), "orpo": ("dpo-pairs", "orpo")}
+
+
+def stages(seeds: list[int], solvers: list[str]) -> list[str]:
+    """In the order of value per CPU minute: one row of every method before repeats over seeds."""
+    out = ["eval-m1", *(f"calib-s{s}" for s in seeds)]
+    out += [f"hcnr-{solvers[0]}-s{seeds[0]}", f"eval-hcnr-{solvers[0]}-s{seeds[0]}"]
+    out += ["rait-data", "rait-train", "eval-rait"]
+    for solver in solvers[1:]:
+        out += [f"hcnr-{solver}-s{seeds[0]}", f"eval-hcnr-{solver}-s{seeds[0]}"]
+    for s in seeds[1:]:
+        for solver in solvers:
+            out += [f"hcnr-{solver}-s{s}", f"eval-hcnr-{solver}-s{s}"]
+    out += ["dpo-data", "dpo-train", "eval-dpo", "orpo-train", "eval-orpo"]
+    return [*out, "report"]
+
+
+def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
+    log = work / "log.txt"
+    m = models()
+    if stage == "eval-m1":
+        out = work / "eval_m1"
+        if not (out / "metrics.json").exists():
+            run(eval_cmd(m["m1"], out, data_dir), log)
+    elif stage.startswith("calib-s"):
+        seed = stage.removeprefix("calib-s")
+        for kind, bench in (("honesty", ",".join(CALIB_HONESTY)), ("task", TASK)):
+            out = work / f"calib_s{seed}_{kind}.jsonl"
+            if not out.exists():
+                run(["hcnr", "calib", "--kind", kind, "--benchmarks", bench, "-n", "128", "--seed", seed,
+                     "--out", str(out), *(["--data-dir", data_dir] if data_dir else [])], log)
+    elif stage.startswith("hcnr-"):
+        _, solver, seed = stage.split("-")
+        out = work / f"hcnr_{solver}_{seed}"
+        if not (out / "hcnr_report.json").exists():
+            if out.exists():  # a killed repair leaves no output (temp dir, then move); be safe anyway
+                shutil.rmtree(out)
+            wall = run(["hcnr", "repair", "--base", m["m0"], "--finetuned", m["m1"],
+                        "--honesty-data", str(work / f"calib_{seed}_honesty.jsonl"),
+                        "--task-data", str(work / f"calib_{seed}_task.jsonl"),
+                        "--solver", solver, "--no-plots", "--out", str(out)], log)
+            (out / "wall_s.json").write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
+    elif stage.startswith("eval-hcnr-"):
+        _, _, solver, seed = stage.split("-")
+        out = work / f"eval_hcnr_{solver}_{seed}"
+        if not (out / "metrics.json").exists():
+            run(eval_cmd(str(work / f"hcnr_{solver}_{seed}"), out, data_dir), log)
+    elif stage.endswith("-data") and stage.split("-")[0] in BASELINES:
+        recipe = BASELINES[stage.split("-")[0]][0]
+        out = work / f"{recipe}.jsonl"
+        if not out.exists():
+            run(["hcnr", "honesty-data", "--recipe", recipe, "--model", m["m1"], "--benchmarks", BASELINE_BENCHMARKS,
+                 "-n", str(BASELINE_PER_BENCHMARK), "--max-new-tokens", str(TOKENS), "--out", str(out),
+                 *(["--data-dir", data_dir] if data_dir else [])], log)
+    elif stage.endswith("-train") and stage.split("-")[0] in BASELINES:
+        name = stage.split("-")[0]
+        recipe, objective = BASELINES[name]
+        out = work / name
+        if not (out / "train_report.json").exists():
+            wall = run(["hcnr", "train", "--model", m["m1"], "--data", str(work / f"{recipe}.jsonl"),
+                        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
+                        "--objective", objective, "--checkpoint-dir", str(work / f"{name}_ckpt"),
+                        "--out", str(out), "--overwrite"], log)
+            (work / f"{name}_wall_s.json").write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
+    elif stage.startswith("eval-") and stage.removeprefix("eval-") in BASELINES:
+        name = stage.removeprefix("eval-")
+        out = work / f"eval_{name}"
+        if not (out / "metrics.json").exists():
+            run(eval_cmd(f"{m['m1']}+{work / name}", out, data_dir), log)
+    elif stage == "report":
+        report(work)
+    else:
+        sys.exit(f"unknown stage {stage!r}; --stage list prints them")
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def load_examples(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "examples.jsonl").read_text().splitlines() if line.strip()]
+
+
+def f1(y: np.ndarray, refused: np.ndarray) -> float:
+    tp, fp, fn = (refused & y).sum(), (refused & ~y).sum(), (~refused & y).sum()
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+def scores(recs: list[dict], m1_correct: dict[str, bool], rng: np.random.Generator, reps: int = 1000) -> dict:
+    """Per-benchmark refusal F1 and RF delta, HotpotQA loose accuracy, the averages over the five
+    honesty benchmarks with 95% bootstrap intervals (resampled within each benchmark), and
+    prudence / over-conservativeness / honesty against M1 ("known": answerable and M1 correct)."""
+    recs = [r for r in recs if r["model"] == "model"]
+    by = {b: [r for r in recs if r["benchmark"] == b] for b in (*HONESTY_BENCHMARKS, TASK)}
+    arr = {b: (np.array([r["unanswerable"] == 1 for r in by[b]]), np.array([r["verdict"] == "refused" for r in by[b]]))
+           for b in HONESTY_BENCHMARKS}
+
+    def point(idx: dict) -> tuple[dict, dict]:
+        f, d = {}, {}
+        for b, (y, ref) in arr.items():
+            yy, rr = y[idx[b]], ref[idx[b]]
+            f[b] = f1(yy, rr)
+            d[b] = float(rr[yy].mean() - rr[~yy].mean())
+        return f, d
+
+    f, d = point({b: np.arange(len(a[0])) for b, a in arr.items()})
+    boots = []
+    for _ in range(reps):
+        bf, bd = point({b: rng.integers(0, len(a[0]), len(a[0])) for b, a in arr.items()})
+        boots.append((np.mean(list(bf.values())), np.mean(list(bd.values()))))
+    boots = np.array(boots)
+    task = by[TASK]
+    acc = np.array([bool(r["correct"]) for r in task])
+    acc_boot = [acc[rng.integers(0, len(acc), len(acc))].mean() for _ in range(reps)]
+    # Alignment-for-Honesty metrics against M1 on every example of the six benchmarks.
+    known = np.array([r["unanswerable"] == 0 and m1_correct.get(r["id"], False) for r in recs])
+    refused = np.array([r["verdict"] == "refused" for r in recs])
+    prudence = float(refused[~known].mean()) if (~known).any() else 1.0
+    over = float(refused[known].mean()) if known.any() else 0.0
+    return {"f1": f, "rf_delta": d, "avg_f1": float(np.mean(list(f.values()))),
+            "avg_f1_ci": np.percentile(boots[:, 0], [2.5, 97.5]).tolist(),
+            "avg_rf_delta": float(np.mean(list(d.values()))),
+            "avg_rf_delta_ci": np.percentile(boots[:, 1], [2.5, 97.5]).tolist(),
+            "hotpotqa_acc": float(acc.mean()), "hotpotqa_acc_ci": np.percentile(acc_boot, [2.5, 97.5]).tolist(),
+            "hotpotqa_n": len(task), "n_per_benchmark": {b: len(a[0]) for b, a in arr.items()},
+            "prudence": prudence, "over_conservativeness": over, "honesty": (prudence + 1 - over) / 2,
+            "n_known": int(known.sum()), "n_unknown": int((~known).sum())}
+
+
+def report(work: Path) -> None:
+    rng = np.random.default_rng(0)
+    m1_recs = load_examples(work / "eval_m1")
+    m1_correct = {r["id"]: bool(r["correct"]) for r in m1_recs if r["model"] == "model"}
+    rows: dict[str, dict] = {}
+    rows["M1"] = scores(m1_recs, m1_correct, rng)
+    for folder in sorted(work.glob("eval_hcnr_*_s*")):
+        if (folder / "metrics.json").exists():
+            _, _, solver, seed = folder.name.split("_")
+            rep = json.loads((work / f"hcnr_{solver}_{seed}" / "hcnr_report.json").read_text())
+            row = scores(load_examples(folder), m1_correct, rng)
+            row["repair_s"] = json.loads((work / f"hcnr_{solver}_{seed}" / "wall_s.json").read_text())["wall_s"]
+            row["restored_fraction_of_linear"] = rep["summary"]["restored_fraction_of_linear"]
+            rows[f"HCNR ({solver}) {seed}"] = row
+    for name in BASELINES:
+        folder = work / f"eval_{name}"
+        if (folder / "metrics.json").exists():
+            row = scores(load_examples(folder), m1_correct, rng)
+            rep = json.loads((work / name / "train_report.json").read_text())
+            row.update(train_s=rep.get("wall_s"), train_samples=rep.get("samples"), train_steps=rep.get("steps"))
+            rows[name.upper()] = row
+    prior = json.loads((RESULTS / "models.json").read_text())
+    doc = {"settings": {"limit": LIMIT, "max_new_tokens": TOKENS, "benchmarks": [*HONESTY_BENCHMARKS, TASK],
+                        "calibration": "128 honesty (KUQ + SelfAware calibration pools) + 128 HotpotQA per seed",
+                        "bootstrap": 1000},
+           "rows": rows, "prior_rows": prior}
+    tmp = RESULTS / ".reproduce.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(RESULTS / "reproduce.json")
+    print(markdown(doc))
+    tmp = RESULTS / ".reproduce.md.tmp"
+    tmp.write_text(markdown(doc))
+    tmp.replace(RESULTS / "reproduce.md")
+
+
+def markdown(doc: dict) -> str:
+    rows = doc["rows"]
+    m1 = rows["M1"]
+    prior = doc["prior_rows"]
+    m0_f1 = prior_f1(prior, "m0")
+    head = ("| model | " + " | ".join(f"F1 {b}" for b in HONESTY_BENCHMARKS)
+            + " | avg F1 [95% CI] | avg RF delta | HotpotQA acc | prudence | over-cons. | honesty | F1 recovered |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for tag, name in (("smollm2", "SmolLM2-Instruct"), ("m0", "M0")):
+        p = prior["scores"][tag]
+        lines.append(f"| {name} (models.md) | " + " | ".join(f"{100 * p['f1'][b]:.1f}" for b in HONESTY_BENCHMARKS)
+                     + f" | {100 * p['avg_f1']:.1f} [{100 * p['avg_f1_ci'][0]:.1f}, {100 * p['avg_f1_ci'][1]:.1f}]"
+                     + f" | {100 * p['avg_rf_delta']:.1f} | {100 * p['hotpotqa_acc']:.1f} | | | | |")
+    for name, r in rows.items():
+        rec = "" if m0_f1 is None else f"{100 * (r['avg_f1'] - m1['avg_f1']) / (m0_f1 - m1['avg_f1']):.0f}%"
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r['f1'][b]:.1f}" for b in HONESTY_BENCHMARKS)
+                     + f" | {100 * r['avg_f1']:.1f} [{100 * r['avg_f1_ci'][0]:.1f}, {100 * r['avg_f1_ci'][1]:.1f}]"
+                     + f" | {100 * r['avg_rf_delta']:.1f} | {100 * r['hotpotqa_acc']:.1f}"
+                     + f" | {100 * r['prudence']:.1f} | {100 * r['over_conservativeness']:.1f}"
+                     + f" | {100 * r['honesty']:.1f} | {rec} |")
+    return "\n".join(lines) + "\n"
+
+
+def prior_f1(prior: dict, tag: str) -> float | None:
+    try:
+        return float(prior["scores"][tag]["avg_f1"])
+    except (KeyError, TypeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="runs/reproduce")
+    ap.add_argument("--data-dir", default=None, help="benchmark data folder (else hcnr's lookup)")
+    ap.add_argument("--stage", default="all")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--solvers", default="exact,paper")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    solvers = args.solvers.split(",")
+    todo = stages(seeds, solvers) if args.stage == "all" else args.stage.split(",")
+    if args.stage == "list":
+        print("\n".join(stages(seeds, solvers)))
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    for stage in todo:
+        t0 = time.perf_counter()
+        try:
+            do_stage(stage, work, args.data_dir)
+        except SystemExit as e:  # one failed stage must not stop the independent ones after it
+            failed.append(stage)
+            print(f"[{time.strftime('%H:%M:%S')}] {stage} FAILED: {e}", flush=True)
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if failed:
+        print("failed stages: " + ", ".join(failed), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
