@@ -12,6 +12,15 @@ The Pallas kernel forms ``G`` tile by tile in on-chip memory and reduces it ther
 reaches HBM (the per-sample gradient is never materialised). ``neuron_sq_norms_reference`` is the
 plain ``jax.numpy`` version (ghost or direct, whichever is cheaper); ``neuron_sq_norms`` dispatches.
 
+Kernel layout: one program per (sample, block of scored neurons); it loops over blocks of the
+summed-over dimension and, inside, over token chunks, accumulating a ``[bk, bn]`` float32 tile of
+``G`` before squaring it (so no two programs write the same output: a GPU runs the grid in
+parallel). Every loaded tile is ``[bt, bn]`` or ``[bt, bk]`` with power-of-two sides (the Pallas
+Triton lowering requires power-of-two arrays), the dimensions being zero-padded to multiples of them;
+``_block_shapes`` picks the sides so that ``_smem_bytes`` (double-buffered input tiles plus the
+float32 ``G`` tile and the output tile) stays under ``SMEM_BUDGET`` = 96 KiB, well inside the
+227 KiB of shared memory per block of an H100/H200.
+
 ``backend="auto"`` uses a Pallas kernel only on a platform listed for it in ``VERIFIED`` (where it
 has been run against its reference, e.g. by ``experiments/gpu_check.py``), else the XLA path.
 
@@ -70,21 +79,83 @@ def neuron_sq_norms_reference(g: jax.Array, x: jax.Array, axis: str = "input", m
     return jnp.sum(mixed * keep, axis=1)
 
 
-def _kernel(g_ref, x_ref, out_ref, *, axis: str):
-    # Grid (b, n, k): n tiles the scored neurons, k tiles the summed-over dimension (last, so the
-    # output block stays resident while it accumulates).
-    k = pl.program_id(2)
+# Shared memory the block choice may use per program (bytes); H100/H200 allow 227 KiB per block.
+SMEM_BUDGET = 96 * 1024
+MIN_BLOCK = 16  # Triton's dot needs every side >= 16
 
-    @pl.when(k == 0)
-    def _():
-        out_ref[...] = jnp.zeros_like(out_ref)
 
-    g = g_ref[0].astype(jnp.float32)  # [T, Ob]
-    x = x_ref[0].astype(jnp.float32)  # [T, Ib]
-    grad = jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())), precision=HIGHEST,
-                               preferred_element_type=jnp.float32)  # [Ob, Ib] tile of G
-    reduce_axis = 0 if axis == "input" else 1
-    out_ref[...] += jnp.sum(grad * grad, axis=reduce_axis)[None, :]
+def _pow2_block(dim: int, cap: int) -> int:
+    """Smallest power of two >= ``dim`` (at least ``MIN_BLOCK``), at most ``cap``."""
+    return min(cap, max(MIN_BLOCK, 1 << (max(dim, 1) - 1).bit_length()))
+
+
+def _check_block(block: int, name: str = "block") -> None:
+    if block < MIN_BLOCK or block & (block - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {block}")
+
+
+def _shrink(sizes: dict[str, int], smem, budget: int) -> dict[str, int]:
+    """Halve the largest block (ties: the first key) until ``smem(**sizes) <= budget``."""
+    sizes = dict(sizes)
+    while smem(**sizes) > budget:
+        key = max(sizes, key=lambda k: sizes[k])  # first of the largest
+        if sizes[key] <= MIN_BLOCK:
+            raise ValueError(f"no blocks >= {MIN_BLOCK} fit a shared-memory budget of {budget} bytes")
+        sizes[key] //= 2
+    return sizes
+
+
+def _smem_bytes(bt: int, bn: int, bk: int) -> int:
+    """Estimated shared memory of one program (float32 bytes): the two input tiles ``[bt, bn]`` and
+    ``[bt, bk]`` double-buffered (``num_stages=2``), the ``[bk, bn]`` tile of ``G`` and the ``[bn]``
+    output tile. Conservative: Triton keeps the ``G`` tile in registers where it can."""
+    return 4 * (2 * (bt * bn + bt * bk) + bk * bn + bn)
+
+
+def _block_shapes(t: int, o: int, i: int, axis: str, block: int = 128,
+                  budget: int = SMEM_BUDGET) -> dict[str, int]:
+    """Blocks for ``neuron_sq_norms_pallas``: ``bt`` token chunk, ``bn`` scored neurons (I for axis
+    "input", O for "output"), ``bk`` the summed-over neurons; each a power of two in
+    [``MIN_BLOCK``, ``block``] (no larger than the padded dimension needs), with
+    ``_smem_bytes(bt, bn, bk) <= budget``."""
+    _check_block(block)
+    n, k = (i, o) if axis == "input" else (o, i)
+    sizes = {"bt": _pow2_block(t, block), "bk": _pow2_block(k, block), "bn": _pow2_block(n, block)}
+    return _shrink(sizes, _smem_bytes, budget)
+
+
+def _pad_to(dim: int, blk: int) -> int:
+    return -(-dim // blk) * blk
+
+
+def _compiler_params():
+    """Triton settings matching ``_smem_bytes`` (two pipeline stages); None where this jax has none."""
+    try:
+        from jax.experimental.pallas import triton as plgpu
+        return plgpu.CompilerParams(num_warps=4, num_stages=2)
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def _kernel(keep_ref, other_ref, out_ref, *, bt: int, bk: int):
+    # One program: one sample, one block of ``bn`` scored neurons. keep_ref [Tp, bn] is the scored
+    # side, other_ref [Tp, Kp] the summed-over side; only [bt, .] chunks of them are ever loaded.
+    n_t = keep_ref.shape[0] // bt
+    n_k = other_ref.shape[1] // bk
+    bn = keep_ref.shape[1]
+
+    def over_k(kb, total):
+        def over_t(tb, tile):
+            rows = pl.ds(tb * bt, bt)
+            keep = keep_ref[rows, :].astype(jnp.float32)  # [bt, bn]
+            other = other_ref[rows, pl.ds(kb * bk, bk)].astype(jnp.float32)  # [bt, bk]
+            return tile + jax.lax.dot_general(other, keep, (((0,), (0,)), ((), ())), precision=HIGHEST,
+                                              preferred_element_type=jnp.float32)  # [bk, bn] of G (or G^T)
+
+        tile = jax.lax.fori_loop(0, n_t, over_t, jnp.zeros((bk, bn), jnp.float32))
+        return total + jnp.sum(tile * tile, axis=0)
+
+    out_ref[...] = jax.lax.fori_loop(0, n_k, over_k, jnp.zeros((bn,), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "block", "interpret"))
@@ -92,36 +163,31 @@ def neuron_sq_norms_pallas(g: jax.Array, x: jax.Array, axis: str = "input", bloc
                            interpret: bool = False) -> jax.Array:
     """Pallas version of ``neuron_sq_norms_reference`` (same shapes, float32 result).
 
-    Dimensions are zero-padded to a multiple of ``block`` (zeros add nothing to the sums) and the
-    result is cut back.
+    ``block`` (a power of two >= 16) caps every block side; ``_block_shapes`` picks them. Dimensions
+    are zero-padded to multiples of their blocks (zeros add nothing to the sums) and the result is
+    cut back.
     """
     _check(g, x, axis)
     b, t, o = g.shape
     i = x.shape[2]
-    tp = pl.cdiv(t, 8) * 8
-    bo, bi = min(block, pl.cdiv(o, 8) * 8), min(block, pl.cdiv(i, 8) * 8)
-    op, ip = pl.cdiv(o, bo) * bo, pl.cdiv(i, bi) * bi
-    g = jnp.pad(g, ((0, 0), (0, tp - t), (0, op - o)))
-    x = jnp.pad(x, ((0, 0), (0, tp - t), (0, ip - i)))
-    if axis == "input":
-        n_blk, n_out = bi, ip
-        grid = (b, ip // bi, op // bo)
-        g_spec = pl.BlockSpec((1, tp, bo), lambda bb, n, k: (bb, 0, k))
-        x_spec = pl.BlockSpec((1, tp, bi), lambda bb, n, k: (bb, 0, n))
-    else:
-        n_blk, n_out = bo, op
-        grid = (b, op // bo, ip // bi)
-        g_spec = pl.BlockSpec((1, tp, bo), lambda bb, n, k: (bb, 0, n))
-        x_spec = pl.BlockSpec((1, tp, bi), lambda bb, n, k: (bb, 0, k))
+    blk = _block_shapes(t, o, i, axis, block)
+    bt, bn, bk = blk["bt"], blk["bn"], blk["bk"]
+    keep, other = (x, g) if axis == "input" else (g, x)
+    n, k = keep.shape[2], other.shape[2]
+    tp, np_, kp = _pad_to(t, bt), _pad_to(n, bn), _pad_to(k, bk)
+    keep = jnp.pad(keep, ((0, 0), (0, tp - t), (0, np_ - n)))
+    other = jnp.pad(other, ((0, 0), (0, tp - t), (0, kp - k)))
     out = pl.pallas_call(
-        functools.partial(_kernel, axis=axis),
-        grid=grid,
-        in_specs=[g_spec, x_spec],
-        out_specs=pl.BlockSpec((1, n_blk), lambda bb, n, k: (bb, n)),
-        out_shape=jax.ShapeDtypeStruct((b, n_out), jnp.float32),
+        functools.partial(_kernel, bt=bt, bk=bk),
+        grid=(b, np_ // bn),
+        in_specs=[pl.BlockSpec(block_shape=(None, tp, bn), index_map=lambda bb, j: (bb, 0, j)),
+                  pl.BlockSpec(block_shape=(None, tp, kp), index_map=lambda bb, j: (bb, 0, 0))],
+        out_specs=pl.BlockSpec(block_shape=(None, bn), index_map=lambda bb, j: (bb, j)),
+        out_shape=jax.ShapeDtypeStruct((b, np_), jnp.float32),
+        compiler_params=None if interpret else _compiler_params(),
         interpret=interpret,
-    )(g, x)
-    return out[:, : (i if axis == "input" else o)]
+    )(keep, other)
+    return out[:, :n]
 
 
 def neuron_sq_norms(g: jax.Array, x: jax.Array, axis: str = "input", backend: str = "auto") -> jax.Array:

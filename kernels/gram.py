@@ -1,8 +1,14 @@
 """Gram accumulation ``H + X^T X`` over the non-padding rows of X (the Hessian statistic).
 
-``gram_reference`` is the ``jax.numpy`` version; ``gram_pallas`` tiles ``H`` into blocks and
-reduces over token tiles inside the kernel, accumulating into ``H`` in place
-(``input_output_aliases``). ``gram`` dispatches like ``fisher_norms.neuron_sq_norms``.
+``gram_reference`` is the ``jax.numpy`` version; ``gram_pallas`` tiles ``H`` into ``[bi, bi]``
+blocks, one program each, which loops over ``[bn, bi]`` token chunks inside the kernel and adds the
+sum to its block of ``H`` in place (``input_output_aliases``); no two programs write the same block
+(a GPU runs the grid in parallel). ``gram`` dispatches like ``fisher_norms.neuron_sq_norms``.
+
+Block sides are powers of two (the Pallas Triton lowering requires power-of-two arrays), the
+dimensions zero-padded to multiples of them; ``_block_shapes`` picks them so that ``_smem_bytes``
+(double-buffered token chunks plus the float32 accumulator, ``H`` and output tiles) stays under
+``SMEM_BUDGET`` = 96 KiB, well inside the 227 KiB of shared memory per block of an H100/H200.
 
 Letters: n token (samples x positions flattened), i/j input dim.
 """
@@ -15,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hcnr_jax.kernels.fisher_norms import HIGHEST, resolve_backend
+from hcnr_jax.kernels import fisher_norms as _fn
+from hcnr_jax.kernels.fisher_norms import HIGHEST, SMEM_BUDGET, resolve_backend
 
 
 def _check(h: jax.Array, x: jax.Array, mask: jax.Array) -> None:
@@ -30,47 +37,68 @@ def gram_reference(h: jax.Array, x: jax.Array, mask: jax.Array) -> jax.Array:
     return h + jnp.einsum("ni,nj->ij", x, x, precision=HIGHEST)
 
 
-def _kernel(x_i_ref, x_j_ref, m_ref, h_ref, out_ref):
-    k = pl.program_id(2)
+def _smem_bytes(bn: int, bi: int) -> int:
+    """Estimated shared memory of one program (float32 bytes): two ``[bn, bi]`` token chunks
+    double-buffered (``num_stages=2``), the ``[bi, bi]`` accumulator, ``H`` tile and output tile."""
+    return 4 * (2 * 2 * bn * bi + 3 * bi * bi)
 
-    @pl.when(k == 0)
-    def _():
-        out_ref[...] = h_ref[...]
 
-    m = m_ref[...].astype(jnp.float32)  # [Nb, 1]
-    xi = x_i_ref[...].astype(jnp.float32) * m
-    xj = x_j_ref[...].astype(jnp.float32)
-    out_ref[...] += jax.lax.dot_general(xi, xj, (((0,), (0,)), ((), ())), precision=HIGHEST,
-                                        preferred_element_type=jnp.float32)
+def _block_shapes(n: int, i: int, block: int = 128, token_block: int = 256,
+                  budget: int = SMEM_BUDGET) -> dict[str, int]:
+    """Blocks for ``gram_pallas``: ``bn`` token chunk (at most ``token_block``), ``bi`` side of an
+    ``H`` block (at most ``block``); powers of two >= 16 with ``_smem_bytes(bn, bi) <= budget``."""
+    _fn._check_block(block)
+    _fn._check_block(token_block, "token_block")
+    return _fn._shrink({"bn": _fn._pow2_block(n, token_block), "bi": _fn._pow2_block(i, block)}, _smem_bytes, budget)
+
+
+def _kernel(x_i_ref, x_j_ref, h_ref, out_ref, *, bn: int):
+    # x_i_ref, x_j_ref [Np, bi]: columns of this block's rows / columns of H (rows already masked);
+    # only [bn, bi] chunks are loaded.
+    bi = out_ref.shape[0]
+
+    def body(k, acc):
+        rows = pl.ds(k * bn, bn)
+        xi = x_i_ref[rows, :].astype(jnp.float32)
+        xj = x_j_ref[rows, :].astype(jnp.float32)
+        return acc + jax.lax.dot_general(xi, xj, (((0,), (0,)), ((), ())), precision=HIGHEST,
+                                         preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, x_i_ref.shape[0] // bn, body, jnp.zeros((bi, bi), jnp.float32))
+    out_ref[...] = h_ref[...] + acc
 
 
 @functools.partial(jax.jit, static_argnames=("block", "token_block", "interpret"), donate_argnums=0)
 def gram_pallas(h: jax.Array, x: jax.Array, mask: jax.Array, block: int = 128, token_block: int = 256,
                 interpret: bool = False) -> jax.Array:
-    """Pallas version of ``gram_reference`` (``h`` is donated and updated in place)."""
+    """Pallas version of ``gram_reference`` (``h`` is donated and updated in place).
+
+    ``block`` / ``token_block`` (powers of two >= 16) cap the ``H`` block side and the token chunk;
+    ``_block_shapes`` picks them within the shared-memory budget.
+    """
     _check(h, x, mask)
     n, i = x.shape
-    bi = min(block, pl.cdiv(i, 8) * 8)
-    bn = min(token_block, pl.cdiv(n, 8) * 8)
-    ip, np_ = pl.cdiv(i, bi) * bi, pl.cdiv(n, bn) * bn
-    # Padded rows are masked out, padded columns are zero: neither changes the kept block of H.
+    blk = _block_shapes(n, i, block, token_block)
+    bn, bi = blk["bn"], blk["bi"]
+    ip, np_ = _fn._pad_to(i, bi), _fn._pad_to(n, bn)
+    # Masked-out and padded rows are zero, padded columns are zero: none changes the kept block of H.
+    x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
     x = jnp.pad(x, ((0, np_ - n), (0, ip - i)))
-    m = jnp.pad(mask.astype(jnp.float32), (0, np_ - n))[:, None]
     hp = jnp.pad(h.astype(jnp.float32), ((0, ip - i), (0, ip - i)))
     out = pl.pallas_call(
-        _kernel,
-        grid=(ip // bi, ip // bi, np_ // bn),
+        functools.partial(_kernel, bn=bn),
+        grid=(ip // bi, ip // bi),
         in_specs=[
-            pl.BlockSpec((bn, bi), lambda a, c, k: (k, a)),
-            pl.BlockSpec((bn, bi), lambda a, c, k: (k, c)),
-            pl.BlockSpec((bn, 1), lambda a, c, k: (k, 0)),
-            pl.BlockSpec((bi, bi), lambda a, c, k: (a, c)),
+            pl.BlockSpec(block_shape=(np_, bi), index_map=lambda a, c: (0, a)),
+            pl.BlockSpec(block_shape=(np_, bi), index_map=lambda a, c: (0, c)),
+            pl.BlockSpec(block_shape=(bi, bi), index_map=lambda a, c: (a, c)),
         ],
-        out_specs=pl.BlockSpec((bi, bi), lambda a, c, k: (a, c)),
+        out_specs=pl.BlockSpec(block_shape=(bi, bi), index_map=lambda a, c: (a, c)),
         out_shape=jax.ShapeDtypeStruct((ip, ip), jnp.float32),
-        input_output_aliases={3: 0},
+        input_output_aliases={2: 0},
+        compiler_params=None if interpret else _fn._compiler_params(),
         interpret=interpret,
-    )(x, x, m, hp)
+    )(x, x, hp)
     return out[:i, :i]
 
 

@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hcnr_jax.kernels import fisher_norms
+from hcnr_jax.kernels import gram as gram_mod
 from hcnr_jax.kernels.fisher_norms import neuron_sq_norms, neuron_sq_norms_pallas, neuron_sq_norms_reference
 from hcnr_jax.kernels.gram import gram, gram_pallas, gram_reference
+
+AWKWARD = (13, 24, 37, 40, 50, 1000, 14336)
 
 
 def _direct64(g, x, axis):
@@ -15,7 +19,7 @@ def _direct64(g, x, axis):
     return (grad**2).sum(1 if axis == "input" else 2)
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 20, 37), (3, 13, 33, 9), (1, 30, 16, 16)])
+@pytest.mark.parametrize("shape", [(2, 7, 20, 37), (3, 13, 33, 9), (1, 30, 16, 16), (2, 13, 40, 24), (1, 50, 13, 40), (2, 150, 200, 90)])
 @pytest.mark.parametrize("axis", ["input", "output"])
 def test_neuron_norms(shape, axis):
     b, t, o, i = shape
@@ -31,7 +35,7 @@ def test_neuron_norms(shape, axis):
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(50, 37), (9, 8), (130, 20)])
+@pytest.mark.parametrize("shape", [(50, 37), (9, 8), (130, 20), (24, 40), (13, 50), (300, 100)])
 def test_gram(shape):
     n, i = shape
     rng = np.random.default_rng(n)
@@ -67,3 +71,86 @@ def test_auto_uses_pallas_only_where_verified(monkeypatch):
     assert fisher_norms.resolve_backend("auto", "gram") == "pallas"
     assert fisher_norms.resolve_backend("auto", "fisher_norms") == "reference"
     assert fisher_norms.resolve_backend("reference", "gram") == "reference"
+
+
+def _pow2(n):
+    return n >= 16 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_fisher_blocks_are_powers_of_two(axis):
+    """Every tile the kernel loads or stores ([bt, bn], [bt, bk], [bn]) has power-of-two sides, as the
+    Pallas Triton lowering requires, and fits the shared-memory budget."""
+    for t in (*AWKWARD, 256, 512):
+        for o in AWKWARD:
+            for i in AWKWARD:
+                blk = fisher_norms._block_shapes(t, o, i, axis)
+                assert set(blk) == {"bt", "bn", "bk"} and all(_pow2(v) and v <= 128 for v in blk.values()), blk
+                assert fisher_norms._smem_bytes(**blk) <= fisher_norms.SMEM_BUDGET
+    with pytest.raises(ValueError):
+        fisher_norms._block_shapes(13, 40, 24, axis, block=24)
+
+
+def test_gram_blocks_are_powers_of_two():
+    for n in (*AWKWARD, 4096):
+        for i in AWKWARD:
+            blk = gram_mod._block_shapes(n, i)
+            assert set(blk) == {"bn", "bi"} and all(_pow2(v) for v in blk.values()), blk
+            assert gram_mod._smem_bytes(**blk) <= fisher_norms.SMEM_BUDGET
+    with pytest.raises(ValueError):
+        gram_mod._block_shapes(50, 37, token_block=100)
+
+
+# (T, O, I) of the gpu_check shape and of Llama-3.1-8B's linears (q/o 4096x4096, k/v 1024x4096,
+# gate/up 14336x4096, down 4096x14336) at up to 512 tokens.
+FISHER_LAYERS = [(256, 1024, 512)] + [(t, o, i) for t in (13, 128, 512)
+                                      for o, i in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]]
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize("t, o, i", FISHER_LAYERS)
+def test_fisher_smem_bound(t, o, i, axis):
+    """The estimated shared memory per program stays within the default 96 KiB budget (H100/H200:
+    227 KiB per block; the first H200 run asked for 256 KiB with 128-wide tiles over all 256 tokens)."""
+    blk = fisher_norms._block_shapes(t, o, i, axis)
+    assert fisher_norms._smem_bytes(**blk) <= 96 * 1024
+    assert fisher_norms._smem_bytes(bt=256, bn=128, bk=128) > 227 * 1024  # the old choice would not fit
+
+
+@pytest.mark.parametrize("n, i", [(4096, 1024), (50, 37), (4096, 4096), (8 * 512, 14336)])
+def test_gram_smem_bound(n, i):
+    blk = gram_mod._block_shapes(n, i)
+    assert gram_mod._smem_bytes(**blk) <= 96 * 1024
+    assert blk == gram_mod._block_shapes(n, i, block=128, token_block=256)  # the defaults gram_pallas uses
+
+
+def _lower_for_cuda(fn, *args):
+    import jax
+
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_kernels_lower_to_triton():
+    """The Pallas Triton lowering runs in Python, so it can be checked without a GPU: every kernel
+    lowers for CUDA at the shapes that failed on the first H200 run (non-power-of-two arrays).
+    Shared memory is only known after Triton compiles on a device (``experiments/gpu_check.py``)."""
+    import jax
+    from jax.experimental import pallas as pl
+
+    def probe(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1.0
+
+    f32 = jax.ShapeDtypeStruct
+    try:
+        from jax.experimental.pallas import triton as plgpu
+
+        _lower_for_cuda(lambda x: pl.pallas_call(probe, out_shape=f32((16,), jnp.float32),
+                                                 compiler_params=plgpu.CompilerParams())(x), f32((16,), jnp.float32))
+    except Exception as e:  # this jax/jaxlib cannot lower Pallas for CUDA here
+        pytest.skip(f"no Pallas Triton lowering for cuda on this install: {type(e).__name__}: {e}")
+    for b, t, o, i in [(2, 13, 40, 24), (8, 256, 1024, 512)]:
+        for axis in ("input", "output"):
+            _lower_for_cuda(lambda g, x, axis=axis: neuron_sq_norms_pallas(g, x, axis=axis),
+                            f32((b, t, o), jnp.float32), f32((b, t, i), jnp.bfloat16))
+    for n, i in [(50, 37), (4096, 1024)]:
+        _lower_for_cuda(gram_pallas, f32((i, i), jnp.float32), f32((n, i), jnp.float32), f32((n,), jnp.bool_))
