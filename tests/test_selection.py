@@ -65,6 +65,29 @@ def test_perturbation_formula():
     assert sel.perturbation(0.0, 0.0) == 0.0 and sel.perturbation(1.0, 0.0) == np.inf
 
 
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_masked_norms_on_device_match_float64(axis):
+    """Device float32 sums of the float32 products agree with float64 sums to ~1e-7; jax or NumPy
+    weights (bfloat16 cast on the device), bool or index masks give the same numbers."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    w0 = rng.normal(size=(384, 512)).astype(np.float32)
+    w1 = (w0 + 0.01 * rng.normal(size=w0.shape)).astype(np.float32)
+    n = w0.shape[1] if axis == "input" else w0.shape[0]
+    m = rng.random(n) < 0.5
+    a, b = (w0[:, m], w1[:, m]) if axis == "input" else (w0[m], w1[m])
+    d = b - a
+    ref = (np.sum(d * d, dtype=np.float64), np.sum(a * a, dtype=np.float64))
+    got = sel.masked_norms(w0, w1, m, axis)
+    assert got == pytest.approx(ref, rel=1e-6)
+    assert sel.masked_norms(jnp.asarray(w0), jnp.asarray(w1), m, axis) == got
+    assert sel.masked_norms(w0, w1, np.flatnonzero(m), axis) == got
+    b0, b1 = jnp.asarray(w0, jnp.bfloat16), jnp.asarray(w1, jnp.bfloat16)
+    h0, h1 = np.asarray(b0, np.float32), np.asarray(b1, np.float32)
+    assert sel.masked_norms(b0, b1, m, axis) == sel.masked_norms(h0, h1, m, axis)
+
+
 def test_keep_units_count_and_params():
     d = [0.1, 0.5, 0.3, 0.9, 0.2]
     np.testing.assert_array_equal(sel.keep_units(d, [1] * 5, 0.4, "count"), [0, 1, 0, 1, 0])

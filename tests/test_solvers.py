@@ -1,5 +1,7 @@
 """Solvers against float64 NumPy references on well- and ill-conditioned random problems."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -72,7 +74,7 @@ def test_exact_matches_float64_and_is_optimal(seed, cond):
     np.testing.assert_allclose(res.w_new, ref, atol=tol * scale)
     # Zero gradient of the damped objective in the free (restored) columns, at float64.
     hd = damped64(np.asarray(h, np.float32).astype(np.float64), lam)
-    grad = 2 * (res.w_new.astype(np.float64) - np.float32(w_orig).astype(np.float64)) @ hd
+    grad = 2 * (np.asarray(res.w_new, np.float64) - np.float32(w_orig).astype(np.float64)) @ hd
     gscale = np.abs(2 * (np.float32(w_sft) - np.float32(w_orig)).astype(np.float64) @ hd).max()
     assert np.abs(grad[:, restored]).max() <= tol * gscale
     # Not above paper or none on the objective it minimises (float64 evaluation).
@@ -108,7 +110,7 @@ def test_exact_undamped_well_conditioned_is_true_optimum():
     w_orig, w_sft, h, restored = problem(7, tokens=200)
     res = S.solve("exact", *f32(w_orig, w_sft, h), restored, 0.0)
     h32 = np.float32(h).astype(np.float64)
-    g = 2 * (res.w_new.astype(np.float64) - np.float32(w_orig)) @ h32
+    g = 2 * (np.asarray(res.w_new, np.float64) - np.float32(w_orig)) @ h32
     assert np.abs(g[:, restored]).max() < 1e-3 * np.abs(h32).max()
     assert res.objective_after < res.objective_before
     assert res.damping == 0.0
@@ -223,3 +225,59 @@ def test_solver_in_its_own_file_by_module_name(tmp_path, monkeypatch):
     finally:
         S.SOLVERS.pop("shrink", None)
         S.SOLVERS.pop("my_solvers:shrink", None)
+
+
+@pytest.mark.parametrize("name", ["exact", "paper", "cg", "none"])
+def test_device_inputs_give_the_same_result_on_the_device(name):
+    """The pipeline hands jax arrays (float32, or bfloat16 weights cast by `solve`); the result is
+    the NumPy-input one bit for bit, and ``w_new`` stays a jax array."""
+    *arrays, restored = problem(9)
+    w_orig, w_sft, h = f32(*arrays)
+    host = S.solve(name, w_orig, w_sft, h, restored, 0.01)
+    dev = S.solve(name, jnp.asarray(w_orig), jnp.asarray(w_sft), jnp.asarray(h), jnp.asarray(restored), 0.01)
+    assert isinstance(host.w_new, jax.Array) and isinstance(dev.w_new, jax.Array)
+    assert dev.w_new.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(dev.w_new), np.asarray(host.w_new))
+    assert (dev.objective_before, dev.objective_after, dev.damping) == \
+        (host.objective_before, host.objective_after, host.damping)
+    # Called directly (not through `solve`), a solver takes NumPy too.
+    direct = S.SOLVERS[name](w_orig, w_sft, h, restored, 0.01)
+    np.testing.assert_array_equal(np.asarray(direct.w_new), np.asarray(host.w_new))
+    bf16 = S.solve(name, jnp.asarray(w_orig, jnp.bfloat16), jnp.asarray(w_sft, jnp.bfloat16), h, restored, 0.01)
+    np.testing.assert_array_equal(np.asarray(bf16.w_new)[:, ~restored],
+                                  np.asarray(jnp.asarray(w_sft, jnp.bfloat16), np.float32)[:, ~restored])
+
+
+def test_helpers_accept_numpy_and_jax():
+    *arrays, restored = problem(10)
+    w_orig, w_sft, h = f32(*arrays)
+    for conv in (np.asarray, jnp.asarray):
+        a, b, hh = conv(w_orig), conv(w_sft), conv(h)
+        r = S.restore_only(a, b, restored)
+        np.testing.assert_array_equal(np.asarray(r), np.where(restored[None, :], w_orig, w_sft))
+        assert S.layer_objective(r, a, hh) == pytest.approx(objective64(r, w_orig, h), rel=1e-5)
+        assert S.damping_scale(hh) == pytest.approx(np.mean(np.diag(h)), rel=1e-6)
+        hc, task, dw = S._split(a, b, restored)
+        np.testing.assert_array_equal(hc, np.flatnonzero(restored))
+        np.testing.assert_array_equal(np.asarray(dw), (w_sft - w_orig)[:, task])
+        res = S.make_result(conv(w_orig[:, restored]), a, b, hh, restored, 0.01)
+        assert isinstance(res.w_new, jax.Array)
+        np.testing.assert_array_equal(np.asarray(res.w_new), np.asarray(r))
+        assert res.objective_after == res.objective_before
+    assert S.damping_scale(np.zeros((3, 3), np.float32)) == 1.0
+
+
+def test_user_solver_returning_numpy_is_converted():
+    @S.register_solver("_test_numpy")
+    def numpy_restore(w_orig, w_sft, h, restored, damping, **options):
+        w = np.array(w_sft, np.float32)
+        w[:, restored] = np.asarray(w_orig)[:, restored]
+        return S.SolverResult(w, 0.0, 0.0, damping)
+
+    try:
+        w_orig, w_sft, h, restored = problem(11)
+        res = S.solve("_test_numpy", *f32(w_orig, w_sft, h), restored, 0.01)
+        assert isinstance(res.w_new, jax.Array)
+        np.testing.assert_array_equal(np.asarray(res.w_new), np.asarray(S.restore_only(*f32(w_orig, w_sft), restored)))
+    finally:
+        S.SOLVERS.pop("_test_numpy")

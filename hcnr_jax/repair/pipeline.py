@@ -144,8 +144,38 @@ def _module(name: str) -> str:
     return name.rsplit(".", 2)[-2]
 
 
-def _f32(x: Any) -> np.ndarray:
-    return np.asarray(x).astype(np.float32)
+def _f32(x: Any) -> jax.Array:
+    """A weight as float32 on the device: a jax array is cast where it lives, a host array is
+    copied there in its own dtype and cast there (no float32 host copy)."""
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+class _DeviceHessians:
+    """Each kept layer's H on the device, summed there over the calibration sets, built when the
+    solve reaches the layer. The statistics return host arrays, and layers that read the same
+    input share one object (q/k/v, gate/up: consecutive in model order); the last device H is
+    kept for the next layer while its parts are the same objects, so each distinct H is copied
+    (and summed) once, and only one lives on the device at a time, as before."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[Any]] = {}
+        self._key: tuple[int, ...] | None = None
+        self._dev: jax.Array | None = None
+
+    def add(self, hess: Mapping[str, Any]) -> None:
+        for n, h in hess.items():
+            self.parts.setdefault(n, []).append(h)
+
+    def pop(self, name: str) -> jax.Array:
+        parts = self.parts.pop(name)  # the host arrays go once their last layer is solved
+        key = tuple(id(p) for p in parts)  # unique while `parts` holds them
+        if key != self._key:
+            self._key, self._dev = None, None  # free the previous one before copying the next
+            dev = jnp.asarray(parts[0], jnp.float32)
+            for p in parts[1:]:
+                dev = dev + jnp.asarray(p, jnp.float32)
+            self._key, self._dev = key, dev
+        return self._dev
 
 
 def prepare(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, honesty_data: Any = None,
@@ -242,7 +272,8 @@ def repair(
         s_hon = stats.fisher(models[cfg.fisher_hon_model], mc, hon, neuron_axis=cfg.neuron_axis, **sopts)
         s_task = stats.fisher(models[cfg.fisher_task_model], mc, task, neuron_axis=cfg.neuron_axis, **sopts)
 
-    def weights(name: str) -> tuple[np.ndarray, np.ndarray]:
+    def weights(name: str) -> tuple[jax.Array, jax.Array]:
+        # Device float32 copies of one layer; only norms and objectives come to the host.
         return _f32(get(base_m.params, name)), _f32(get(ft_m.params, name))
 
     with clock.stage("select"):
@@ -255,15 +286,11 @@ def repair(
     with clock.stage("hessian"):
         calib = {"hon": [hon], "task": [task], "both": [hon, task]}[cfg.calib_data]
         kept_names = [sl.name for sl in layers if sl.kept]
-        hess: dict[str, Any] = {}
+        hess = _DeviceHessians()
         for samples in calib:
             # Only the kept layers' H are accumulated; layers sharing an input share one array
-            # object, which the sum keeps shared (summed once per object).
-            h = stats.hessian(models[cfg.calib_model], mc, samples, layers=kept_names, **sopts)
-            if hess:
-                summed: dict[int, Any] = {}
-                h = {n: summed.setdefault(id(hess[n]), np.asarray(hess[n]) + np.asarray(h[n])) for n in h}
-            hess = h
+            # object. The sum over sets is taken on the device in the solve, once per object.
+            hess.add(stats.hessian(models[cfg.calib_model], mc, samples, layers=kept_names, **sopts))
 
     updates: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
@@ -278,7 +305,7 @@ def repair(
             }
             if sl.kept:
                 w_orig, w_sft = weights(sl.name)
-                h = np.asarray(hess[sl.name], np.float32)
+                h = hess.pop(sl.name)  # float32 on the device
                 if cfg.neuron_axis == "input":
                     res = solve(cfg.solver, w_orig, w_sft, h, sl.restored, cfg.damping, **dict(cfg.solver_options))
                     w_new, before, after, lam = res.w_new, res.objective_before, res.objective_after, res.damping
@@ -288,10 +315,10 @@ def repair(
                     w_new = restore_only(w_orig.T, w_sft.T, sl.restored).T
                     before = after = layer_objective(w_new, w_orig, h)
                     lam = cfg.damping
-                dtype = np.asarray(get(ft_m.params, sl.name)).dtype
-                updates[sl.name] = jnp.asarray(np.asarray(w_new, np.float32).astype(dtype))  # cast once
+                updates[sl.name] = jnp.asarray(w_new).astype(get(ft_m.params, sl.name).dtype)  # cast on device
                 rec.update(objective_sft=layer_objective(w_sft, w_orig, h), objective_before=before,
                            objective_after=after, damping=lam)
+                del w_orig, w_sft, h  # the next layer's device H may replace this one
             records.append(rec)
         del hess
         new_params = set_leaves(ft_m.params, updates) if updates else ft_m.params

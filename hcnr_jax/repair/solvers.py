@@ -21,17 +21,23 @@ Adding a solver: one function in one file, registered by name, e.g.
         w_hc = ...  # [out, n_restored] float32: the new values of the restored columns
         return make_result(w_hc, w_orig, w_sft, h, restored, damping)
 
-Inputs are float32 arrays ``w_orig, w_sft [out, in]``, ``h [in, in]`` (undamped), ``restored
-bool [in]`` (at least one True), ``damping`` = lambda; ``options`` come from
-``RepairConfig.solver_options``. `make_result` pins the task columns and computes the objective
-before compensation (restore only) and after, both with the undamped H. Select it with
-``solver: mine`` after importing your module, or name the module in the setting itself,
+Inputs are ``w_orig, w_sft [out, in]``, ``h [in, in]`` (undamped), ``restored bool [in]`` (a
+NumPy mask, at least one True), ``damping`` = lambda; ``options`` come from
+``RepairConfig.solver_options``. Through `solve` (the pipeline's path) the three arrays arrive as
+float32 jax arrays on the device, where the pipeline keeps weights, Hessians and updates
+(``np.asarray`` makes a host copy if a solver wants NumPy); called directly, every helper here
+also accepts NumPy arrays. Only scalars (objectives, damping, flags) come back to the host.
+`make_result` accepts ``w_hc`` as a jax or NumPy array, pins the task columns on the device and
+computes the objective before compensation (restore only) and after, both with the undamped H.
+A solver may also build its `SolverResult` itself with a NumPy ``w_new``: `solve` converts it.
+Select it with ``solver: mine`` after importing your module, or name the module in the setting itself,
 ``solver: my_package.my_solvers:mine`` (``hcnr repair --solver my_package.my_solvers:mine``): the
 module is imported, which registers it, and nothing else of the pipeline changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,13 +52,19 @@ HIGHEST = jax.lax.Precision.HIGHEST
 MAX_DAMPING_RETRIES = 8
 
 
+Array = jax.Array | np.ndarray
+
+
 @dataclass(frozen=True)
 class SolverResult:
     """A solved layer: ``w_new [out, in]`` float32, and the objective f (undamped H) of the
     restore-only weight (``objective_before``) and of ``w_new`` (``objective_after``).
-    ``damping`` is the lambda finally used; ``info`` holds solver-specific diagnostics."""
+    ``damping`` is the lambda finally used; ``info`` holds solver-specific diagnostics.
 
-    w_new: np.ndarray
+    ``w_new`` is a jax array (on the device) from the built-in solvers and from `solve`, which
+    converts a user solver's NumPy ``w_new``; a solver itself may return either."""
+
+    w_new: Array
     objective_before: float
     objective_after: float
     damping: float
@@ -60,7 +72,10 @@ class SolverResult:
 
 
 class Solver(Protocol):
-    def __call__(self, w_orig: np.ndarray, w_sft: np.ndarray, h: np.ndarray, restored: np.ndarray,
+    """``(w_orig, w_sft, h, restored, damping, **options) -> SolverResult``: the arrays are jax
+    (from `solve`: float32, on the device) or NumPy; ``restored`` is a NumPy bool mask."""
+
+    def __call__(self, w_orig: Array, w_sft: Array, h: Array, restored: np.ndarray,
                  damping: float, **options: Any) -> SolverResult: ...
 
 
@@ -90,28 +105,69 @@ def objective(w: jax.Array, w_orig: jax.Array, h: jax.Array) -> jax.Array:
 
 def layer_objective(w: Any, w_orig: Any, h: Any) -> float:
     """tr((W - W_orig) H (W - W_orig)^T) in float32 (W, W_orig [out, in]; H [in, in])."""
-    return float(objective(jnp.asarray(w, jnp.float32), jnp.asarray(w_orig, jnp.float32),
-                           jnp.asarray(h, jnp.float32)))
+    return float(objective(_f32(w), _f32(w_orig), _f32(h)))
 
 
-def restore_only(w_orig: np.ndarray, w_sft: np.ndarray, restored: np.ndarray) -> np.ndarray:
-    """``W_sft`` with the restored columns copied bit-exactly from ``W_orig``."""
-    return np.where(np.asarray(restored, bool)[None, :], np.asarray(w_orig), np.asarray(w_sft))
+def _f32(x: Any) -> jax.Array:
+    """``x`` as a float32 jax array: a jax array is cast where it lives (no copy if it is float32
+    already), a NumPy array is copied to the default device once."""
+    return jnp.asarray(x).astype(jnp.float32) if isinstance(x, jax.Array) else jnp.asarray(x, jnp.float32)
 
 
-def make_result(w_hc: Any, w_orig: np.ndarray, w_sft: np.ndarray, h: np.ndarray, restored: np.ndarray,
+def _mask(restored: Any) -> np.ndarray:
+    """The restored mask on the host (it is small): bool [in]."""
+    return np.asarray(restored, bool)
+
+
+def _idx(positions: np.ndarray) -> jax.Array:
+    return jnp.asarray(positions, jnp.int32)
+
+
+@jax.jit
+def _cols(w: jax.Array, idx: jax.Array) -> jax.Array:
+    """``w[:, idx]``, gathered on the device."""
+    return jnp.take(w, idx, axis=1)
+
+
+@jax.jit
+def _block(h: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """``h[rows][:, cols]`` as one gather (no ``h[rows]`` intermediate)."""
+    return h[rows[:, None], cols[None, :]]
+
+
+def restore_only(w_orig: Any, w_sft: Any, restored: Any) -> jax.Array:
+    """``W_sft`` with the restored columns copied bit-exactly from ``W_orig`` (on the device)."""
+    return jnp.where(jnp.asarray(_mask(restored))[None, :], jnp.asarray(w_orig), jnp.asarray(w_sft))
+
+
+@jax.jit
+def _assemble(w_hc: jax.Array, w_orig: jax.Array, w_sft: jax.Array, h: jax.Array,
+              hc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    w_new = w_sft.at[:, hc].set(w_hc)
+    before = objective(w_sft.at[:, hc].set(jnp.take(w_orig, hc, axis=1)), w_orig, h)
+    return w_new, before, objective(w_new, w_orig, h)
+
+
+def make_result(w_hc: Any, w_orig: Any, w_sft: Any, h: Any, restored: Any,
                 damping: float, **info: Any) -> SolverResult:
-    """Assemble ``W``: task columns = ``W_sft`` exactly, restored columns = ``w_hc [out, n_hc]``."""
-    restored = np.asarray(restored, bool)
-    w_new = np.array(w_sft, np.float32, copy=True)
-    w_new[:, restored] = np.asarray(w_hc, np.float32)
-    before = layer_objective(restore_only(w_orig, w_sft, restored), w_orig, h)
-    return SolverResult(w_new, before, layer_objective(w_new, w_orig, h), float(damping), info)
+    """Assemble ``W``: task columns = ``W_sft`` exactly, restored columns = ``w_hc [out, n_hc]``.
+
+    Inputs jax or NumPy; the work is done on the device, ``w_new`` is a float32 jax array and
+    only the two objectives come to the host."""
+    hc = _idx(np.flatnonzero(_mask(restored)))
+    w_new, before, after = _assemble(_f32(w_hc), _f32(w_orig), _f32(w_sft), _f32(h), hc)
+    before, after = jax.device_get((before, after))
+    return SolverResult(w_new, float(before), float(after), float(damping), info)
+
+
+@jax.jit
+def _diag_mean(h: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.diagonal(h).astype(jnp.float32))
 
 
 def damping_scale(h: Any) -> float:
     """``mean(diag H)`` of the whole layer H, or 1 when H is all zero (nothing seen any input)."""
-    scale = float(np.mean(np.diag(np.asarray(h, np.float32))))
+    scale = float(_diag_mean(jnp.asarray(h)))
     return scale if np.isfinite(scale) and scale > 0 else 1.0
 
 
@@ -138,11 +194,17 @@ def cholesky_with_retry(h: jax.Array, damping: float, scale: float) -> tuple[jax
     raise HcnrError(f"Hessian not positive definite even with damping {lam:g} (non-finite inputs?)")
 
 
-def _split(w_orig: np.ndarray, w_sft: np.ndarray, restored: np.ndarray) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-    restored = np.asarray(restored, bool)
+@jax.jit
+def _task_shift(w_orig: jax.Array, w_sft: jax.Array, task: jax.Array) -> jax.Array:
+    return jnp.take(w_sft, task, axis=1) - jnp.take(w_orig, task, axis=1)
+
+
+def _split(w_orig: Any, w_sft: Any, restored: Any) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+    """Host index arrays of the restored (``hc``) and pinned (``task``) columns, and the pinned
+    columns' shift ``dW[:, task] = W_sft[:, task] - W_orig[:, task]`` on the device."""
+    restored = _mask(restored)
     hc, task = np.flatnonzero(restored), np.flatnonzero(~restored)
-    dw_task = jnp.asarray(w_sft[:, task], jnp.float32) - jnp.asarray(w_orig[:, task], jnp.float32)
-    return hc, task, dw_task
+    return hc, task, _task_shift(_f32(w_orig), _f32(w_sft), _idx(task))
 
 
 # --- the registered solvers ---------------------------------------------------------------------
@@ -150,7 +212,8 @@ def _split(w_orig: np.ndarray, w_sft: np.ndarray, restored: np.ndarray) -> tuple
 @register_solver("none")
 def solve_none(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     """Restore only (the paper's "w/o compensation" ablation)."""
-    return make_result(np.asarray(w_orig)[:, np.asarray(restored, bool)], w_orig, w_sft, h, restored, damping)
+    w_orig_hc = _cols(_f32(w_orig), _idx(np.flatnonzero(_mask(restored))))
+    return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
 
 
 @jax.jit
@@ -167,15 +230,16 @@ def solve_exact(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     Setting the gradient of f in the restored columns E = W_hc - W_orig[:, hc] to zero,
     ``2 (dW_t H_th + E H_hh) = 0``; H is the damped one, so this is the ridge optimum.
     """
+    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
     hc, task, dw_task = _split(w_orig, w_sft, restored)
-    w_orig_hc = np.asarray(w_orig, np.float32)[:, hc]
+    hc, task = _idx(hc), _idx(task)
+    w_orig_hc = _cols(w_orig, hc)
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
-    hd = jnp.asarray(h, jnp.float32)
     # The damped H's diagonal lies in H_hh; its H_th block is off-diagonal, so undamped.
-    chol, lam = cholesky_with_retry(hd[np.ix_(hc, hc)], damping, damping_scale(h))
-    e = _exact_update(chol, dw_task, hd[np.ix_(task, hc)])
-    return make_result(w_orig_hc + np.asarray(e), w_orig, w_sft, h, restored, lam)
+    chol, lam = cholesky_with_retry(_block(h, hc, hc), damping, damping_scale(h))
+    e = _exact_update(chol, dw_task, _block(h, task, hc))
+    return make_result(w_orig_hc + e, w_orig, w_sft, h, restored, lam)
 
 
 @jax.jit
@@ -193,13 +257,15 @@ def solve_paper(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     whole damped H; the sum over k ignores how the compensations interact, so with several
     pinned columns it is not the optimum (with exactly one it equals ``exact``).
     """
+    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
     hc, task, dw_task = _split(w_orig, w_sft, restored)
-    w_orig_hc = np.asarray(w_orig, np.float32)[:, hc]
+    hc, task = _idx(hc), _idx(task)
+    w_orig_hc = _cols(w_orig, hc)
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
-    chol, lam = cholesky_with_retry(jnp.asarray(h, jnp.float32), damping, damping_scale(h))
-    e = _paper_update(chol, dw_task, jnp.asarray(task), jnp.asarray(hc))
-    return make_result(w_orig_hc + np.asarray(e), w_orig, w_sft, h, restored, lam)
+    chol, lam = cholesky_with_retry(h, damping, damping_scale(h))
+    e = _paper_update(chol, dw_task, task, hc)
+    return make_result(w_orig_hc + e, w_orig, w_sft, h, restored, lam)
 
 
 def _cg_rows(a: jax.Array, b: jax.Array, iters: int, tol: float) -> tuple[jax.Array, jax.Array]:
@@ -243,15 +309,16 @@ def solve_cg(w_orig, w_sft, h, restored, damping, *, iters: int = 100, tol: floa
     residual per row). Starting from E = 0 (restore only), each CG step lowers the damped
     objective, so any ``iters`` is at least as good as ``none`` on it.
     """
+    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
     hc, task, dw_task = _split(w_orig, w_sft, restored)
-    w_orig_hc = np.asarray(w_orig, np.float32)[:, hc]
+    hc, task = _idx(hc), _idx(task)
+    w_orig_hc = _cols(w_orig, hc)
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
-    hd = jnp.asarray(h, jnp.float32)
-    h_hh = damp(hd[np.ix_(hc, hc)], damping, damping_scale(h))
-    rhs = -jnp.matmul(dw_task, hd[np.ix_(task, hc)], precision=HIGHEST)
+    h_hh = damp(_block(h, hc, hc), damping, damping_scale(h))
+    rhs = -jnp.matmul(dw_task, _block(h, task, hc), precision=HIGHEST)
     e, n = _cg_rows_jit(h_hh, rhs, int(iters), float(tol))
-    return make_result(w_orig_hc + np.asarray(e), w_orig, w_sft, h, restored, damping,
+    return make_result(w_orig_hc + e, w_orig, w_sft, h, restored, damping,
                        cg_max_iters=int(jnp.max(n)))
 
 
@@ -275,11 +342,13 @@ def get_solver(name: str) -> Solver:
 
 def solve(name: str, w_orig: Any, w_sft: Any, h: Any, restored: Any, damping: float,
           **options: Any) -> SolverResult:
-    """Run the registered solver ``name`` on one layer after checking the inputs and the output."""
+    """Run the registered solver ``name`` on one layer after checking the inputs and the output.
+
+    ``w_orig, w_sft, h``: jax or NumPy arrays, handed to the solver as float32 jax arrays on the
+    device (a jax array stays where it is); ``restored``: bool [in] or an index array. The
+    result's ``w_new`` is a float32 jax array whatever the solver returned."""
     fn = get_solver(name)
-    w_orig = np.asarray(w_orig, np.float32)
-    w_sft = np.asarray(w_sft, np.float32)
-    h = np.asarray(h, np.float32)
+    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
     restored = np.asarray(restored)
     if restored.dtype != bool:  # an index array
         mask = np.zeros(w_orig.shape[1], bool)
@@ -292,6 +361,7 @@ def solve(name: str, w_orig: Any, w_sft: Any, h: Any, restored: Any, damping: fl
     if not restored.any():
         raise HcnrError("no restored neurons: nothing to solve")
     result = fn(w_orig, w_sft, h, restored, damping, **options)
-    if result.w_new.shape != w_orig.shape or not np.all(np.isfinite(result.w_new)):
+    w_new = _f32(result.w_new)
+    if w_new.shape != w_orig.shape or not bool(jnp.all(jnp.isfinite(w_new))):
         raise HcnrError(f"solver {name!r} returned a non-finite or misshapen weight")
-    return result
+    return result if w_new is result.w_new else dataclasses.replace(result, w_new=w_new)
