@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from hcnr_jax.config import config_from_hf
-from hcnr_jax.conversion.hf import DTYPES
+from hcnr_jax.conversion.hf import DTYPES, cast_checked
 from hcnr_jax.errors import CheckpointError
 from hcnr_jax.params import param_specs, unflatten
 
@@ -505,6 +505,6 @@ def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> A
     # Before the tensors, so that a missing package or a bad vocabulary fails fast.
     tok = _tokenizer(path, reader) if tokenizer else None
     target = DTYPES[dtype or "float32"]
-    flat = read_gguf_tensors(reader, path, cfg, lambda name, w: jnp.asarray(w.astype(target, copy=False)))
+    flat = read_gguf_tensors(reader, path, cfg, lambda name, w: jnp.asarray(cast_checked(w, target, name, str(path))))
     gen = generation_config(hf, reader, tok, path)
     return Pretrained(cfg, unflatten(flat, cfg.num_layers), tok, hf, str(path), {}, gen)

@@ -42,6 +42,38 @@ def dtype_name(dtype: Any) -> str:
     raise CheckpointError(f"unsupported parameter dtype {dt}")
 
 
+def _nonfinite(array: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(array)
+
+
+def cast_checked(array: np.ndarray, target: Any, name: str, source: str) -> np.ndarray:
+    """``array`` cast to ``target``; a value finite before the cast and infinite after (it exceeds
+    the target's range, e.g. 1e5 in float16) is a `CheckpointError` naming ``source`` and the tensor."""
+    target = np.dtype(target)
+    if array.dtype == target:
+        return array
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = array.astype(target)
+    if target.kind == "f" or target == DTYPES["bfloat16"]:
+        overflow = _nonfinite(out)
+        if overflow.any():
+            overflow &= ~_nonfinite(array)
+            n = int(np.count_nonzero(overflow))
+            if n:
+                largest = float(np.max(np.abs(array[overflow].astype(np.float64))))
+                limit = float(ml_dtypes.finfo(target).max)
+                raise CheckpointError(
+                    f"{source}: tensor {name}: casting to {dtype_name(target)} overflows ({n} value(s) up to "
+                    f"{largest:.4g} exceed its maximum {limit:.4g}); choose a wider dtype (float32 or bfloat16)")
+    return out
+
+
+def nonfinite_error(name: str, count: int, dest: Any = None) -> CheckpointError:
+    where = f"{dest}: " if dest is not None else ""
+    return CheckpointError(f"{where}tensor {name} holds {count} NaN or infinite value(s); refusing to write it "
+                           "(allow_nonfinite=True writes it anyway)")
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -154,12 +186,14 @@ def load_params(
     place = place or (lambda name, a: jnp.asarray(a))
     target = DTYPES[dtype] if dtype else None
 
+    files = weight_map(model_dir)
+
     def convert(name: str, array: np.ndarray) -> Any:
         if target is not None and array.dtype != target:
-            array = array.astype(target)
+            array = cast_checked(array, target, name, str(files[name]))
         return place(name, array)
 
-    flat = read_tensors(weight_map(model_dir), param_specs(cfg), convert, str(model_dir))
+    flat = read_tensors(files, param_specs(cfg), convert, str(model_dir))
     return cfg, hf, unflatten(flat, cfg.num_layers)
 
 
@@ -178,12 +212,15 @@ def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[l
 
 
 def write_weights(
-    tensors: Mapping[str, Any], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    tensors: Mapping[str, Any], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    allow_nonfinite: bool = False,
 ) -> list[str]:
     """Write tensors (any array type np.asarray accepts) as safetensors shards, HF-style.
 
     One file is ``model.safetensors``; more are ``model-0000i-of-0000n.safetensors`` with an
     index. Tensors are materialised on the host one shard at a time. Returns the file names.
+    A tensor holding NaN or infinite values is a `CheckpointError` naming it, unless
+    ``allow_nonfinite``.
     """
     sizes = [(n, int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize) for n, a in tensors.items()]
     plan = shard_plan(sizes, max_shard_bytes)
@@ -196,6 +233,12 @@ def write_weights(
     weight_index: dict[str, str] = {}
     for fname, shard in zip(names, plan, strict=True):
         arrays = {n: np.ascontiguousarray(np.asarray(tensors[n])) for n in shard}
+        if not allow_nonfinite:
+            for n, a in arrays.items():
+                if a.dtype.kind == "f" or a.dtype == DTYPES["bfloat16"]:
+                    bad = int(np.count_nonzero(_nonfinite(a)))
+                    if bad:
+                        raise nonfinite_error(n, bad)
         save_file(arrays, str(Path(out_dir) / fname), metadata={"format": "pt"})
         weight_index.update({n: fname for n in shard})
         del arrays

@@ -129,6 +129,11 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
     for name, t in tensors.items():
         if not name.startswith(PREFIX):
             raise CheckpointError(f"{path}: tensor {name} does not start with {PREFIX!r}")
+        if t.dtype.kind == "f" or t.dtype == ml_dtypes.bfloat16:
+            bad = int(t.size - np.count_nonzero(np.isfinite(t)))
+            if bad:
+                raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN or infinite value(s); "
+                                      "refusing to merge it (the adapter is damaged or its training diverged)")
         out[name[len(PREFIX):]] = t
     return out
 
@@ -188,7 +193,11 @@ def merge_lora(base: Any, adapter_dir: Path) -> Any:
                 f"{path}: tensor {module}.lora_A.weight/lora_B.weight have shapes {tuple(a.shape)}/"
                 f"{tuple(b.shape)}, expected ({r}, {in_dim})/({out_dim}, {r}) for {target} with r={r}"
             )
-        updates[target] = merge_weight(w, a, b, scaling)
+        merged = merge_weight(w, a, b, scaling)
+        if not bool(jnp.all(jnp.isfinite(merged))) and bool(jnp.all(jnp.isfinite(w))):
+            raise CheckpointError(f"{path}: merging {module}.lora_A/lora_B into {target} overflows "
+                                  f"{np.dtype(w.dtype).name} (load the base in float32)")
+        updates[target] = merged
     params: Params = set_leaves(base.params, updates)
     log.info("merged %d LoRA modules from %s", len(pairs), adapter_dir)
     return base.replace(params=params, source=f"{base.source}+{adapter_dir}")

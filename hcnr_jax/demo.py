@@ -14,7 +14,6 @@ when complete.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ def markdown(rows: dict[str, dict[str, Any]], settings: DemoSettings) -> str:
     heads = [*(f"F1 {b}" for b in HONESTY_SETS), "avg F1", "avg RF delta", "HotpotQA acc", "time s"]
     lines = ["| model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for tag, r in rows.items():
-        cells = ["" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
+        cells = ["" if r.get(c) is None else "—" if r[c] != r[c] else f"{100 * r[c]:.1f}" for c in cols]
         lines.append(f"| {tag} | " + " | ".join(cells) + f" | {r['time_s']:.0f} |")
     n = SMOKE_SAMPLES if settings.smoke else settings.limit
     tokens = SMOKE_TOKENS if settings.smoke else settings.max_new_tokens
@@ -81,7 +80,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     """Repair the shipped M1, evaluate M0 / M1 / repaired M1, write everything under ``out``."""
     from hcnr_jax.conversion.lora import merge_lora
     from hcnr_jax.eval.runner import EvalSettings, evaluate
-    from hcnr_jax.io import atomic_output_dir
+    from hcnr_jax.io import atomic_output_dir, finite_json
     from hcnr_jax.pretrained import load_pretrained
     from hcnr_jax.repair import RepairConfig, repair, write_repair
 
@@ -119,7 +118,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
                        repair=dict(seconds=round(repair_s, 1), restored_fraction_of_linear=s["restored_fraction_of_linear"],
                                    layers_kept=s["layers_kept"], layers=s["layers"]),
                        load_s=round(load_s, 1), total_s=round(time.perf_counter() - t_start, 1))
-        (tmp / "demo.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (tmp / "demo.json").write_text(finite_json(summary, indent=1, default=str) + "\n")
         table = markdown(rows, settings)
         (tmp / "demo.md").write_text("# hcnr demo: HCNR repair of the shipped fine-tuned SmolLM2\n\n" + table)
     print(table)

@@ -4,13 +4,90 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from hcnr_jax.errors import HcnrError
+
+log = logging.getLogger(__name__)
+
+
+# --- temporary names and leftovers of killed runs ---------------------------------------------------
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _temp_prefix(name: str, kind: str) -> str:
+    """``.NAME.<kind>-<host>-<pid>-`` (kind: ``tmp`` or ``old``): the owner of a temporary path is
+    in its name, so a later run can tell the leftovers of a killed run from a live run's files."""
+    return f".{name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process (or an unanswerable question): assume alive
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def clean_stale_temps(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and directories that killed runs left beside ``out``
+    (``.OUT.tmp-<host>-<pid>-*`` whose process on this host is gone; ``.OUT.old-...``, the set-aside
+    previous output, only when ``out`` itself exists). Leftovers whose owner cannot be told (another
+    host, names without a pid from older versions) are reported with a warning, never removed.
+    Returns the removed paths."""
+    out = Path(out)
+    try:
+        entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?")
+    removed = []
+    for p in entries:
+        m = pattern.match(p.name)
+        if m is None:
+            continue
+        owned_here = m["pid"] is not None and m["host"] == _host()
+        if owned_here and _pid_alive(int(m["pid"])):
+            continue  # a live run is writing it
+        if owned_here and (m["kind"] == "tmp" or out.exists()):
+            try:
+                _remove(p)
+            except FileNotFoundError:
+                continue  # another run cleaned it up first
+            except OSError as e:
+                log.warning("%s: cannot remove the leftover of a killed run (%s)", p, e)
+                continue
+            log.warning("removed %s, left by a killed run (process %s)", p, m["pid"])
+            removed.append(p)
+        elif m["kind"] == "old" and not out.exists():
+            log.warning("%s holds the previous %s, set aside by a run that was killed while replacing it; "
+                        "move it back or remove it", p, out.name)
+        else:
+            log.warning("%s: leftover temporary %s of another run (%s); remove it by hand if no hcnr run is "
+                        "writing %s", p, "directory" if p.is_dir() else "file",
+                        f"host {m['host']}, process {m['pid']}" if m["pid"] else "owner unknown", out)
+    return removed
 
 
 @contextlib.contextmanager
@@ -19,17 +96,19 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
 
     An existing ``out_dir`` is an error unless ``overwrite`` (then it is replaced only after the
     new one is complete). On any exception the temporary directory is removed and nothing else
-    changes.
+    changes. A run killed outright (SIGKILL) cannot clean up: its leftovers are removed by the
+    next write to the same output (`clean_stale_temps`).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise HcnrError(f"{out}: output directory already exists (choose another path or remove it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name, "tmp"), dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name, "old"), dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -43,7 +122,8 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -56,6 +136,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def finite_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for reports: NaN and +-inf (undefined scores, e.g. precision without a single
+    predicted refusal) become ``null``, so the file is valid JSON; anything else non-finite that
+    slipped through is an error rather than a ``NaN`` token (``allow_nan=False``)."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

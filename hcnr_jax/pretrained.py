@@ -21,7 +21,7 @@ import numpy as np
 
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.conversion import hf as hf_io
-from hcnr_jax.errors import CheckpointError
+from hcnr_jax.errors import CheckpointError, HcnrError
 from hcnr_jax.io import atomic_output_dir
 from hcnr_jax.model import forward
 from hcnr_jax.params import Params, flatten, param_specs
@@ -108,18 +108,59 @@ def load_pretrained(src: str | Path, dtype: str | None = None) -> Pretrained:
     raise CheckpointError(f"{src}: not a model directory, a .gguf file or BASE+ADAPTER_DIR")
 
 
+def model_max_positions(src: str | Path) -> int | None:
+    """The ``max_position_embeddings`` of the model at ``src`` (HF directory, ``.gguf`` file or
+    ``BASE+ADAPTER_DIR``), read from its config alone, without loading weights; None when ``src``
+    is none of these (loading it reports why)."""
+    from hcnr_jax.config import config_from_hf
+
+    src = str(src)
+    if "+" in src and not Path(src).exists():
+        return model_max_positions(src.rsplit("+", 1)[0])  # the base, as load_pretrained reads it
+    path = Path(src)
+    if path.suffix == ".gguf" and path.is_file():
+        from hcnr_jax.conversion.gguf import _read_reader, hf_config_from_gguf
+
+        hf = hf_config_from_gguf(_read_reader(path), path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        hf = hf_io.read_config(path)
+    else:
+        return None
+    return config_from_hf(hf, source=str(path)).max_position_embeddings
+
+
+def resolve_max_length(sources: list[str | Path], max_length: int, explicit: bool, flag: str = "--max-length") -> int:
+    """``max_length`` checked against the models' positions (before anything is loaded): above the
+    smallest ``max_position_embeddings`` it is an error naming both numbers when the user chose it
+    (``explicit``), else (a default) it is lowered to that limit."""
+    limits = [(n, str(s)) for s in sources if (n := model_max_positions(s)) is not None]
+    if not limits:
+        return max_length
+    limit, src = min(limits)
+    if max_length <= limit:
+        return max_length
+    if explicit:
+        raise HcnrError(f"max_length={max_length} exceeds max_position_embeddings={limit} of {src} (positions "
+                        f"beyond the model's); use {flag} {limit} or less")
+    log.info("max_length %d (the default) exceeds max_position_embeddings=%d of %s; using %d",
+             max_length, limit, src, limit)
+    return limit
+
+
 def save_pretrained(
     model: Pretrained,
     out_dir: str | Path,
     max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``model`` as a HF directory that ``transformers`` loads.
 
     Tensors keep their names, shapes and dtypes (no silent upcast). The directory is written
     under a temporary name and moved into place only once complete. ``extra_files``: name ->
-    text written beside the model (reports).
+    text written beside the model (reports). A parameter holding NaN or infinite values is a
+    `CheckpointError` naming it, raised before anything is written, unless ``allow_nonfinite``.
     """
     specs = param_specs(model.config)
     flat = flatten(model.params)
@@ -128,8 +169,14 @@ def save_pretrained(
     dtypes = {hf_io.dtype_name(leaf.dtype) for leaf in flat.values()}
     if len(dtypes) != 1:
         raise CheckpointError(f"mixed parameter dtypes {sorted(dtypes)}; cast to one dtype first")
+    if not allow_nonfinite:
+        for n in specs:  # on the device, one scalar per tensor back
+            if not bool(jnp.all(jnp.isfinite(flat[n]))):
+                bad = int(np.count_nonzero(~np.isfinite(np.asarray(flat[n]))))
+                raise hf_io.nonfinite_error(n, bad, out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        hf_io.write_weights({n: flat[n] for n in specs}, tmp, max_shard_bytes)
+        # allow_nonfinite: checked above, without a second pass over the host copies.
+        hf_io.write_weights({n: flat[n] for n in specs}, tmp, max_shard_bytes, allow_nonfinite=True)
         config = hf_io.config_with_dtype(model.hf_config, dtypes.pop())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, path in model.carried.items():

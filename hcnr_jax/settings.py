@@ -101,6 +101,10 @@ class Settings:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> Any:
-        """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``."""
-        base = cls().validate() if path is None else cls.from_dict(read_yaml_mapping(path), source=str(path))
-        return base.override(**overrides)
+        """Defaults <- YAML file ``path`` (a mapping of settings) <- non-None ``overrides``, each
+        layer type-checked on its own (errors name the file) and the result validated once (a
+        flag may change a setting that another YAML setting depends on, e.g. the solver of
+        ``solver_options``)."""
+        values = {} if path is None else coerce_fields(cls, read_yaml_mapping(path), str(path))
+        flags = coerce_fields(cls, {k: v for k, v in overrides.items() if v is not None}, "overrides")
+        return cls(**{**values, **flags}).validate()

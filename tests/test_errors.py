@@ -154,3 +154,128 @@ def test_save_rejects_params_that_do_not_match_config(tmp_path, src):
         hcnr_jax.save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert np.all(np.isfinite(np.asarray(params["model"]["norm"]["weight"])))
+
+
+# --- casts that overflow, non-finite weights ------------------------------------------------------
+
+def test_dtype_cast_that_overflows_is_an_error(tmp_path, src, capsys):
+    """float16 holds up to 65504: a larger float32 weight is an error naming the file and tensor,
+    never an inf written to the output."""
+    from hcnr_jax.cli import main
+
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def enlarge(t):
+        t[name][3, 5] = 1e5
+
+    f = _edit_weights(src, enlarge)
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(name)}: casting to float16 overflows") as e:
+        hcnr_jax.load_pretrained(src, dtype="float16")
+    assert str(f) in str(e.value) and "1e+05" in str(e.value)
+    assert hcnr_jax.load_pretrained(src, dtype="bfloat16").dtype.name == "bfloat16"  # fits bfloat16
+    out = tmp_path / "out16"
+    assert main(["convert", str(src), str(out), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "overflows" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_save_refuses_non_finite_weights(tmp_path, src):
+    import jax.numpy as jnp
+
+    model = hcnr_jax.load_pretrained(src)
+    leaf = model.params["model"]["layers"][2]["self_attn"]["o_proj"]
+    leaf["weight"] = jnp.asarray(leaf["weight"]).at[0, 1].set(jnp.inf).at[4, 2].set(jnp.nan)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.o_proj\.weight holds 2 NaN or infinite"):
+        hcnr_jax.save_pretrained(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, no temp dir
+    hcnr_jax.save_pretrained(model, out, allow_nonfinite=True)  # on request
+    assert np.isinf(load_file(str(out / "model.safetensors"))["model.layers.2.self_attn.o_proj.weight"][0, 1])
+    with pytest.raises(CheckpointError, match=r"tensor w holds 1 NaN"):
+        hf_io.write_weights({"w": np.array([1.0, np.nan], np.float32)}, tmp_path)
+
+
+# --- leftovers of killed runs -----------------------------------------------------------------------
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_sigkilled_write_leaves_a_temp_dir_that_the_next_write_removes(tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    from hcnr_jax.io import _temp_prefix, atomic_output_dir
+
+    out = tmp_path / "out"
+    script = ("import os, signal; from hcnr_jax.io import atomic_output_dir\n"
+              f"with atomic_output_dir({str(out)!r}) as tmp:\n"
+              "    (tmp / 'weights.bin').write_bytes(b'x' * 1000)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(left) == 1 and (left[0] / "weights.bin").exists() and not out.exists()
+    # A live run's temp dir (this process), another host's and an old-style one (no pid) are kept.
+    live = tmp_path / (_temp_prefix("out", "tmp") + "live")
+    foreign = tmp_path / f".out.tmp-otherhost-{_dead_pid()}-abc"
+    legacy = tmp_path / ".out.tmp-k3j2h1g0"
+    dead_file = tmp_path / f"{_temp_prefix('out', 'tmp').rsplit('-', 2)[0]}-{_dead_pid()}-file"
+    for d in (live, foreign, legacy):
+        d.mkdir()
+    dead_file.write_text("torn")
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"), atomic_output_dir(out) as tmp:
+        assert f"-{os.getpid()}-" in tmp.name  # the owner is in the name
+        (tmp / "x").write_text("new")
+    assert (out / "x").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, foreign.name, legacy.name, "out"])
+    assert f"removed {left[0]}" in caplog.text and str(legacy) in caplog.text and str(foreign) in caplog.text
+
+
+def test_atomic_file_write_removes_stale_temp_files(tmp_path):
+    from hcnr_jax.io import _temp_prefix, atomic_write_text
+
+    stale = tmp_path / (_temp_prefix("m.json", "tmp").rsplit("-", 2)[0] + f"-{_dead_pid()}-abc")
+    stale.write_text("{")
+    atomic_write_text(tmp_path / "m.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+# --- sequence length against the model's positions ---------------------------------------------------
+
+@pytest.mark.parametrize("command", ["stats", "repair", "train", "repair-yaml"])
+def test_max_length_above_the_models_positions_fails_before_any_work(tmp_path, src, capsys, command):
+    """The tiny qwen2 has max_position_embeddings=256: asking for 1024 tokens is refused before
+    the model loads, naming both numbers; nothing is written."""
+    from hcnr_jax.cli import main
+
+    assert json.loads((src / "config.json").read_text())["max_position_embeddings"] == 256
+    out, data = tmp_path / "out", tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "q", "response": "a"}\n')
+    argv = {"stats": ["stats", "--model", str(src), "--data", str(data), "--kind", "fisher", "--max-length", "1024"],
+            "repair": ["repair", "--base", str(src), "--finetuned", str(src), "--max-length", "1024"],
+            "train": ["train", "--model", str(src), "--data", str(data), "--max-length", "1024"],
+            "repair-yaml": ["repair", "--base", str(src), "--finetuned", str(src), "--config", str(tmp_path / "c.yaml")],
+            }[command]
+    (tmp_path / "c.yaml").write_text("max_length: 1024\n")
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "max_length=1024 exceeds max_position_embeddings=256" in err and str(src) in err
+    assert not out.exists()
+
+
+def test_default_max_length_is_lowered_to_the_models_positions(src, caplog):
+    from hcnr_jax.pretrained import model_max_positions, resolve_max_length
+
+    assert model_max_positions(src) == 256 and model_max_positions(f"{src}+adapter") == 256
+    assert model_max_positions("no/such/model") is None
+    assert resolve_max_length([src], 128, explicit=True) == 128
+    with caplog.at_level("INFO", logger="hcnr_jax.pretrained"):
+        assert resolve_max_length([src], 512, explicit=False) == 256
+    assert "exceeds max_position_embeddings=256" in caplog.text

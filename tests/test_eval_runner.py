@@ -1,6 +1,7 @@
 """`hcnr eval` end to end on a tiny random Llama with SmolLM2's tokenizer and chat template."""
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     # metrics.json is recomputable from the per-example file
     want = M.refusal_metrics([r["unanswerable"] for r in kuq], [r["verdict"] for r in kuq])
     assert res["results"]["model"]["kuq"]["n"] == 6
-    got = json.loads((out / "metrics.json").read_text())["results"]["model"]["kuq"]
+    got = strict_json(out / "metrics.json")["results"]["model"]["kuq"]
     assert got["rf_delta"] == pytest.approx(want["rf_delta"]) and got["undetermined"] == pytest.approx(want["undetermined"])
+    # An undefined score (precision without a predicted refusal) is null, not NaN.
+    assert got["precision"] is None if math.isnan(want["precision"]) else got["precision"] == pytest.approx(want["precision"])
     mcq = [r for r in recs if r["benchmark"] == "medmcqa"]
     assert len(mcq) == 6 and all(len(r["option_loglik"]) == 4 for r in mcq)
     assert res["results"]["model"]["medmcqa"]["option_accuracy"] == pytest.approx(
@@ -84,13 +87,36 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
         evaluate(model, out, EvalSettings(benchmarks=("kuq",), limit=7, data_dir=s.data_dir), model_name="tiny")
 
 
+def strict_json(path):
+    """The file parsed as strict JSON: Python's json accepts NaN / Infinity, JSON does not."""
+    def reject(token):
+        raise AssertionError(f"{path}: {token} is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=reject)
+
+
+def test_undefined_scores_are_null_in_json_and_a_dash_in_the_table():
+    from hcnr_jax.eval.runner import markdown_table
+    from hcnr_jax.io import finite_json
+
+    m = dict(M.refusal_metrics([1, 0, 1], ["answered"] * 3), precision_ci=[math.nan, math.nan])
+    assert math.isnan(m["precision"]) and m["f1"] == 0
+    doc = json.loads(finite_json({"kuq": m, "arr": np.array([1.0, np.inf]), "x": np.float32("nan")}),
+                     parse_constant=lambda t: pytest.fail(t))
+    assert doc["kuq"]["precision"] is None and doc["kuq"]["precision_ci"] == [None, None]
+    assert doc["kuq"]["f1"] == 0 and doc["arr"] == [1.0, None] and doc["x"] is None
+    table = markdown_table({"model": {"kuq": dict(m, f1=math.nan, f1_ci=[math.nan, math.nan])}})
+    row = next(line for line in table.splitlines() if line.startswith("| model | kuq |"))
+    assert "—" in row and "nan" not in row.lower()
+
+
 def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["eval", "--model", str(tiny_chat_model), "--reference", str(tiny_chat_model), "--benchmarks",
                "selfaware", "--limit", "4", "--max-new-tokens", "3", "--batch-size", "4", "--data-dir",
                str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "50", "--out", str(out)])
     assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())["results"]
+    m = strict_json(out / "metrics.json")["results"]
     recs = read_records(out / "examples.jsonl")
     assert sorted(r["model"] for r in recs) == ["model"] * 4 + ["reference"] * 4
     # The reference is the same model: identical outcomes, so nothing correct is lost to idk.

@@ -170,3 +170,40 @@ def test_merge_errors_name_file_and_tensor(bases, tmp_path, case, edit, match):
     with pytest.raises(CheckpointError, match=match) as e:
         hcnr_jax.load_pretrained(f"{base}+{ad}")
     assert str(ad) in str(e.value)
+
+
+@pytest.mark.parametrize("part, value", [("B", np.nan), ("A", np.inf), ("B", -np.inf)])
+def test_merge_refuses_non_finite_adapter(bases, tmp_path, part, value):
+    """An adapter holding NaN or Inf is refused, naming the file and the tensor, not merged."""
+    from safetensors.numpy import load_file, save_file
+
+    base = bases["llama"]
+    ad = tmp_path / "ad"
+    make_adapter(base, ad, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    f = ad / "adapter_model.safetensors"
+    t = load_file(str(f))
+    name = PRE + f"mlp.down_proj.lora_{part}.weight"
+    t[name][1, 2] = value
+    save_file(t, str(f))
+    with pytest.raises(CheckpointError, match="NaN or infinite") as e:
+        hcnr_jax.load_pretrained(f"{base}+{ad}")
+    assert str(f) in str(e.value) and name in str(e.value)
+
+
+def test_merge_refuses_overflow_of_the_base_dtype(bases, tmp_path):
+    """A finite adapter whose merged weight does not fit the base's float16 is an error, not inf."""
+    from safetensors.numpy import load_file, save_file
+
+    base = bases["llama"]
+    ad = tmp_path / "ad"
+    make_adapter(base, ad, r=4, lora_alpha=8, target_modules=["q_proj"])
+    f = ad / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = PRE + "self_attn.q_proj.lora_B.weight"
+    t[key] = (t[key] * 1e5).astype(np.float32)
+    save_file(t, str(f))
+    assert np.all(np.isfinite(np.asarray(flatten(hcnr_jax.load_pretrained(f"{base}+{ad}").params)[
+        "model.layers.0.self_attn.q_proj.weight"])))  # float32: fits
+    with pytest.raises(CheckpointError, match=r"self_attn\.q_proj.* overflows float16") as e:
+        hcnr_jax.load_pretrained(f"{base}+{ad}", dtype="float16")
+    assert str(f) in str(e.value)

@@ -354,6 +354,41 @@ def test_yaml_config_and_flag_override(tmp_path):
         load_config(y)
 
 
+@pytest.mark.parametrize("yaml_text, flags, match", [
+    ("solver: cg\nsolver_options: {iters: 5, tolerance: 1.0e-6}\n", (),
+     "unknown option 'tolerance' for solver 'cg'; it accepts iters, tol"),
+    ("solver_options: {iters: 5}\n", (), "unknown option 'iters' for solver 'exact'; it accepts no options"),
+    ("solver: cg\nsolver_options: {iters: 5}\n", ("--solver", "paper"), "unknown option 'iters' for solver 'paper'"),
+    ("solver: cg\nsolver_options: {iters: 0}\n", (), "iters=0 for solver 'cg' must be a positive integer"),
+    ("solver: cg\nsolver_options: {tol: .inf}\n", (), "tol=inf for solver 'cg' must be a finite number > 0"),
+])
+def test_unknown_solver_options_are_rejected_before_any_work(tmp_path, capsys, yaml_text, flags, match):
+    """Checked with the settings, before a model is looked at (the model paths do not exist)."""
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml_text)
+    out = tmp_path / "out"
+    rc = cli_main(["repair", "--base", "no/base", "--finetuned", "no/ft", "--out", str(out), "--config", str(y), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err and not out.exists()
+    with pytest.raises(HcnrError, match="unknown option 'iter'"):
+        RepairConfig(solver="cg", solver_options={"iter": 5}).validate()
+
+
+def test_solver_option_table_matches_the_solvers(monkeypatch):
+    """config.SOLVER_OPTIONS lists exactly each built-in solver's keyword-only arguments."""
+    import inspect
+
+    from hcnr_jax.repair.config import SOLVER_OPTIONS
+    from hcnr_jax.repair.solvers import SOLVERS
+
+    for name, options in SOLVER_OPTIONS.items():
+        params = inspect.signature(SOLVERS[name]).parameters.values()
+        assert {p.name for p in params if p.kind is p.KEYWORD_ONLY} == set(options), name
+    RepairConfig(solver="cg", solver_options={"iters": 7, "tol": "1e-6"}).validate()  # YAML reads 1e-6 as text
+    monkeypatch.setitem(SOLVERS, "custom_for_test", SOLVERS["exact"])
+    RepairConfig(solver="custom_for_test", solver_options={"anything": 1}).validate()  # a user's solver: not checked
+
+
 def test_dry_run_writes_nothing(pair_dirs, tmp_path, capsys):
     rc, out = _cli(pair_dirs, tmp_path, "--dry-run")
     assert rc == 0 and not out.exists()

@@ -69,7 +69,15 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
 
 
+def _chosen(args: argparse.Namespace, name: str) -> bool:
+    """Whether the user set ``name`` (by flag or in the --config file) rather than keep the default."""
+    from hcnr_jax.settings import read_yaml_mapping
+
+    return getattr(args, name) is not None or (args.config is not None and name in read_yaml_mapping(args.config))
+
+
 def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.pretrained import resolve_max_length
     from hcnr_jax.repair.config import load_config
     from hcnr_jax.repair.pipeline import plan, prepare, repair, write_repair
 
@@ -78,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
+    max_length = resolve_max_length([args.base, args.finetuned], cfg.max_length, _chosen(args, "max_length"))
+    if max_length != cfg.max_length:
+        cfg = cfg.override(max_length=max_length)
     if args.dry_run:
         cfg, _base, ft, hon, hon_info, task, task_info = prepare(
             args.base, args.finetuned, args.honesty_data, args.task_data, cfg)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("fisher", "hessian")
+DEFAULT_MAX_LENGTH = 512
 
 DESCRIPTION = """\
 Compute per-neuron Fisher importance or layer-input Hessians of every linear weight of the
@@ -45,7 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,model=4 [all devices on data]")
     p.add_argument("--fsdp", action="store_true", help="also split weights over the data axis")
     p.add_argument("--batch-size", type=int, default=8, help="samples per step [8]")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sample, longer ones are cut [512]")
+    p.add_argument("--max-length", type=int, default=None,
+                   help=f"tokens per sample, longer ones are cut [{DEFAULT_MAX_LENGTH}, or the model's "
+                        "max_position_embeddings if smaller]")
     p.add_argument("--limit", type=int, default=None, help="use the first N samples [all]")
     p.add_argument("--cache-dir", default=None,
                    help="reuse results for identical weights, data and settings; checkpoints go here too")
@@ -60,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    """Reject bad settings before anything slow runs (errors name the option)."""
+    """Reject bad settings before anything slow runs (errors name the option); resolve --max-length."""
     from hcnr_jax.errors import HcnrError
     from hcnr_jax.sharding import parse_mesh
 
@@ -76,6 +79,10 @@ def _check(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
+    from hcnr_jax.pretrained import resolve_max_length
+
+    args.max_length = resolve_max_length([args.model], args.max_length or DEFAULT_MAX_LENGTH,
+                                         explicit=args.max_length is not None)
 
 
 def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -86,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
         from hcnr_jax.sharding import parse_mesh
 
         parse_mesh(args.mesh)
+    from hcnr_jax.pretrained import resolve_max_length
+    from hcnr_jax.settings import read_yaml_mapping
+
+    chosen = args.max_length is not None or (args.config is not None and "max_length" in read_yaml_mapping(args.config))
+    max_length = resolve_max_length([args.model], tc.max_length, chosen)
+    if max_length != tc.max_length:
+        tc = tc.override(max_length=max_length)
 
     from hcnr_jax import load_pretrained
     from hcnr_jax.train import loop

@@ -6,7 +6,8 @@ Output directory:
     metrics.json     per benchmark metrics (refusal F1 / rates / RF delta; honesty vs reference;
                      task accuracy) with their denominators and 95% bootstrap intervals (``<key>_ci``),
                      averages over the refusal benchmarks, the settings, and where each benchmark
-                     was read from
+                     was read from; an undefined score (e.g. precision without a single predicted
+                     refusal) is null, never NaN
     table.md         the same as a markdown table
 """
 
@@ -33,7 +34,7 @@ from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
 from hcnr_jax.eval.refusal import RefusalDetector
 from hcnr_jax.generation import PackShape, _bucket, chat_prompts, generate_ids, pack_shape
-from hcnr_jax.io import atomic_write_text
+from hcnr_jax.io import atomic_write_text, finite_json
 from hcnr_jax.model import forward, lm_head
 
 log = logging.getLogger(__name__)
@@ -276,9 +277,11 @@ def _cell(m: dict, k: str) -> str:
         return ""
     if k == "n":
         return str(v)
-    text = "nan" if v != v else f"{100 * v:.1f}"
+    text = "—" if not math.isfinite(v) else f"{100 * v:.1f}"  # undefined (e.g. precision, no refusal)
     ci = m.get(f"{k}_ci")
-    return text if ci is None or ci[0] != ci[0] else f"{text} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
+    if ci is None or not all(c is not None and math.isfinite(c) for c in ci):
+        return text
+    return f"{text} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
 
 
 def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | None = None) -> str:
@@ -355,6 +358,7 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
         avgs[tag] = averages(results[tag], reps)
     summary = dict(settings=cfg, data={b: locate(b, settings.data_dir).describe() for b in settings.benchmarks},
                    results=results, averages=avgs)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1, default=str))
+    # Undefined scores (NaN: e.g. precision with no predicted refusal) are written as null.
+    atomic_write_text(out / "metrics.json", finite_json(summary, indent=1, default=str))
     atomic_write_text(out / "table.md", markdown_table(results, avgs))
     return summary

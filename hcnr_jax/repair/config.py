@@ -7,6 +7,7 @@ validated once; the resolved config is saved in the report.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,31 @@ NEURON_AXES = ("input", "output")
 MODELS = ("orig", "sft")
 CALIB_DATA = ("hon", "task", "both")
 LAYER_BUDGETS = ("count", "params")
+
+# The options each built-in solver of hcnr_jax/repair/solvers.py accepts (its keyword-only
+# arguments; tests/test_repair.py checks this table against the signatures), with a check of the
+# value and what it must be. A solver from a module (``module:name``) or registered by a user is
+# not checked here.
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1
+
+
+def _positive_float(v: Any) -> bool:
+    """YAML reads ``1e-5`` (no dot) as a string: a number written as text is accepted."""
+    try:
+        return not isinstance(v, bool) and 0.0 < float(v) < math.inf
+    except (TypeError, ValueError):
+        return False
+
+
+_POSITIVE_INT = (_positive_int, "a positive integer")
+_POSITIVE_FLOAT = (_positive_float, "a finite number > 0")
+SOLVER_OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
+    "none": {},
+    "exact": {},
+    "paper": {},
+    "cg": {"iters": _POSITIVE_INT, "tol": _POSITIVE_FLOAT},
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +67,8 @@ class RepairConfig(Settings):
     - ``solver``: name in the solver registry [ours: ``exact``; the paper names no default. The
       paper's printed update is ``paper``; ``exact`` is the joint optimum of the same objective,
       so it never does worse on it, and equals ``paper`` when one neuron is pinned].
-    - ``solver_options``: extra keyword arguments for the solver (e.g. ``iters`` for ``cg``).
+    - ``solver_options``: extra keyword arguments for the solver (``iters``, ``tol`` for ``cg``;
+      the other built-in solvers take none). Unknown keys are an error (`SOLVER_OPTIONS`).
     - ``damping``: lambda of ``H + lambda * mean(diag H) * I`` [ours 0.01].
     - ``eps``: added to the normalised Fisher scores before the log [ours 1e-8].
     - ``seed``: seeds ``priority=random`` (nothing else is random).
@@ -85,6 +112,16 @@ class RepairConfig(Settings):
         get_solver(self.solver)
         if not isinstance(self.solver_options, Mapping):
             raise HcnrError(f"solver_options={self.solver_options!r}: must be a mapping")
+        accepted = SOLVER_OPTIONS.get(self.solver)
+        if accepted is not None:
+            for key, value in self.solver_options.items():
+                if key not in accepted:
+                    raise HcnrError(
+                        f"solver_options: unknown option {key!r} for solver {self.solver!r}; it accepts "
+                        + (", ".join(accepted) if accepted else "no options"))
+                check, what = accepted[key]
+                if not check(value):
+                    raise HcnrError(f"solver_options: {key}={value!r} for solver {self.solver!r} must be {what}")
         if not 0.0 <= self.damping < float("inf"):
             raise HcnrError(f"damping={self.damping!r}: must be a finite number >= 0")
         if not 0.0 < self.eps < float("inf"):
