@@ -138,7 +138,8 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         if not (out / "train_report.json").exists():
             wall = run(["hcnr", "train", "--model", m["m1"], "--data", str(work / f"{recipe}.jsonl"),
                         "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
-                        "--objective", objective, "--checkpoint-dir", str(work / f"{name}_ckpt"),
+                        # 256: HotpotQA prompts with their context run past train_task.yaml's 128 tokens
+                        "--objective", objective, "--max-length", "256", "--checkpoint-dir", str(work / f"{name}_ckpt"),
                         "--out", str(out), "--overwrite"], log)
             (work / f"{name}_wall_s.json").write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
     elif stage.startswith("eval-") and stage.removeprefix("eval-") in BASELINES:
