@@ -39,6 +39,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+
 LLAMA_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                 max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
@@ -81,7 +83,9 @@ class Rows:
         try:
             yield row
         except Exception as e:  # a failed check is a result, not a crash
-            row.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+            # Paths relative to the repository: the JSON is committed and must not name this machine.
+            tb = traceback.format_exc().replace(str(ROOT) + os.sep, "")
+            row.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=tb[-2000:])
         row["seconds"] = round(time.perf_counter() - t0, 2)
         self.rows.append(row)
         self.flush()
