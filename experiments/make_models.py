@@ -175,10 +175,16 @@ def _f1(y: np.ndarray, refused: np.ndarray) -> float:
 
 
 def model_scores(work: Path, tag: str, rng: np.random.Generator, reps: int = 1000) -> dict:
-    """Per-benchmark refusal F1 / RF delta, HotpotQA accuracy, and the averages over the five honesty
-    benchmarks with 95% bootstrap intervals (examples resampled within each benchmark)."""
+    """`examples_scores` of the `hcnr eval` folder ``work/eval_<tag>``."""
     recs = [json.loads(line) for line in (work / f"eval_{tag}" / "examples.jsonl").read_text().splitlines()
             if line.strip()]
+    return examples_scores(recs, rng, reps)
+
+
+def examples_scores(recs: list[dict], rng: np.random.Generator, reps: int = 1000) -> dict:
+    """Per-benchmark refusal F1 / RF delta, HotpotQA accuracy, and the averages over the five honesty
+    benchmarks with 95% bootstrap intervals (examples resampled within each benchmark), from the
+    records of an `hcnr eval` ``examples.jsonl``."""
     recs = [r for r in recs if r["model"] == "model"]
     by = {b: [r for r in recs if r["benchmark"] == b] for b in (*HONESTY_BENCHMARKS, "hotpotqa")}
     arrays = {b: (np.array([r["unanswerable"] == 1 for r in by[b]]), np.array([r["verdict"] == "refused" for r in by[b]]))
