@@ -14,6 +14,12 @@ from typing import Any
 from hcnr_jax.errors import HcnrError
 
 
+def user_set(name: str, flag_value: Any, config: str | Path | None) -> bool:
+    """Whether the user chose setting ``name`` (a flag, or a key of the ``config`` YAML file)
+    rather than leaving the default."""
+    return flag_value is not None or (config is not None and name in read_yaml_mapping(config))
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping of settings in a YAML file (empty file: {}); errors name the file."""
     import yaml

@@ -69,24 +69,18 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
 
 
-def _chosen(args: argparse.Namespace, name: str) -> bool:
-    """Whether the user set ``name`` (by flag or in the --config file) rather than keep the default."""
-    from hcnr_jax.settings import read_yaml_mapping
-
-    return getattr(args, name) is not None or (args.config is not None and name in read_yaml_mapping(args.config))
-
-
 def run(args: argparse.Namespace) -> int:
     from hcnr_jax.pretrained import resolve_max_length
     from hcnr_jax.repair.config import load_config
     from hcnr_jax.repair.pipeline import plan, prepare, repair, write_repair
+    from hcnr_jax.settings import user_set
 
     logging.getLogger("hcnr_jax.repair").setLevel(logging.INFO)
     cfg = load_config(args.config, **_overrides(args))
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
-    max_length = resolve_max_length([args.base, args.finetuned], cfg.max_length, _chosen(args, "max_length"))
+    max_length = resolve_max_length([args.base, args.finetuned], cfg.max_length, user_set("max_length", args.max_length, args.config))
     if max_length != cfg.max_length:
         cfg = cfg.override(max_length=max_length)
     if args.dry_run:

@@ -87,10 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
         parse_mesh(args.mesh)
     from hcnr_jax.pretrained import resolve_max_length
-    from hcnr_jax.settings import read_yaml_mapping
+    from hcnr_jax.settings import user_set
 
-    chosen = args.max_length is not None or (args.config is not None and "max_length" in read_yaml_mapping(args.config))
-    max_length = resolve_max_length([args.model], tc.max_length, chosen)
+    max_length = resolve_max_length([args.model], tc.max_length, user_set("max_length", args.max_length, args.config))
     if max_length != tc.max_length:
         tc = tc.override(max_length=max_length)
 

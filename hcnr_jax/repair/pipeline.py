@@ -27,7 +27,7 @@ from hcnr_jax.params import get, linear_names, param_specs, set_leaves
 from hcnr_jax.pretrained import Pretrained, load_pretrained
 from hcnr_jax.repair import selection
 from hcnr_jax.repair.config import RepairConfig
-from hcnr_jax.repair.solvers import layer_objective, restore_only, solve
+from hcnr_jax.repair.solvers import as_float32, layer_objective, restore_only, solve
 
 log = logging.getLogger("hcnr_jax.repair")
 
@@ -142,12 +142,6 @@ def _load_data(data: Any, kind: str, model: Pretrained, cfg: RepairConfig) -> tu
 
 def _module(name: str) -> str:
     return name.rsplit(".", 2)[-2]
-
-
-def _f32(x: Any) -> jax.Array:
-    """A weight as float32 on the device: a jax array is cast where it lives, a host array is
-    copied there in its own dtype and cast there (no float32 host copy)."""
-    return jnp.asarray(x).astype(jnp.float32)
 
 
 class _DeviceHessians:
@@ -274,7 +268,7 @@ def repair(
 
     def weights(name: str) -> tuple[jax.Array, jax.Array]:
         # Device float32 copies of one layer; only norms and objectives come to the host.
-        return _f32(get(base_m.params, name)), _f32(get(ft_m.params, name))
+        return as_float32(get(base_m.params, name)), as_float32(get(ft_m.params, name))
 
     with clock.stage("select"):
         layers = selection.select(

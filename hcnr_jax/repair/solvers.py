@@ -105,10 +105,10 @@ def objective(w: jax.Array, w_orig: jax.Array, h: jax.Array) -> jax.Array:
 
 def layer_objective(w: Any, w_orig: Any, h: Any) -> float:
     """tr((W - W_orig) H (W - W_orig)^T) in float32 (W, W_orig [out, in]; H [in, in])."""
-    return float(objective(_f32(w), _f32(w_orig), _f32(h)))
+    return float(objective(as_float32(w), as_float32(w_orig), as_float32(h)))
 
 
-def _f32(x: Any) -> jax.Array:
+def as_float32(x: Any) -> jax.Array:
     """``x`` as a float32 jax array: a jax array is cast where it lives (no copy if it is float32
     already), a NumPy array is copied to the default device once."""
     return jnp.asarray(x).astype(jnp.float32) if isinstance(x, jax.Array) else jnp.asarray(x, jnp.float32)
@@ -155,7 +155,7 @@ def make_result(w_hc: Any, w_orig: Any, w_sft: Any, h: Any, restored: Any,
     Inputs jax or NumPy; the work is done on the device, ``w_new`` is a float32 jax array and
     only the two objectives come to the host."""
     hc = _idx(np.flatnonzero(_mask(restored)))
-    w_new, before, after = _assemble(_f32(w_hc), _f32(w_orig), _f32(w_sft), _f32(h), hc)
+    w_new, before, after = _assemble(as_float32(w_hc), as_float32(w_orig), as_float32(w_sft), as_float32(h), hc)
     before, after = jax.device_get((before, after))
     return SolverResult(w_new, float(before), float(after), float(damping), info)
 
@@ -204,7 +204,16 @@ def _split(w_orig: Any, w_sft: Any, restored: Any) -> tuple[np.ndarray, np.ndarr
     columns' shift ``dW[:, task] = W_sft[:, task] - W_orig[:, task]`` on the device."""
     restored = _mask(restored)
     hc, task = np.flatnonzero(restored), np.flatnonzero(~restored)
-    return hc, task, _task_shift(_f32(w_orig), _f32(w_sft), _idx(task))
+    return hc, task, _task_shift(as_float32(w_orig), as_float32(w_sft), _idx(task))
+
+
+def _columns(w_orig: Any, w_sft: Any, h: Any, restored: Any) -> tuple[jax.Array, ...]:
+    """What every compensating solver starts from, on the device: float32 ``w_orig, w_sft, h``,
+    the restored (``hc``) and pinned (``task``) column indices, ``dW[:, task]`` and ``W_orig[:, hc]``."""
+    w_orig, w_sft, h = as_float32(w_orig), as_float32(w_sft), as_float32(h)
+    hc, task, dw_task = _split(w_orig, w_sft, restored)
+    hc, task = _idx(hc), _idx(task)
+    return w_orig, w_sft, h, hc, task, dw_task, _cols(w_orig, hc)
 
 
 # --- the registered solvers ---------------------------------------------------------------------
@@ -212,7 +221,7 @@ def _split(w_orig: Any, w_sft: Any, restored: Any) -> tuple[np.ndarray, np.ndarr
 @register_solver("none")
 def solve_none(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     """Restore only (the paper's "w/o compensation" ablation)."""
-    w_orig_hc = _cols(_f32(w_orig), _idx(np.flatnonzero(_mask(restored))))
+    w_orig_hc = _cols(as_float32(w_orig), _idx(np.flatnonzero(_mask(restored))))
     return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
 
 
@@ -230,10 +239,7 @@ def solve_exact(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     Setting the gradient of f in the restored columns E = W_hc - W_orig[:, hc] to zero,
     ``2 (dW_t H_th + E H_hh) = 0``; H is the damped one, so this is the ridge optimum.
     """
-    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
-    hc, task, dw_task = _split(w_orig, w_sft, restored)
-    hc, task = _idx(hc), _idx(task)
-    w_orig_hc = _cols(w_orig, hc)
+    w_orig, w_sft, h, hc, task, dw_task, w_orig_hc = _columns(w_orig, w_sft, h, restored)
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
     # The damped H's diagonal lies in H_hh; its H_th block is off-diagonal, so undamped.
@@ -257,10 +263,7 @@ def solve_paper(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     whole damped H; the sum over k ignores how the compensations interact, so with several
     pinned columns it is not the optimum (with exactly one it equals ``exact``).
     """
-    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
-    hc, task, dw_task = _split(w_orig, w_sft, restored)
-    hc, task = _idx(hc), _idx(task)
-    w_orig_hc = _cols(w_orig, hc)
+    w_orig, w_sft, h, hc, task, dw_task, w_orig_hc = _columns(w_orig, w_sft, h, restored)
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
     chol, lam = cholesky_with_retry(h, damping, damping_scale(h))
@@ -309,10 +312,7 @@ def solve_cg(w_orig, w_sft, h, restored, damping, *, iters: int = 100, tol: floa
     residual per row). Starting from E = 0 (restore only), each CG step lowers the damped
     objective, so any ``iters`` is at least as good as ``none`` on it.
     """
-    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
-    hc, task, dw_task = _split(w_orig, w_sft, restored)
-    hc, task = _idx(hc), _idx(task)
-    w_orig_hc = _cols(w_orig, hc)
+    w_orig, w_sft, h, hc, task, dw_task, w_orig_hc = _columns(w_orig, w_sft, h, restored)
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
     h_hh = damp(_block(h, hc, hc), damping, damping_scale(h))
@@ -348,7 +348,7 @@ def solve(name: str, w_orig: Any, w_sft: Any, h: Any, restored: Any, damping: fl
     device (a jax array stays where it is); ``restored``: bool [in] or an index array. The
     result's ``w_new`` is a float32 jax array whatever the solver returned."""
     fn = get_solver(name)
-    w_orig, w_sft, h = _f32(w_orig), _f32(w_sft), _f32(h)
+    w_orig, w_sft, h = as_float32(w_orig), as_float32(w_sft), as_float32(h)
     restored = np.asarray(restored)
     if restored.dtype != bool:  # an index array
         mask = np.zeros(w_orig.shape[1], bool)
@@ -361,7 +361,7 @@ def solve(name: str, w_orig: Any, w_sft: Any, h: Any, restored: Any, damping: fl
     if not restored.any():
         raise HcnrError("no restored neurons: nothing to solve")
     result = fn(w_orig, w_sft, h, restored, damping, **options)
-    w_new = _f32(result.w_new)
+    w_new = as_float32(result.w_new)
     if w_new.shape != w_orig.shape or not bool(jnp.all(jnp.isfinite(w_new))):
         raise HcnrError(f"solver {name!r} returned a non-finite or misshapen weight")
     return result if w_new is result.w_new else dataclasses.replace(result, w_new=w_new)
