@@ -313,11 +313,18 @@ def _bucket(n: int, multiple: int = 32) -> int:
     return -(-n // multiple) * multiple
 
 
-def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = None) -> list[str]:
-    """Render user prompts with the tokenizer's chat template, ready for the assistant's turn."""
+def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = None,
+                 demos: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Render user prompts with the tokenizer's chat template, ready for the assistant's turn.
+
+    ``demos``: ``(prompt, response)`` pairs put before every prompt, in order, as earlier user /
+    assistant turns (in-context demonstrations; after the system prompt, if any)."""
+    history = [{"role": "system", "content": system}] if system else []
+    for q, a in demos:
+        history += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     out = []
     for p in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        messages = [*history, {"role": "user", "content": p}]
         out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     return out
 

@@ -12,7 +12,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +177,41 @@ def portable_path(path: str | os.PathLike) -> str:
             rel = resolved.relative_to(root).as_posix()
             return f"{tag}/{rel}" if tag else rel
     return str(path)
+
+
+# --- outputs that would overwrite their inputs --------------------------------------------------------
+
+def model_source_paths(src: str | os.PathLike) -> list[Path]:
+    """The local files and directories a model source reads, as `load_pretrained` splits it: ``src``
+    itself when it exists, else each existing part of a ``BASE+ADAPTER`` chain (split from the
+    right). Parts that do not exist locally (Hub ids, typos) are left out."""
+    src = str(src)
+    if Path(src).exists():
+        return [Path(src)]
+    if "+" in src:
+        base, adapter = src.rsplit("+", 1)
+        return model_source_paths(base) + ([Path(adapter)] if adapter and Path(adapter).exists() else [])
+    return []
+
+
+def check_output_apart(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
+                       *, replaces: bool = False) -> None:
+    """Refuse an output path that would overwrite an input, before any work: ``out`` equal to or
+    inside a local path of the model sources ``inputs`` (``(what, source)`` pairs such as
+    ``("--model", "base+adapter")``; a None source is skipped) and, when ``replaces`` (the command
+    may replace ``out`` as a whole: ``--overwrite``), ``out`` containing one. Symlinks are
+    resolved. The `HcnrError` names both paths."""
+    target = Path(out).resolve()
+    for what, src in inputs:
+        if src is None:
+            continue
+        for part in model_source_paths(src):
+            p = part.resolve()
+            if target == p:
+                raise HcnrError(f"{out}: the output is the {what} input {part} itself; choose another output path")
+            if p in target.parents:
+                raise HcnrError(f"{out}: the output would sit inside the {what} input {part}; "
+                                "choose a path outside it")
+            if replaces and target in p.parents:
+                raise HcnrError(f"{out}: the output contains the {what} input {part}, which replacing it would "
+                                "delete; choose another output path")

@@ -279,3 +279,91 @@ def test_default_max_length_is_lowered_to_the_models_positions(src, caplog):
     with caplog.at_level("INFO", logger="hcnr_jax.pretrained"):
         assert resolve_max_length([src], 512, explicit=False) == 256
     assert "exceeds max_position_embeddings=256" in caplog.text
+
+
+# --- outputs that would overwrite an input; flags checked before any model is loaded -----------------
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def fake_models(tmp_path):
+    """Directories standing for models (never loaded: the checks come first), each with a file."""
+    dirs = {}
+    for name in ("base", "ft", "adapter"):
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        (dirs[name] / "config.json").write_text("{}")
+    return dirs
+
+
+def test_model_source_paths(tmp_path, fake_models):
+    from hcnr_jax.io import model_source_paths
+
+    base, ft, adapter = fake_models["base"], fake_models["ft"], fake_models["adapter"]
+    assert model_source_paths(base) == [base]
+    assert model_source_paths(f"{base}+{adapter}") == [base, adapter]
+    assert model_source_paths(f"{base}+{ft}+{adapter}") == [base, ft, adapter]
+    assert model_source_paths(f"Org/hub-model+{adapter}") == [adapter]  # not local: nothing to protect
+    plus = tmp_path / "a+b"
+    plus.mkdir()
+    assert model_source_paths(plus) == [plus]  # an existing path is never split
+
+
+def test_eval_unknown_rules_fail_before_the_model_loads(tmp_path, capsys):
+    from hcnr_jax.cli import main
+
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(tmp_path / "no_model"), "--benchmarks", "kuq", "--rules", "bogus", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--rules: unknown refusal rules 'bogus'; known: default, selfaware" in err and "Traceback" not in err
+    assert "not a model" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["same", "inside", "inside-adapter", "inside-reference"])
+def test_eval_out_in_a_model_directory_is_refused(tmp_path, fake_models, capsys, case):
+    from hcnr_jax.cli import main
+
+    base, adapter = fake_models["base"], fake_models["adapter"]
+    model, out, victim = {"same": (base, base, base), "inside": (base, base / "eval", base),
+                          "inside-adapter": (f"{base}+{adapter}", adapter / "sub" / "eval", adapter),
+                          "inside-reference": (fake_models["ft"], base / "eval", base)}[case]
+    before = _tree(tmp_path)
+    argv = ["eval", "--model", str(model), "--benchmarks", "kuq", "--out", str(out)]
+    if case == "inside-reference":
+        argv[-2:-2] = ["--reference", str(base)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
+    assert _tree(tmp_path) == before
+
+
+def test_eval_out_beside_or_above_the_model_passes_the_check(tmp_path, fake_models, capsys):
+    """eval writes a few files into --out and deletes nothing: a folder holding the model is fine
+    (this one then fails on loading the stand-in model, not on --out)."""
+    from hcnr_jax.cli import main
+
+    assert main(["eval", "--model", str(fake_models["base"]), "--benchmarks", "kuq", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the output" not in err and "config.json" in err
+
+
+@pytest.mark.parametrize("case", ["out-is-finetuned", "out-is-base", "inside-base", "contains-inputs",
+                                  "inside-adapter"])
+def test_repair_out_that_would_replace_an_input_is_refused(tmp_path, fake_models, capsys, case):
+    """Even with --overwrite: `--out FT --overwrite` must not replace the fine-tuned model."""
+    from hcnr_jax.cli import main
+
+    base, ft, adapter = fake_models["base"], fake_models["ft"], fake_models["adapter"]
+    finetuned, out, victim = {"out-is-finetuned": (ft, ft, ft), "out-is-base": (ft, base, base),
+                              "inside-base": (ft, base / "repaired", base),
+                              "contains-inputs": (ft, tmp_path, base),
+                              "inside-adapter": (f"{base}+{adapter}", adapter / "repaired", adapter)}[case]
+    before = _tree(tmp_path)
+    assert main(["repair", "--base", str(base), "--finetuned", str(finetuned), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
+    assert ("contains" in err) == (case == "contains-inputs")
+    assert _tree(tmp_path) == before

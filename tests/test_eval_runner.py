@@ -167,3 +167,138 @@ def test_recorded_model_paths_are_portable(tmp_path, monkeypatch):
     assert portable_path(tmp_path / "runs" / "sft") == "runs/sft"
     assert portable_path("runs/sft") == "runs/sft"
     assert portable_path("/elsewhere/model") == "/elsewhere/model"
+
+
+# --- in-context demonstrations (--demos, the ICL baseline) -------------------------------------------
+
+class RecordingTokenizer:
+    """Stands in for a tokenizer: renders the messages plainly and keeps them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        self.calls.append(messages)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def test_demos_are_earlier_turns_before_the_question_in_order():
+    from hcnr_jax.generation import chat_prompts
+
+    tok = RecordingTokenizer()
+    demos = [("Who is Zed?", "I don't know."), ("2 + 2?", "4.")]
+    turns = [{"role": "user", "content": "Who is Zed?"}, {"role": "assistant", "content": "I don't know."},
+             {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4."}]
+    assert chat_prompts(tok, ["Q1?", "Q2?"], demos=demos)[1].endswith("assistant: 4.\nuser: Q2?")
+    assert tok.calls == [[*turns, {"role": "user", "content": "Q1?"}], [*turns, {"role": "user", "content": "Q2?"}]]
+    chat_prompts(tok, ["Q1?"], system="Be honest.", demos=demos)  # the system prompt stays first
+    assert tok.calls[-1] == [{"role": "system", "content": "Be honest."}, *turns, {"role": "user", "content": "Q1?"}]
+    chat_prompts(tok, ["Q1?"])
+    assert tok.calls[-1] == [{"role": "user", "content": "Q1?"}]
+
+
+def test_demos_through_the_models_chat_template(tiny_chat_model):
+    from transformers import AutoTokenizer
+
+    from hcnr_jax.eval.data import load_demos
+    from hcnr_jax.generation import chat_prompts
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    demos = load_demos("default")
+    question = "Which river flows through the town of Quillby?"
+    plain, text = chat_prompts(tok, [question])[0], chat_prompts(tok, [question], demos=demos)[0]
+    pos = [text.index(part) for pair in demos for part in pair] + [text.index(question)]
+    assert pos == sorted(pos) and text.count(question) == 1
+    assert text.endswith(plain[plain.index(question):])  # the question's turn and the generation prompt
+    assert all(text.count(a) == 1 for _, a in demos)
+
+
+def test_default_demos_are_ours_and_say_idk_where_they_should():
+    from hcnr_jax.eval.data import BENCHMARKS, DEMOS_FILE, available, load_benchmark, load_demos, normalise
+    from hcnr_jax.eval.refusal import RefusalDetector
+
+    demos = load_demos("default")
+    rows = [json.loads(line) for line in DEMOS_FILE.read_text().splitlines() if line.strip()]
+    assert 4 <= len(demos) <= 6 and [(r["prompt"], r["response"]) for r in rows] == list(demos)
+    assert {r["unanswerable"] for r in rows} == {True, False}
+    detector = RefusalDetector()
+    for r in rows:
+        assert detector.detect(r["response"], r["prompt"]).verdict == ("refused" if r["unanswerable"] else "answered")
+    # Hand-written, not taken from a benchmark: no demonstration question is a question of any
+    # benchmark found (the shipped subsets; with $HCNR_DATA_DIR, the full files).
+    mine = {normalise(q) for q, _ in demos}
+    for bench in available(BENCHMARKS):
+        assert not mine & {normalise(q) for q in load_benchmark(bench)["question"]}, bench
+
+
+@pytest.mark.parametrize("text, needle", [
+    (None, "{path}: no such data file"),
+    ("", "{path}: empty data file"),
+    ("\n  \n", "{path}: empty data file"),
+    ('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "respo', "{path}:3: invalid JSON"),
+    ('{"prompt": "a"}\n', "{path}:1: missing field 'response'"),
+    ('{"response": "b"}\n', "{path}:1: missing field 'prompt'"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": 3}\n', "{path}:2: field 'response' must be a string"),
+    ('{"prompt": " ", "response": "b"}\n', "{path}:1: field 'prompt' is empty"),
+    ('["a", "b"]\n', "{path}:1: expected a JSON object"),
+])
+def test_bad_demos_fail_before_the_model_loads(tmp_path, capsys, text, needle):
+    path = tmp_path / "demos.jsonl"
+    if text is not None:
+        path.write_text(text)
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(tmp_path / "no_model"), "--benchmarks", "kuq", "--demos", str(path),
+               "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"error: --demos {needle.format(path=path)}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    from hcnr_jax.eval import runner
+    from hcnr_jax.eval.data import DEMOS_FILE, load_demos
+
+    seen = []
+
+    def spy(tokenizer, prompts, system=None, demos=()):
+        seen.append(tuple(demos))
+        return chat_prompts(tokenizer, prompts, system, demos)
+
+    chat_prompts = runner.chat_prompts
+    monkeypatch.setattr(runner, "chat_prompts", spy)
+    out = tmp_path / "icl"
+    args = ["eval", "--model", str(tiny_chat_model), "--benchmarks", "kuq", "--limit", "4", "--max-new-tokens", "2",
+            "--batch-size", "4", "--data-dir", str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "0",
+            "--out", str(out)]
+    assert main([*args, "--reference", str(tiny_chat_model), "--demos", "default"]) == 0
+    demos = load_demos("default")
+    assert set(seen) == {demos, ()}  # the model is prompted with them, the reference without
+    settings = strict_json(out / "metrics.json")["settings"]
+    assert settings["demos_source"] == "default"
+    assert [(d["prompt"], d["response"]) for d in settings["demos"]] == list(demos)
+    assert json.loads((out / "settings.json").read_text())["demos"] == settings["demos"]
+    assert f"{len(demos)} in-context demonstrations (default)" in (out / "table.md").read_text()
+    records = read_records(out / "examples.jsonl")
+    assert len(records) == 8
+    # The same demonstrations from another file resume the run (nothing is redone) ...
+    copy = tmp_path / "mine.jsonl"
+    copy.write_text(DEMOS_FILE.read_text())
+    capsys.readouterr()
+    assert main([*args, "--reference", str(tiny_chat_model), "--demos", str(copy)]) == 0
+    assert read_records(out / "examples.jsonl") == records
+    assert strict_json(out / "metrics.json")["settings"]["demos_source"] == str(copy)
+    # ... other demonstrations, or none, do not.
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "What is 2 + 2?", "response": "4."}\n')
+    for extra in (["--demos", str(other)], []):
+        assert main([*args, "--reference", str(tiny_chat_model), *extra]) == 2
+        assert "other settings (demos)" in capsys.readouterr().err
+    assert read_records(out / "examples.jsonl") == records
+    # A run written before --demos existed (no demos keys in settings.json) resumes without them.
+    legacy = json.loads((out / "settings.json").read_text())
+    del legacy["demos"], legacy["demos_source"]
+    (out / "settings.json").write_text(json.dumps(legacy))
+    assert main([*args, "--reference", str(tiny_chat_model)]) == 0
+    assert "in-context" not in (out / "table.md").read_text()

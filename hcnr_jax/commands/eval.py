@@ -38,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", default="default", help="refusal phrase rules: default, selfaware, "
                                                       "alignment_for_honesty, unknownbench")
     p.add_argument("--embedding", action="store_true", help="add MiniLM similarity refusal detection")
+    p.add_argument("--demos", default=None, metavar="FILE",
+                   help="in-context demonstrations put before every question of --model as earlier chat turns "
+                        "(the ICL baseline): a JSONL file of {\"prompt\": ..., \"response\": ...} rows, or "
+                        "'default' for the shipped idk demonstrations (docs/evaluation.md)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals of every score (0: none)")
     p.add_argument("--out", required=True, help="output directory (an existing one is resumed)")
@@ -66,9 +70,10 @@ def resolve_benchmarks(names: tuple[str, ...] | None, data_dir: str | None) -> t
 
 
 def run(args: argparse.Namespace) -> int:
-    from hcnr_jax.errors import HcnrError
-    from hcnr_jax.eval.runner import EvalSettings, evaluate
-    from hcnr_jax.io import portable_path
+    from hcnr_jax.errors import DataError, HcnrError
+    from hcnr_jax.eval.data import DEFAULT_DEMOS, load_demos
+    from hcnr_jax.eval.runner import EvalSettings, evaluate, refusal_detector
+    from hcnr_jax.io import check_output_apart, portable_path
     from hcnr_jax.pretrained import load_pretrained
 
     if args.bootstrap < 0:
@@ -77,10 +82,23 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:  # --limit 0 would score nothing and write NaN
             raise HcnrError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    # Everything cheap is checked before a model is loaded.
+    check_output_apart(args.out, [("--model", args.model), ("--reference", args.reference)])
+    try:
+        refusal_detector(args.rules)
+    except HcnrError as e:
+        raise HcnrError(f"--rules: {e}") from None
+    demos, demos_source = (), ""
+    if args.demos is not None:
+        try:
+            demos = load_demos(args.demos)
+        except DataError as e:
+            raise DataError(f"--demos {e}") from None
+        demos_source = DEFAULT_DEMOS if args.demos == DEFAULT_DEMOS else portable_path(args.demos)
     settings = EvalSettings(benchmarks=resolve_benchmarks(args.benchmarks, args.data_dir), limit=args.limit,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                             data_dir=args.data_dir, rules=args.rules, embedding=args.embedding,
-                            bootstrap=args.bootstrap)
+                            bootstrap=args.bootstrap, demos=demos, demos_source=demos_source)
     model = load_pretrained(args.model)
     reference = load_pretrained(args.reference) if args.reference else None
     def name(src: str) -> str:  # BASE+ADAPTER: each part

@@ -70,12 +70,15 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.io import check_output_apart
     from hcnr_jax.pretrained import resolve_max_length
     from hcnr_jax.repair.config import load_config
     from hcnr_jax.repair.pipeline import plan, prepare, repair, write_repair
     from hcnr_jax.settings import user_set
 
     logging.getLogger("hcnr_jax.repair").setLevel(logging.INFO)
+    # --overwrite replaces --out as a whole: it must neither be, sit inside nor contain an input model.
+    check_output_apart(args.out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
     cfg = load_config(args.config, **_overrides(args))
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:

@@ -42,7 +42,7 @@ from typing import Any
 import datasets
 
 from hcnr_jax.cache import user_cache_dir
-from hcnr_jax.embedded import BUNDLED_DATA
+from hcnr_jax.embedded import BUNDLED, BUNDLED_DATA
 from hcnr_jax.errors import DataError
 from hcnr_jax.io import portable_path
 
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 ENV_VAR = "HCNR_DATA_DIR"
 HUB = "hub"  # --data-dir value: load from the Hugging Face Hub (benchmarks with a Hub source)
 SHIPPED = "shipped subset"
+DEFAULT_DEMOS = "default"  # `hcnr eval --demos default`: the shipped in-context demonstrations
+DEMOS_FILE = BUNDLED / "demos.jsonl"
 
 CALIBRATION_FRACTION = 0.25
 SEED = 0
@@ -404,3 +406,32 @@ def select(ds: datasets.Dataset, split: str, limit: int | None = None, seed: int
                         pos[q] += 1
             idx = sorted(picked, key=lambda i: order_key(ids[i], seed))
     return ds.select(idx)
+
+
+def load_demos(source: str | Path) -> tuple[tuple[str, str], ...]:
+    """In-context demonstrations for `hcnr eval --demos`: ``(prompt, response)`` pairs, in file
+    order, from a JSONL file of ``{"prompt": ..., "response": ...}`` rows (other keys are ignored),
+    or ``"default"``: the shipped set (``hcnr_jax/bundled/demos.jsonl``). A missing or empty file,
+    invalid JSON, or a row without both fields as non-empty strings is a `DataError` naming the
+    file and line."""
+    from hcnr_jax.data import read_jsonl
+
+    path = DEMOS_FILE if str(source) == DEFAULT_DEMOS else Path(source)
+    try:
+        rows = read_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    demos = []
+    for line, rec in rows:
+        where = f"{path}:{line}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object with 'prompt' and 'response', got {type(rec).__name__}")
+        for key in ("prompt", "response"):
+            if key not in rec:
+                raise DataError(f"{where}: missing field '{key}' (a demonstration needs 'prompt' and 'response')")
+            if not isinstance(rec[key], str):
+                raise DataError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+            if not rec[key].strip():
+                raise DataError(f"{where}: field '{key}' is empty")
+        demos.append((rec["prompt"], rec["response"]))
+    return tuple(demos)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hcnr_jax.errors import DataError
+from hcnr_jax.errors import DataError, HcnrError
 from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
 from hcnr_jax.eval.refusal import RefusalDetector
@@ -53,10 +53,16 @@ class EvalSettings:
     rules: str = "default"
     embedding: bool = False
     bootstrap: int = M.BOOTSTRAP_RESAMPLES  # resamples for the 95% intervals (0: none)
+    # In-context demonstrations: (prompt, response) turns put before every question, in order
+    # (`hcnr eval --demos`; the ICL baseline), and where they came from ("default", a file, "").
+    demos: tuple[tuple[str, str], ...] = ()
+    demos_source: str = ""
 
 
 # Settings that only change how records are scored: a run may resume under other values.
 SCORING_SETTINGS = ("benchmarks", "bootstrap")
+# Settings recorded for the reader only: resuming compares the demonstrations themselves.
+RECORDED_SETTINGS = ("demos_source",)
 
 
 def mcq_prompt(question: str, options: Sequence[str]) -> str:
@@ -72,8 +78,9 @@ def _last_logprobs(params: Any, cfg: Any, ids: jax.Array, mask: jax.Array) -> ja
 
 
 def option_logliks(model: Any, questions: Sequence[str], options: Sequence[Sequence[str]],
-                   batch_size: int = 16) -> np.ndarray:
-    """Log-likelihood of each option letter as the assistant's first token ``[N, 4]``."""
+                   batch_size: int = 16, demos: Sequence[tuple[str, str]] = ()) -> np.ndarray:
+    """Log-likelihood of each option letter as the assistant's first token ``[N, 4]`` (after the
+    in-context ``demos``, if any)."""
     tok = model.tokenizer
     letter_ids = []
     for letter in MCQ_LETTERS:
@@ -81,7 +88,7 @@ def option_logliks(model: Any, questions: Sequence[str], options: Sequence[Seque
         if len(ids) != 1:
             raise DataError(f"{model.source}: option letter {letter!r} is not a single token ({ids})")
         letter_ids.append(ids[0])
-    texts = chat_prompts(tok, [mcq_prompt(q, o) for q, o in zip(questions, options, strict=True)])
+    texts = chat_prompts(tok, [mcq_prompt(q, o) for q, o in zip(questions, options, strict=True)], demos=demos)
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     pad = tok.pad_token_id or 0
     out = []
@@ -124,16 +131,25 @@ def _scored(todo: list[dict]) -> bool:
     return BENCHMARKS[todo[0]["benchmark"]].kind == "task" and bool(todo[0]["options"])
 
 
-def _prompt_ids(model: Any, todo: list[dict]) -> list[list[int]]:
-    texts = chat_prompts(model.tokenizer, [r["question"] for r in todo])
+def _prompt_ids(model: Any, todo: list[dict], demos: Sequence[tuple[str, str]] = ()) -> list[list[int]]:
+    texts = chat_prompts(model.tokenizer, [r["question"] for r in todo], demos=demos)
     return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def generation_shape(model: Any, todos: Iterable[list[dict]], batch_size: int) -> PackShape | None:
+def generation_shape(model: Any, todos: Iterable[list[dict]], batch_size: int,
+                     demos: Sequence[tuple[str, str]] = ()) -> PackShape | None:
     """One packed generation shape for every generated benchmark of a run (each distinct shape is
     a compilation, ~15 s for SmolLM2 on a CPU; a larger shape costs only some prefill padding)."""
-    shapes = [pack_shape(_prompt_ids(model, todo), batch_size) for todo in todos if todo and not _scored(todo)]
+    shapes = [pack_shape(_prompt_ids(model, todo, demos), batch_size)
+              for todo in todos if todo and not _scored(todo)]
     return tuple(max(dim) for dim in zip(*shapes, strict=True)) if shapes else None  # type: ignore[return-value]
+
+
+def demos_for(settings: EvalSettings, tag: str) -> tuple[tuple[str, str], ...]:
+    """The in-context demonstrations model ``tag`` is prompted with: the evaluated model gets
+    ``settings.demos``; the reference gets none (it stands for the model before the intervention
+    that prudence / over-conservativeness measure)."""
+    return settings.demos if tag == "model" else ()
 
 
 def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalSettings, done: set,
@@ -150,14 +166,14 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     step = settings.batch_size  # one append per batch: a stopped run loses at most one batch
     scored = _scored(todo)
     if not scored:
-        todo_ids = _prompt_ids(model, todo)
+        todo_ids = _prompt_ids(model, todo, demos_for(settings, tag))
         shape = shape or pack_shape(todo_ids, step)
     for s in range(0, len(todo), step):
         chunk = todo[s : s + step]
         recs = []
         if scored:
             ll = option_logliks(model, [r["question"] for r in chunk], [r["options"] for r in chunk],
-                                settings.batch_size)
+                                settings.batch_size, demos_for(settings, tag))
             for r, lls in zip(chunk, ll, strict=True):
                 recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"], options=r["options"],
                                  gold=r["gold"], option_loglik=[round(float(x), 4) for x in lls], pred=int(np.argmax(lls))))
@@ -304,20 +320,41 @@ def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | 
             "on answerable. average: the mean over the refusal benchmarks (docs/evaluation.md).\n")
 
 
+def refusal_detector(rules: str, embedding: bool = False) -> RefusalDetector:
+    """The refusal detector of `EvalSettings` ``rules`` / ``embedding``; unknown rules are an
+    `HcnrError` (raised at once, not at the first response)."""
+    detector = RefusalDetector(rules=rules, embedding=embedding)
+    try:
+        detector.phrases()
+    except ValueError as e:
+        raise HcnrError(str(e)) from None
+    return detector
+
+
+def settings_record(settings: EvalSettings, model_name: str = "", reference_name: str = "") -> dict[str, Any]:
+    """The run's settings as written to settings.json and metrics.json (and read back)."""
+    cfg = dict(asdict(settings), model=model_name, reference=reference_name)
+    cfg["demos"] = [dict(prompt=p, response=r) for p, r in settings.demos]
+    return json.loads(json.dumps(cfg, default=str))
+
+
 def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference: Any = None,
              model_name: str = "", reference_name: str = "") -> dict[str, Any]:
     """Evaluate ``model`` (and ``reference``) on ``settings.benchmarks``; resumes from ``out_dir``."""
+    detector = refusal_detector(settings.rules, settings.embedding)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
-    cfg = dict(asdict(settings), model=model_name, reference=reference_name)
+    cfg = settings_record(settings, model_name, reference_name)
     if settings_path.exists():
         old = json.loads(settings_path.read_text())
-        if any(old.get(k) != v for k, v in cfg.items() if k not in SCORING_SETTINGS):
-            raise DataError(f"{settings_path}: this directory holds a run with other settings; "
+        default = settings_record(EvalSettings())  # a key missing from an older run's file: its default
+        changed = [k for k, v in cfg.items() if k not in SCORING_SETTINGS + RECORDED_SETTINGS
+                   and old.get(k, default.get(k)) != v]
+        if changed:
+            raise DataError(f"{settings_path}: this directory holds a run with other settings ({', '.join(changed)}); "
                             "use another --out (resuming needs identical settings)")
     atomic_write_text(settings_path, json.dumps(cfg, indent=1, default=str))
-    detector = RefusalDetector(rules=settings.rules, embedding=settings.embedding)
     examples = out / "examples.jsonl"
     kept = read_records(examples)
     if examples.exists() and examples.read_text(encoding="utf-8") != "".join(
@@ -331,7 +368,7 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
         ds = load_benchmark(bench, settings.data_dir, settings.seed)
         rows_by[bench] = list(select(ds, "evaluation", settings.limit, settings.seed))
     shapes = {tag: generation_shape(m, ([r for r in rows if (tag, r["id"]) not in done] for rows in rows_by.values()),
-                                    settings.batch_size) for tag, m in models}
+                                    settings.batch_size, demos_for(settings, tag)) for tag, m in models}
     for bench in settings.benchmarks:
         for tag, m in models:
             run_model(m, tag, rows_by[bench], out, settings, done, detector, shapes[tag])
@@ -360,5 +397,10 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
                    results=results, averages=avgs)
     # Undefined scores (NaN: e.g. precision with no predicted refusal) are written as null.
     atomic_write_text(out / "metrics.json", finite_json(summary, indent=1, default=str))
-    atomic_write_text(out / "table.md", markdown_table(results, avgs))
+    table = markdown_table(results, avgs)
+    if settings.demos:
+        table += (f"\nPrompts: {len(settings.demos)} in-context demonstrations ({settings.demos_source or 'given'}) "
+                  f"before every question of `model` (--demos)"
+                  + ("; `reference` is prompted without them" if reference is not None else "") + ".\n")
+    atomic_write_text(out / "table.md", table)
     return summary
