@@ -244,6 +244,12 @@ def test_cli_writes_a_peft_adapter_that_loads_and_chains(model_dir, tmp_path):
         from hcnr_jax.commands import train as train_cmd
         train_cmd.run(train_cmd_args(model_dir, data, a1))
     assert cli_main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(model_dir / "x")]) == 2
+    # --overwrite replaces --out as a whole: an output that contains the data (or a model) is refused too.
+    args = train_cmd_args(model_dir, data, data.parent)
+    args.overwrite = True
+    with pytest.raises(HcnrError, match="--data"):
+        train_cmd.run(args)
+    assert data.exists()
 
 
 def train_cmd_args(model_dir, data, out, **kw):

@@ -65,10 +65,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _inputs(model: str) -> list[Path]:
-    return [Path(part) for part in model.split("+")] if not Path(model).exists() else [Path(model)]
-
-
 def run(args: argparse.Namespace) -> int:
     from hcnr_jax.train.config import load_train_config
 
@@ -77,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
     # Everything cheap is checked before the model is loaded.
     if out.exists() and not args.overwrite:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
-    for src in [*_inputs(args.model), Path(args.data)]:
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise HcnrError(f"{out}: the output would overwrite or sit inside the input {src}")
+    from hcnr_jax.io import check_output_apart
+
+    # --overwrite replaces --out as a whole: then it must not contain an input either.
+    check_output_apart(out, [("--model", args.model), ("--data", args.data)], replaces=args.overwrite)
     if not Path(args.data).is_file():
         raise HcnrError(f"{args.data}: no such data file")
     if args.mesh is not None:
