@@ -66,9 +66,9 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def eval_cmd(model: str, out: Path, data_dir: str | None) -> list[str]:
-    cmd = ["hcnr", "eval", "--model", model, "--benchmarks", ",".join((*HONESTY_BENCHMARKS, TASK)),
-           "--limit", str(LIMIT), "--max-new-tokens", str(TOKENS), "--out", str(out)]
+def eval_cmd(model: str, out: Path, data_dir: str | None, limit: int = LIMIT, extra: tuple[str, ...] = ()) -> list[str]:
+    cmd = ["hcnr", "eval", "--model", model, "--benchmarks", ",".join((*HONESTY_BENCHMARKS, TASK)), *extra,
+           "--limit", str(limit), "--max-new-tokens", str(TOKENS), "--out", str(out)]
     return cmd + (["--data-dir", data_dir] if data_dir else [])
 
 
@@ -90,7 +90,7 @@ def stages(seeds: list[int], solvers: list[str]) -> list[str]:
     for s in seeds[1:]:
         for solver in solvers:
             out += [f"hcnr-{solver}-s{s}", f"eval-hcnr-{solver}-s{s}"]
-    out += ["dpo-data", "dpo-train", "eval-dpo", "orpo-train", "eval-orpo"]
+    out += ["dpo-data", "dpo-train", "eval-dpo", "orpo-train", "eval-orpo", "eval-icl", "efficiency"]
     return [*out, "report"]
 
 
@@ -147,10 +147,46 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         out = work / f"eval_{name}"
         if not (out / "metrics.json").exists():
             run(eval_cmd(f"{m['m1']}+{work / name}", out, data_dir), log)
+    elif stage == "eval-icl":
+        # ICL: M1 prompted with the shipped idk / answer demonstrations (`hcnr eval --demos default`).
+        out = work / "eval_icl"
+        if not (out / "metrics.json").exists():
+            run(eval_cmd(m["m1"], out, data_dir, extra=("--demos", "default")), log)
+    elif stage == "efficiency":
+        efficiency(work)
     elif stage == "report":
         report(work)
     else:
         sys.exit(f"unknown stage {stage!r}; --stage list prints them")
+
+
+def changed_params(reference: str, model: str) -> dict:
+    """Parameters of ``model`` that differ from ``reference`` (both loaded in float32), counted
+    element by element: what a method really changed, not what it could have changed."""
+    import jax
+
+    from hcnr_jax import load_pretrained
+
+    ref = jax.tree_util.tree_leaves(load_pretrained(reference).params)
+    new = jax.tree_util.tree_leaves(load_pretrained(model).params)
+    changed = total = 0
+    for a, b in zip(ref, new, strict=True):
+        changed += int(np.count_nonzero(np.asarray(a) != np.asarray(b)))
+        total += int(np.asarray(b).size)
+    return {"changed": changed, "total": total, "fraction": changed / total}
+
+
+def efficiency(work: Path) -> None:
+    """work/efficiency.json: changed parameters of every method's model against M1 (HCNR seed 0)."""
+    out = work / "efficiency.json"
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    m1 = models()["m1"]
+    todo = {"HCNR (exact) s0": str(work / "hcnr_exact_s0"), "HCNR (paper) s0": str(work / "hcnr_paper_s0"),
+            **{name.upper(): f"{m1}+{work / name}" for name in BASELINES}}
+    for tag, spec in todo.items():
+        if tag not in doc and Path(spec.rsplit("+", 1)[-1]).exists():
+            doc[tag] = changed_params(m1, spec)
+            out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -197,11 +233,14 @@ def report(work: Path) -> None:
             rep = json.loads((work / name / "train_report.json").read_text())
             row.update(train_s=rep.get("wall_s"), train_samples=rep.get("samples"), train_steps=rep.get("steps"))
             rows[name.upper()] = row
+    if (work / "eval_icl" / "metrics.json").exists():
+        rows["ICL"] = scores(load_examples(work / "eval_icl"), m1_correct, rng)
     prior = json.loads((RESULTS / "models.json").read_text())
     doc = {"settings": {"limit": LIMIT, "max_new_tokens": TOKENS, "benchmarks": [*HONESTY_BENCHMARKS, TASK],
                         "calibration": "128 honesty (KUQ + SelfAware calibration pools) + 128 HotpotQA per seed",
                         "bootstrap": 1000},
-           "rows": rows, "prior_rows": prior}
+           "rows": rows, "prior_rows": prior,
+           "efficiency": json.loads((work / "efficiency.json").read_text()) if (work / "efficiency.json").exists() else {}}
     tmp = RESULTS / ".reproduce.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(RESULTS / "reproduce.json")
@@ -231,6 +270,28 @@ def markdown(doc: dict) -> str:
                      + f" | {100 * r['avg_rf_delta']:.1f} | {100 * r['hotpotqa_acc']:.1f}"
                      + f" | {100 * r['prudence']:.1f} | {100 * r['over_conservativeness']:.1f}"
                      + f" | {100 * r['honesty']:.1f} | {rec} |")
+    return "\n".join(lines) + "\n" + efficiency_markdown(doc)
+
+
+# The paper's data per method (docs/method.md); the baselines here are scaled to what fits a CPU session.
+PAPER_SAMPLES = {"RAIT": 5000, "DPO": 5000, "ORPO": 9000}
+
+
+def efficiency_markdown(doc: dict) -> str:
+    """Data, changed parameters (counted against M1) and wall time on this CPU, per method."""
+    eff, rows = doc.get("efficiency", {}), doc["rows"]
+    lines = ["", "| method | samples | parameters changed (of the model) | wall time on this CPU | "
+             "at the paper's data size (linear extrapolation) |", "|---|---|---|---|---|"]
+    for tag, r in rows.items():
+        if tag.startswith("HCNR") and "repair_s" in r:
+            samples, wall, extra = 256, r["repair_s"], ""
+        elif "train_s" in r and r["train_s"] is not None:
+            samples, wall = r["train_samples"], r["train_s"]
+            extra = f"{wall * PAPER_SAMPLES[tag] / samples / 60:.0f} min ({PAPER_SAMPLES[tag]} samples)"
+        else:
+            continue
+        changed = f"{100 * eff[tag]['fraction']:.1f}%" if tag in eff else ""
+        lines.append(f"| {tag} | {samples} | {changed} | {wall / 60:.1f} min | {extra} |")
     return "\n".join(lines) + "\n"
 
 
