@@ -369,7 +369,7 @@ def check_generation(rows: Rows, tiny: bool) -> None:
 
     from hcnr_jax.generation import generate_ids
     from hcnr_jax.params import flatten
-    from hcnr_jax.pretrained import Pretrained
+    from hcnr_jax.pretrained import Pretrained, logits
 
     hf = TINY if tiny else LLAMA_8B
     cfg, params = random_params(hf, "float32" if tiny else "bfloat16", seed=20)
@@ -384,6 +384,13 @@ def check_generation(rows: Rows, tiny: bool) -> None:
         sec = time.perf_counter() - t0
         tokens = sum(len(o) for o in out)
         row.update(value=round(tokens / sec, 1), tokens=tokens, seconds_run=round(sec, 3), batch=b, new_tokens=new)
+        # The first generated token's logits, left-padded like transformers' batch below: with random bf16
+        # weights the top two logits are often near-tied, so token equality alone says little.
+        width = max(len(p) for p in prompts)
+        ids = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
+        mask = np.arange(width)[None] >= np.array([width - len(p) for p in prompts])[:, None]
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        first = np.asarray(logits(model, ids, mask, pos)[:, -1], np.float32)
     with rows.check("generate:transformers") as row:
         try:
             import torch
@@ -398,12 +405,10 @@ def check_generation(rows: Rows, tiny: bool) -> None:
             tm = transformers.LlamaForCausalLM(tcfg).to(torch.bfloat16).eval()
         tm.load_state_dict({k: torch.from_dlpack(v) for k, v in flatten(params).items()}, strict=True)
         del model, params
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
-        mask = (torch.arange(width, device="cuda")[None] >= torch.tensor([width - len(p) for p in prompts],
-                                                                          device="cuda")[:, None]).long()
+        ids, mask, pos = (torch.tensor(a.astype(np.int64), device="cuda") for a in (ids, mask, pos))
         kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         with torch.no_grad():
+            want = tm(ids, attention_mask=mask, position_ids=pos).logits[:, -1].float().cpu().numpy()
             tm.generate(ids, **kw)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -413,7 +418,10 @@ def check_generation(rows: Rows, tiny: bool) -> None:
         jax_row = next(r for r in rows.rows if r["check"] == "generate:jax")
         same = np.mean([o == g[width:].tolist()[: len(o)] for o, g in zip(out, got.cpu(), strict=True)])
         row.update(value=round(b * new / sec, 1), speedup_jax=round(jax_row["value"] / (b * new / sec), 2),
-                   identical_rows=float(same), torch=torch.__version__, transformers=transformers.__version__)
+                   identical_rows=float(same), torch=torch.__version__, transformers=transformers.__version__,
+                   first_logits_rel_err=float(np.max(np.linalg.norm(first - want, axis=-1) / np.linalg.norm(want, axis=-1))),
+                   first_top1_agree=float(np.mean(first.argmax(-1) == want.argmax(-1))),
+                   first_top2_margin_median=float(np.median(np.diff(np.sort(want, -1)[:, -2:], axis=-1))))
         del tm, got
         torch.cuda.empty_cache()
 
