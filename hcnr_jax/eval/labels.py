@@ -1,12 +1,17 @@
-"""Hand labels of SmolLM2 responses and the refusal detector's agreement with them.
+"""Hand labels of refusal-benchmark responses and the refusal detectors' agreement with them.
 
-``python -m hcnr_jax.eval.labels [--embedding]`` prints precision / recall (class "refused") of
-each rule set against ``hcnr_jax/bundled/labels/refusal_labels.jsonl``: on all labels, on the
-held-out half, per source (``system``: "none" = SmolLM2 without a system prompt, "cautious" = with
-the in-context honesty prompt of experiments/label_refusals.py) and per benchmark.
+``python -m hcnr_jax.eval.labels [--embedding] [--json PATH]`` prints, against
+``hcnr_jax/bundled/labels/refusal_labels.jsonl``, precision and recall of class "refused" for every
+rule set (and the default rules + MiniLM similarity with ``--embedding``) per source model (``smollm2``
+= SmolLM2-135M-Instruct as shipped, ``m0`` / ``m1`` / ``hcnr`` / ``rait`` = the trained models of
+experiments/reproduce.py), on the trained models together and on all labels, with 95% Wilson score
+intervals and the counts (TP, FP, FN, n); then the default rules per subset: development / held-out
+half, source model, system prompt (SmolLM2 rows), benchmark. ``--json PATH`` writes the tables.
 
 Development / held-out halves: a fixed seeded hash of each record's id (:func:`half_of`). Rules
 are changed looking only at the development half's errors; the held-out half measures them.
+The trained-model labels (``source_model`` set) were added after the last rule change and are held
+out as a whole (docs/refusal_detectors.md).
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
+
+import numpy as np
 
 from hcnr_jax.data import read_jsonl
 from hcnr_jax.embedded import LABELS_FILE
@@ -26,23 +36,53 @@ from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
 LABELS = LABELS_FILE
 SPLIT_SEED = 20240611  # fixed: changing it would let rule changes have seen the held-out half
 HALVES = ("development", "held_out")
+# Source models, ``source_model`` field (absent: "smollm2", the SmolLM2-135M-Instruct responses).
+MODELS = ("smollm2", "m0", "m1", "hcnr", "rait")
+TRAINED = MODELS[1:]
+REQUIRED = ("benchmark", "id", "question", "response", "label")
+RULE_SETS = ("default", "selfaware", "alignment_for_honesty", "unknownbench")
+CONFIDENCE = 0.95
 
 
-def load_labels(path: str | Path = LABELS) -> list[dict]:
-    """Records ``{benchmark, id, question, unanswerable, response, label[, system]}``; labels are verdicts.
-
-    ``system`` names the system prompt the response was generated with (absent: none); the same
-    question can be labelled under several (see hcnr_jax/bundled/labels/README.md)."""
-    rows = [r for _, r in read_jsonl(path)]
-    for i, r in enumerate(rows, 1):
-        if r.get("label") not in VERDICTS:
-            raise DataError(f"{path}:{i}: label {r.get('label')!r} is not one of {VERDICTS}")
-    return rows
+def model_of(row: dict) -> str:
+    """The model that wrote a labelled response: its ``source_model`` field, "smollm2" when absent."""
+    return row.get("source_model", "smollm2")
 
 
 def source_of(row: dict) -> str:
-    """The generation setting of a labelled response: its ``system`` field, "none" when absent."""
-    return row.get("system", "none")
+    """The generation setting of a labelled response: for SmolLM2 rows its ``system`` field ("none"
+    when absent), for trained-model rows the model (``source_model``)."""
+    m = model_of(row)
+    return row.get("system", "none") if m == "smollm2" else m
+
+
+def key_of(row: dict) -> tuple[str, str, str, str]:
+    """``(benchmark, id, system, source_model)``: unique in the labels file."""
+    return row["benchmark"], row["id"], row.get("system", "none"), model_of(row)
+
+
+def load_labels(path: str | Path = LABELS) -> list[dict]:
+    """Records ``{benchmark, id, question, unanswerable, response, label[, system][, source_model]}``.
+
+    ``system`` names the system prompt the response was generated with (absent: none),
+    ``source_model`` the model (absent: SmolLM2-135M-Instruct); the same question can be labelled
+    under several (see hcnr_jax/bundled/labels/README.md). Raises DataError on a missing field, a
+    label not in VERDICTS, an unknown ``source_model`` or a repeated :func:`key_of`."""
+    rows = [r for _, r in read_jsonl(path)]
+    seen: dict[tuple, int] = {}
+    for i, r in enumerate(rows, 1):
+        missing = [f for f in REQUIRED if f not in r]
+        if missing:
+            raise DataError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
+        if r.get("label") not in VERDICTS:
+            raise DataError(f"{path}:{i}: label {r.get('label')!r} is not one of {VERDICTS}")
+        if model_of(r) not in MODELS:
+            raise DataError(f"{path}:{i}: source_model {model_of(r)!r} is not one of {MODELS}")
+        k = key_of(r)
+        if k in seen:
+            raise DataError(f"{path}:{i}: {k} already labelled on line {seen[k]}")
+        seen[k] = i
+    return rows
 
 
 def half_of(row: dict, seed: int = SPLIT_SEED) -> str:
@@ -63,33 +103,132 @@ def agreement(rows: list[dict], detector: RefusalDetector) -> dict[str, Any]:
     return detector_agreement([r["label"] for r in rows], pred)
 
 
-def main() -> None:
+def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (nan, nan when ``n`` is 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def refused_counts(hand: Sequence[str], predicted: Sequence[str], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """TP / FP / FN of class "refused", precision and recall with Wilson intervals (nan when a
+    denominator is 0); ``n`` responses, ``n_refused`` of them hand-labelled refused."""
+    h, p = np.asarray(hand, dtype=object) == "refused", np.asarray(predicted, dtype=object) == "refused"
+    if len(h) != len(p):
+        raise ValueError(f"{len(h)} hand labels but {len(p)} predictions")
+    tp, fp, fn = int((h & p).sum()), int((~h & p).sum()), int((h & ~p).sum())
+    prec = tp / (tp + fp) if tp + fp else math.nan
+    rec = tp / (tp + fn) if tp + fn else math.nan
+    return dict(n=len(h), n_refused=int(h.sum()), tp=tp, fp=fp, fn=fn,
+                precision=prec, precision_ci=wilson(tp, tp + fp, confidence),
+                recall=rec, recall_ci=wilson(tp, tp + fn, confidence))
+
+
+def model_groups(rows: list[dict]) -> dict[str, list[int]]:
+    """Row indices per source model (those present, in MODELS order), the trained models together
+    ("trained") and all rows ("all")."""
+    by = {m: [i for i, r in enumerate(rows) if model_of(r) == m] for m in MODELS}
+    out = {m: idx for m, idx in by.items() if idx}
+    out["trained"] = [i for i, r in enumerate(rows) if model_of(r) in TRAINED]
+    out["all"] = list(range(len(rows)))
+    return out
+
+
+def verdicts(rows: list[dict], detector: RefusalDetector) -> list[str]:
+    return [d.verdict for d in detector.detect_all([r["response"] for r in rows], [r["question"] for r in rows])]
+
+
+def pr_table(rows: list[dict], predictions: dict[str, Sequence[str]],
+             groups: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """One row per (detector, group): :func:`refused_counts` of the group's rows.
+
+    ``predictions``: detector name -> verdicts of all ``rows``; ``groups``: name -> row indices
+    (default :func:`model_groups`)."""
+    groups = model_groups(rows) if groups is None else groups
+    hand = [r["label"] for r in rows]
+    out = []
+    for det, pred in predictions.items():
+        for g, idx in groups.items():
+            c = refused_counts([hand[i] for i in idx], [pred[i] for i in idx])
+            out.append(dict(detector=det, group=g, **c))
+    return out
+
+
+def _fmt(v: float, ci: tuple[float, float]) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def format_pr_table(table: list[dict[str, Any]]) -> str:
+    lines = ["| detector | responses | n | hand refused | TP | FP | FN | precision [95% CI] | recall [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        lines.append(f"| {t['detector']} | {t['group']} | {t['n']} | {t['n_refused']} | {t['tp']} | {t['fp']} "
+                     f"| {t['fn']} | {_fmt(t['precision'], t['precision_ci'])} | {_fmt(t['recall'], t['recall_ci'])} |")
+    return "\n".join(lines)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float):
+        return None if math.isnan(v) else v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--labels", default=str(LABELS))
     ap.add_argument("--embedding", action="store_true", help="also the default rules + MiniLM similarity")
-    args = ap.parse_args()
+    ap.add_argument("--json", metavar="PATH", help="write the tables to PATH (JSON; nan -> null)")
+    args = ap.parse_args(argv)
     rows = load_labels(args.labels)
-    dets = {r: RefusalDetector(rules=r) for r in ("default", "selfaware", "alignment_for_honesty", "unknownbench")}
+    dets = {r: RefusalDetector(rules=r) for r in RULE_SETS}
     if args.embedding:
         dets["default+embedding"] = RefusalDetector(embedding=True)
-    print(f"{len(rows)} hand-labelled responses:",
-          json.dumps({v: sum(r['label'] == v for r in rows) for v in VERDICTS}))
+    preds = {name: verdicts(rows, d) for name, d in dets.items()}
+    hand = [r["label"] for r in rows]
+    counts = {v: sum(h == v for h in hand) for v in VERDICTS}
+    per_model = {m: sum(model_of(r) == m for r in rows) for m in MODELS}
+    print(f"{len(rows)} hand-labelled responses:", json.dumps(counts), "by source model:", json.dumps(per_model))
     print("| rules | precision | recall | F1 | 3-way accuracy |\n|---|---|---|---|---|")
-    for name, d in dets.items():
-        a = agreement(rows, d)
+    summary = {}
+    for name, pred in preds.items():
+        a = summary[name] = detector_agreement(hand, pred)
         print(f"| {name} | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1']:.3f} | {a['accuracy']:.3f} |")
-    a = agreement(rows, dets["default"])
-    print("default confusion (hand -> detector):", json.dumps(a["confusion"]))
-    groups = {f"half={h}": sub for h, sub in halves(rows).items()}
-    groups |= {f"system={s}": [r for r in rows if source_of(r) == s] for s in sorted({source_of(r) for r in rows})}
-    groups |= {f"benchmark={b}": [r for r in rows if r["benchmark"] == b] for b in sorted({r["benchmark"] for r in rows})}
+    print(f"class \"refused\" by source model ({CONFIDENCE:.0%} Wilson score intervals; precision = TP / (TP + FP), "
+          "recall = TP / (TP + FN)):")
+    table = pr_table(rows, preds)
+    print(format_pr_table(table))
+    print("default confusion (hand -> detector):", json.dumps(summary["default"]["confusion"]))
+    idx = {f"half={h}": [i for i, r in enumerate(rows) if half_of(r) == h] for h in HALVES}
+    idx |= {f"model={m}": [i for i, r in enumerate(rows) if model_of(r) == m] for m in MODELS if per_model[m]}
+    smol = [i for i, r in enumerate(rows) if model_of(r) == "smollm2"]
+    idx |= {f"system={s}": [i for i in smol if source_of(rows[i]) == s]
+            for s in sorted({source_of(rows[i]) for i in smol})}
+    idx |= {f"benchmark={b}": [i for i, r in enumerate(rows) if r["benchmark"] == b]
+            for b in sorted({r["benchmark"] for r in rows})}
     print("default rules by subset:")
     print("| subset | n | refused | precision | recall | F1 | 3-way accuracy |\n|---|---|---|---|---|---|---|")
-    for name, sub in groups.items():
-        s = agreement(sub, dets["default"])
-        n_ref = sum(r["label"] == "refused" for r in sub)
+    subsets = []
+    for name, ii in idx.items():
+        s = detector_agreement([hand[i] for i in ii], [preds["default"][i] for i in ii])
+        n_ref = sum(hand[i] == "refused" for i in ii)
+        subsets.append(dict(subset=name, n_refused=n_ref, **s))
         print(f"| {name} | {s['n']} | {n_ref} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} "
               f"| {s['accuracy']:.3f} |")
+    if args.json:
+        out = dict(labels=str(args.labels), n=len(rows), label_counts=counts, source_models=per_model,
+                   confidence=CONFIDENCE, split_seed=SPLIT_SEED, summary=summary, by_model=table,
+                   default_by_subset=subsets)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_jsonable(out), indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
