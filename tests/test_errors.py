@@ -367,3 +367,51 @@ def test_repair_out_that_would_replace_an_input_is_refused(tmp_path, fake_models
     assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
     assert ("contains" in err) == (case == "contains-inputs")
     assert _tree(tmp_path) == before
+
+
+# --- shard indexes ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sharded(tmp_path):
+    import tiny
+
+    return tiny.save_hf(tiny.hf_model("llama"), tmp_path / "sharded", max_shard_size="20KB")
+
+
+def _edit_index(path, fn):
+    f = path / hf_io.INDEX_NAME
+    index = json.loads(f.read_text())
+    fn(index["weight_map"])
+    f.write_text(json.dumps(index))
+    return f
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE", 7])
+def test_shard_index_entry_outside_the_model_directory_is_refused(sharded, entry):
+    """An index must not make the loader read a file outside the model (``..``, an absolute path),
+    even one that exists and holds the right tensors."""
+    outside = sharded.parent / "outside.safetensors"
+    shutil.copyfile(sorted(sharded.glob("model-*.safetensors"))[0], outside)
+    entry = str(outside) if entry == "ABSOLUTE" else entry
+    index = _edit_index(sharded, lambda m: m.update({"model.norm.weight": entry}))
+    with pytest.raises(CheckpointError) as e:
+        hcnr_jax.load_pretrained(sharded)
+    msg = str(e.value)
+    assert msg.startswith(f"{index}: weight_map entry 'model.norm.weight'") and repr(entry) in msg
+
+
+def test_shard_index_may_name_symlinks_and_subfolders_inside_the_model(sharded, tmp_path):
+    """The Hugging Face cache links each shard to its blob store outside the snapshot folder: a
+    symlink inside the directory is fine, and so is a shard in a subfolder."""
+    expected = hcnr_jax.load_pretrained(sharded).params
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    for f in shards[:2]:
+        f.rename(blobs / f.name)
+        f.symlink_to(blobs / f.name)
+    (sharded / "sub").mkdir()
+    shards[2].rename(sharded / "sub" / shards[2].name)
+    _edit_index(sharded, lambda m: m.update({k: f"sub/{v}" for k, v in m.items() if v == shards[2].name}))
+    got = hcnr_jax.load_pretrained(sharded).params
+    np.testing.assert_array_equal(np.asarray(got["model"]["norm"]["weight"]), np.asarray(expected["model"]["norm"]["weight"]))
