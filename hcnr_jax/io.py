@@ -157,6 +157,46 @@ def finite_json(obj: Any, **kwargs: Any) -> str:
     return json.dumps(_finite(obj), allow_nan=False, **kwargs)
 
 
+def _nonfinite_fields(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _nonfinite_fields(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _nonfinite_fields(v, f"{path}[{i}]")
+    elif hasattr(obj, "dtype") and hasattr(obj, "tolist"):
+        yield from _nonfinite_fields(obj.tolist(), path)
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        yield path, obj
+
+
+def strict_json(obj: Any, dest: str | os.PathLike, **kwargs: Any) -> str:
+    """``json.dumps`` for records in which every number must be finite (``hcnr_report.json``,
+    ``stats.json``): a NaN or infinity is an `HcnrError` naming ``dest`` and the field (e.g.
+    ``layers[3].objective_after``), raised before anything is written."""
+    bad = list(_nonfinite_fields(obj))
+    if bad:
+        path, value = bad[0]
+        more = f" (and {len(bad) - 1} more field(s))" if len(bad) > 1 else ""
+        raise HcnrError(f"{dest}: field {path} is {value}{more}; refusing to write NaN or infinity "
+                        "(a statistic or the solve overflowed)")
+    return json.dumps(obj, allow_nan=False, default=float, **kwargs)
+
+
+def check_finite_tensors(tensors: Mapping[str, Any], dest: str | os.PathLike, what: str = "tensor") -> None:
+    """Refuse to write ``tensors`` (name -> array) to ``dest`` when one holds NaN or infinity: an
+    `HcnrError` naming ``dest``, the tensor and the count, raised before anything is written."""
+    import numpy as np
+
+    for name, array in tensors.items():
+        a = np.asarray(array)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            n = int(np.count_nonzero(~np.isfinite(a)))
+            raise HcnrError(f"{dest}: {what} {name} holds {n} NaN or infinite value(s) of {a.size}; refusing to "
+                            "write it (the model's weights are not finite, or its activations or gradients overflow "
+                            "on this data)")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -415,3 +415,27 @@ def test_shard_index_may_name_symlinks_and_subfolders_inside_the_model(sharded, 
     _edit_index(sharded, lambda m: m.update({k: f"sub/{v}" for k, v in m.items() if v == shards[2].name}))
     got = hcnr_jax.load_pretrained(sharded).params
     np.testing.assert_array_equal(np.asarray(got["model"]["norm"]["weight"]), np.asarray(expected["model"]["norm"]["weight"]))
+
+
+# --- non-finite numbers in reports --------------------------------------------------------------------
+
+def test_strict_json_and_finite_tensors_name_the_field():
+    from hcnr_jax.io import check_finite_tensors, strict_json
+
+    assert json.loads(strict_json({"a": [1.0, np.float32(2)], "b": None}, "r.json")) == {"a": [1.0, 2.0], "b": None}
+    with pytest.raises(HcnrError, match=r"^r\.json: field layers\[1\]\.objective_after is nan \(and 1 more"):
+        strict_json({"layers": [{"objective_after": 1.0}, {"objective_after": float("nan")}], "x": np.inf}, "r.json")
+    check_finite_tensors({"w": np.ones(3, np.float32), "i": np.arange(3)}, "s.safetensors")
+    with pytest.raises(HcnrError, match=r"^s\.safetensors: tensor w holds 2 NaN or infinite value\(s\) of 3"):
+        check_finite_tensors({"w": np.array([np.inf, 1, np.nan], np.float32)}, "s.safetensors")
+
+
+def test_repair_report_with_nan_is_refused_before_anything_is_written(tmp_path, src):
+    from hcnr_jax.repair.pipeline import RepairResult, write_repair
+
+    report = {"summary": {"objective_after": 1.0}, "layers": [{"name": "a", "objective_after": 0.5},
+                                                               {"name": "b", "objective_after": float("inf")}]}
+    out = tmp_path / "repaired"
+    with pytest.raises(HcnrError, match=r"hcnr_report\.json: field layers\[1\]\.objective_after is inf"):
+        write_repair(RepairResult(hcnr_jax.load_pretrained(src), report), out, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -141,10 +141,13 @@ def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, 
 def run(args: argparse.Namespace) -> int:
     from safetensors.numpy import save_file
 
-    from hcnr_jax.io import atomic_output_dir, atomic_write_text
+    from hcnr_jax.io import atomic_output_dir, atomic_write_text, check_finite_tensors, strict_json
 
     _check(args)
     result, record = compute(args)
+    # Checked before anything is written: a NaN or infinity never reaches the output.
+    check_finite_tensors(result, Path(args.out) / f"{args.kind}.safetensors")
+    record_json = strict_json(record, Path(args.out) / "stats.json", indent=2) + "\n"
     meta = {"format": "pt", "kind": args.kind, "data_file_sha256": record["data_file_sha256"],
             "num_samples": str(record["num_samples"]), "settings": json.dumps(record["settings"]),
             "aliases": json.dumps(record["aliases"])}
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         # Shared (q/k/v, gate/up) arrays are copied: every entry owns its buffer in the file.
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(result.items())},
                   str(tmp / f"{args.kind}.safetensors"), metadata=meta)
-        atomic_write_text(tmp / "stats.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(tmp / "stats.json", record_json)
     print(f"wrote {args.out}/{args.kind}.safetensors ({record['num_tensors']} tensors) and stats.json: "
           f"{record['num_samples']} samples, {record['num_tokens']} tokens in {record['wall_time_s']:.1f}s "
           f"({record['samples_per_s']} samples/s)")
