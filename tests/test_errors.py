@@ -439,3 +439,108 @@ def test_repair_report_with_nan_is_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(HcnrError, match=r"hcnr_report\.json: field layers\[1\]\.objective_after is inf"):
         write_repair(RepairResult(hcnr_jax.load_pretrained(src), report), out, plots=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- locks ----------------------------------------------------------------------------------------------
+
+HOLDER = """
+import sys
+from hcnr_jax.io import file_lock
+with file_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A process holding the lock ``tmp_path/entry.lock`` until told to end (a line on its stdin)."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "entry.lock"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    yield lock, p
+    p.kill()
+    p.wait()
+
+
+def test_lock_held_by_another_process_names_it_then_is_acquired_when_released(holder, caplog):
+    import os
+    import socket
+    import threading
+
+    from hcnr_jax.io import file_lock
+
+    lock, p = holder
+    assert json.loads(lock.read_text())["pid"] == p.pid
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"):
+        with pytest.raises(HcnrError) as e, file_lock(lock, timeout=0.4, what="cache entry E", poll=0.05):
+            pass
+        msg = str(e.value)
+        assert f"cache entry E is locked by process {p.pid} on host {socket.gethostname()}" in msg
+        assert "gave up after waiting 0.4 s (--lock-timeout)" in msg and "\n" not in msg
+        assert caplog.text.count("is locked by") == 1, "the holder is named once, not at every poll"
+
+        def release():
+            p.stdin.write("\n")
+            p.stdin.flush()
+
+        threading.Timer(0.3, release).start()
+        with file_lock(lock, timeout=60, poll=0.05):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert p.wait(30) == 0 and not lock.exists()
+    assert "taking over" not in caplog.text  # released properly: nothing stale
+
+
+def test_lock_of_a_killed_run_is_taken_over_with_a_warning(holder, caplog):
+    from hcnr_jax.io import file_lock
+
+    lock, p = holder
+    p.kill()
+    p.wait()
+    assert lock.exists(), "SIGKILL leaves the file (the kernel drops the lock itself)"
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"), file_lock(lock, timeout=0):
+        pass
+    assert f"taking over the lock left by process {p.pid}" in caplog.text and not lock.exists()
+
+
+def test_lock_still_held_by_a_child_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    """The lock is held (a forked child kept the descriptor) but the process it names is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from hcnr_jax.io import file_lock
+
+    lock = tmp_path / "entry.lock"
+    script = ("import fcntl, json, os, sys\n"
+              f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+              f"os.write(fd, json.dumps({{'host': {socket.gethostname()!r}, 'pid': {_dead_pid()}}}).encode())\n"
+              "print('held', flush=True)\n"
+              "sys.stdin.readline()\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with caplog.at_level("WARNING", logger="hcnr_jax.io"), file_lock(lock, timeout=5):
+            pass
+        assert "taking over the lock of process" in caplog.text and "which is gone" in caplog.text
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_lock_is_released_on_exceptions_and_ctrl_c(tmp_path, exc):
+    from hcnr_jax.io import file_lock
+
+    lock = tmp_path / "entry.lock"
+    with pytest.raises(exc), file_lock(lock):
+        assert lock.exists()
+        raise exc()
+    assert not lock.exists()
+    with file_lock(lock, timeout=0):
+        pass
