@@ -158,11 +158,9 @@ def test_save_rejects_params_that_do_not_match_config(tmp_path, src):
 
 # --- casts that overflow, non-finite weights ------------------------------------------------------
 
-def test_dtype_cast_that_overflows_is_an_error(tmp_path, src, capsys):
+def test_dtype_cast_that_overflows_is_an_error(src):
     """float16 holds up to 65504: a larger float32 weight is an error naming the file and tensor,
-    never an inf written to the output."""
-    from hcnr_jax.cli import main
-
+    never an inf written to the output (`hcnr convert`: tests/test_bad_inputs.py)."""
     name = "model.layers.1.mlp.up_proj.weight"
 
     def enlarge(t):
@@ -173,11 +171,6 @@ def test_dtype_cast_that_overflows_is_an_error(tmp_path, src, capsys):
         hcnr_jax.load_pretrained(src, dtype="float16")
     assert str(f) in str(e.value) and "1e+05" in str(e.value)
     assert hcnr_jax.load_pretrained(src, dtype="bfloat16").dtype.name == "bfloat16"  # fits bfloat16
-    out = tmp_path / "out16"
-    assert main(["convert", str(src), str(out), "--dtype", "float16"]) == 2
-    err = capsys.readouterr().err
-    assert name in err and "overflows" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_save_refuses_non_finite_weights(tmp_path, src):
@@ -249,27 +242,6 @@ def test_atomic_file_write_removes_stale_temp_files(tmp_path):
 
 # --- sequence length against the model's positions ---------------------------------------------------
 
-@pytest.mark.parametrize("command", ["stats", "repair", "train", "repair-yaml"])
-def test_max_length_above_the_models_positions_fails_before_any_work(tmp_path, src, capsys, command):
-    """The tiny qwen2 has max_position_embeddings=256: asking for 1024 tokens is refused before
-    the model loads, naming both numbers; nothing is written."""
-    from hcnr_jax.cli import main
-
-    assert json.loads((src / "config.json").read_text())["max_position_embeddings"] == 256
-    out, data = tmp_path / "out", tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "q", "response": "a"}\n')
-    argv = {"stats": ["stats", "--model", str(src), "--data", str(data), "--kind", "fisher", "--max-length", "1024"],
-            "repair": ["repair", "--base", str(src), "--finetuned", str(src), "--max-length", "1024"],
-            "train": ["train", "--model", str(src), "--data", str(data), "--max-length", "1024"],
-            "repair-yaml": ["repair", "--base", str(src), "--finetuned", str(src), "--config", str(tmp_path / "c.yaml")],
-            }[command]
-    (tmp_path / "c.yaml").write_text("max_length: 1024\n")
-    assert main([*argv, "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "max_length=1024 exceeds max_position_embeddings=256" in err and str(src) in err
-    assert not out.exists()
-
-
 def test_default_max_length_is_lowered_to_the_models_positions(src, caplog):
     from hcnr_jax.pretrained import model_max_positions, resolve_max_length
 
@@ -281,11 +253,7 @@ def test_default_max_length_is_lowered_to_the_models_positions(src, caplog):
     assert "exceeds max_position_embeddings=256" in caplog.text
 
 
-# --- outputs that would overwrite an input; flags checked before any model is loaded -----------------
-
-def _tree(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
+# --- outputs that would overwrite an input (the refused ones: tests/test_bad_inputs.py) ---------------
 
 @pytest.fixture
 def fake_models(tmp_path):
@@ -311,35 +279,6 @@ def test_model_source_paths(tmp_path, fake_models):
     assert model_source_paths(plus) == [plus]  # an existing path is never split
 
 
-def test_eval_unknown_rules_fail_before_the_model_loads(tmp_path, capsys):
-    from hcnr_jax.cli import main
-
-    out = tmp_path / "out"
-    argv = ["eval", "--model", str(tmp_path / "no_model"), "--benchmarks", "kuq", "--rules", "bogus", "--out", str(out)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "--rules: unknown refusal rules 'bogus'; known: default, selfaware" in err and "Traceback" not in err
-    assert "not a model" not in err and not out.exists()
-
-
-@pytest.mark.parametrize("case", ["same", "inside", "inside-adapter", "inside-reference"])
-def test_eval_out_in_a_model_directory_is_refused(tmp_path, fake_models, capsys, case):
-    from hcnr_jax.cli import main
-
-    base, adapter = fake_models["base"], fake_models["adapter"]
-    model, out, victim = {"same": (base, base, base), "inside": (base, base / "eval", base),
-                          "inside-adapter": (f"{base}+{adapter}", adapter / "sub" / "eval", adapter),
-                          "inside-reference": (fake_models["ft"], base / "eval", base)}[case]
-    before = _tree(tmp_path)
-    argv = ["eval", "--model", str(model), "--benchmarks", "kuq", "--out", str(out)]
-    if case == "inside-reference":
-        argv[-2:-2] = ["--reference", str(base)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
-    assert _tree(tmp_path) == before
-
-
 def test_eval_out_beside_or_above_the_model_passes_the_check(tmp_path, fake_models, capsys):
     """eval writes a few files into --out and deletes nothing: a folder holding the model is fine
     (this one then fails on loading the stand-in model, not on --out)."""
@@ -348,25 +287,6 @@ def test_eval_out_beside_or_above_the_model_passes_the_check(tmp_path, fake_mode
     assert main(["eval", "--model", str(fake_models["base"]), "--benchmarks", "kuq", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "the output" not in err and "config.json" in err
-
-
-@pytest.mark.parametrize("case", ["out-is-finetuned", "out-is-base", "inside-base", "contains-inputs",
-                                  "inside-adapter"])
-def test_repair_out_that_would_replace_an_input_is_refused(tmp_path, fake_models, capsys, case):
-    """Even with --overwrite: `--out FT --overwrite` must not replace the fine-tuned model."""
-    from hcnr_jax.cli import main
-
-    base, ft, adapter = fake_models["base"], fake_models["ft"], fake_models["adapter"]
-    finetuned, out, victim = {"out-is-finetuned": (ft, ft, ft), "out-is-base": (ft, base, base),
-                              "inside-base": (ft, base / "repaired", base),
-                              "contains-inputs": (ft, tmp_path, base),
-                              "inside-adapter": (f"{base}+{adapter}", adapter / "repaired", adapter)}[case]
-    before = _tree(tmp_path)
-    assert main(["repair", "--base", str(base), "--finetuned", str(finetuned), "--out", str(out), "--overwrite"]) == 2
-    err = capsys.readouterr().err
-    assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
-    assert ("contains" in err) == (case == "contains-inputs")
-    assert _tree(tmp_path) == before
 
 
 # --- shard indexes ------------------------------------------------------------------------------------
