@@ -84,6 +84,18 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
+def _shard_name(index: Path, tensor: str, fname: object) -> str:
+    """A ``weight_map`` value checked to name a file inside the model directory: a relative path
+    without ``..`` (an index must not make us read ``../../x`` or ``/etc/...``). Symlinks inside the
+    directory are fine (the Hugging Face cache links shards to its blob store)."""
+    if not isinstance(fname, str) or not fname:
+        raise CheckpointError(f"{index}: weight_map entry {tensor!r} is {fname!r}, not a shard file name")
+    if Path(fname).is_absolute() or ".." in Path(fname).parts or "\\" in fname:
+        raise CheckpointError(f"{index}: weight_map entry {tensor!r} -> {fname!r} points outside the model "
+                              "directory; shard files must be named relative to it, without '..'")
+    return fname
+
+
 def weight_map(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> file holding it, from the index (sharded) or the single file."""
     model_dir = Path(model_dir)
@@ -93,7 +105,10 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
             mapping = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = {name: model_dir / fname for name, fname in mapping.items()}
+        if not isinstance(mapping, dict):
+            raise CheckpointError(f"{index}: weight_map is a {type(mapping).__name__}, not a mapping of tensor "
+                                  "names to shard files")
+        files = {name: model_dir / _shard_name(index, name, fname) for name, fname in mapping.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
                 raise CheckpointError(f"{index}: lists shard {f.name}, which does not exist")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -11,7 +12,9 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -155,6 +158,183 @@ def finite_json(obj: Any, **kwargs: Any) -> str:
     predicted refusal) become ``null``, so the file is valid JSON; anything else non-finite that
     slipped through is an error rather than a ``NaN`` token (``allow_nan=False``)."""
     return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _nonfinite_fields(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _nonfinite_fields(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _nonfinite_fields(v, f"{path}[{i}]")
+    elif hasattr(obj, "dtype") and hasattr(obj, "tolist"):
+        yield from _nonfinite_fields(obj.tolist(), path)
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        yield path, obj
+
+
+def strict_json(obj: Any, dest: str | os.PathLike, **kwargs: Any) -> str:
+    """``json.dumps`` for records in which every number must be finite (``hcnr_report.json``,
+    ``stats.json``): a NaN or infinity is an `HcnrError` naming ``dest`` and the field (e.g.
+    ``layers[3].objective_after``), raised before anything is written."""
+    bad = list(_nonfinite_fields(obj))
+    if bad:
+        path, value = bad[0]
+        more = f" (and {len(bad) - 1} more field(s))" if len(bad) > 1 else ""
+        raise HcnrError(f"{dest}: field {path} is {value}{more}; refusing to write NaN or infinity "
+                        "(a statistic or the solve overflowed)")
+    return json.dumps(obj, allow_nan=False, default=float, **kwargs)
+
+
+def check_finite_tensors(tensors: Mapping[str, Any], dest: str | os.PathLike, what: str = "tensor") -> None:
+    """Refuse to write ``tensors`` (name -> array) to ``dest`` when one holds NaN or infinity: an
+    `HcnrError` naming ``dest``, the tensor and the count, raised before anything is written."""
+    import numpy as np
+
+    for name, array in tensors.items():
+        a = np.asarray(array)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            n = int(np.count_nonzero(~np.isfinite(a)))
+            raise HcnrError(f"{dest}: {what} {name} holds {n} NaN or infinite value(s) of {a.size}; refusing to "
+                            "write it (the model's weights are not finite, or its activations or gradients overflow "
+                            "on this data)")
+
+
+def set_aside(path: str | os.PathLike, reason: str) -> Path:
+    """Rename a damaged file or directory to ``PATH.damaged-<time>`` (kept for inspection, out of
+    the way of the rerun) and warn with both paths and ``reason``. Returns the new path."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    os.rename(path, target)
+    log.warning("%s is damaged (%s); moved it to %s and computing it again", path, reason, target)
+    return target
+
+
+# --- locks -------------------------------------------------------------------------------------------
+
+LOCK_TIMEOUT_S = 3600.0
+
+
+def _lock_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another process (which has not yet written its name)"
+    me = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+    return (f"process {holder.get('pid')} on host {holder.get('host')}{' (this process)' if me else ''}, "
+            f"since {holder.get('since')}")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _dead_here(holder: dict[str, Any] | None) -> bool:
+    return bool(holder) and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+        and not _pid_alive(holder["pid"])
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, timeout: float = LOCK_TIMEOUT_S, what: str | None = None,
+              flag: str = "--lock-timeout", poll: float = 0.5) -> Iterator[Path]:
+    """Hold an exclusive lock (``flock``) on the file ``path`` for the ``with`` block; the file
+    records the holder (host, pid, start time, command) and is removed on release, exceptions and
+    Ctrl-C included. The kernel releases the lock of a process that dies, so a killed run never
+    blocks the next one: the file it leaves is taken over with a warning, as is a lock still held
+    (by a forked child) whose recorded process on this host is gone.
+
+    While another process holds it: a warning saying who, once, then waiting up to ``timeout``
+    seconds (``flag`` is the option that sets it) and an `HcnrError` naming the holder. On a
+    filesystem without locks, or where the lock file cannot be created (read-only), the block runs
+    unlocked, with a warning."""
+    import fcntl
+
+    path = Path(path)
+    what = what or str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + max(timeout, 0.0)
+    told = False
+    fd: int | None = None
+    while fd is None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # A read-only folder (a shared cache of finished results): nothing can be written to it anyway.
+            log.warning("%s: cannot create the lock file (%s); going on without a lock", path, e.strerror)
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _same_file(fd, path):  # the holder removed it on release: lock the new one
+                os.close(fd)
+                fd = None
+            continue
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("%s: this filesystem does not support locks (%s); make sure no other run uses %s",
+                        path, e, what)
+            fd = None
+            break
+        except BaseException:
+            os.close(fd)
+            raise
+        holder = _lock_holder(fd)
+        stale = _dead_here(holder) and _same_file(fd, path)
+        os.close(fd)
+        fd = None
+        if stale:
+            log.warning("%s: taking over the lock of process %s on this host, which is gone (a process it "
+                        "forked still holds the file)", path, holder["pid"])  # type: ignore[index]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HcnrError(f"{path}: {what} is locked by {_describe_holder(holder)}; gave up after waiting "
+                            f"{timeout:g} s ({flag}). Wait for that run to end, or remove {path} if it is not "
+                            "running")
+        if not told:
+            log.warning("%s is locked by %s; waiting up to %g s for it (%s)", what, _describe_holder(holder),
+                        timeout, flag)
+            told = True
+        time.sleep(min(poll, left))
+    if fd is None:  # no locks on this filesystem
+        yield path
+        return
+    try:
+        previous = _lock_holder(fd)
+        if previous:
+            log.warning("%s: taking over the lock left by %s, which no longer holds it (a killed run)",
+                        path, _describe_holder(previous))
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        yield path
+    finally:
+        if _same_file(fd, path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -158,11 +158,9 @@ def test_save_rejects_params_that_do_not_match_config(tmp_path, src):
 
 # --- casts that overflow, non-finite weights ------------------------------------------------------
 
-def test_dtype_cast_that_overflows_is_an_error(tmp_path, src, capsys):
+def test_dtype_cast_that_overflows_is_an_error(src):
     """float16 holds up to 65504: a larger float32 weight is an error naming the file and tensor,
-    never an inf written to the output."""
-    from hcnr_jax.cli import main
-
+    never an inf written to the output (`hcnr convert`: tests/test_bad_inputs.py)."""
     name = "model.layers.1.mlp.up_proj.weight"
 
     def enlarge(t):
@@ -173,11 +171,6 @@ def test_dtype_cast_that_overflows_is_an_error(tmp_path, src, capsys):
         hcnr_jax.load_pretrained(src, dtype="float16")
     assert str(f) in str(e.value) and "1e+05" in str(e.value)
     assert hcnr_jax.load_pretrained(src, dtype="bfloat16").dtype.name == "bfloat16"  # fits bfloat16
-    out = tmp_path / "out16"
-    assert main(["convert", str(src), str(out), "--dtype", "float16"]) == 2
-    err = capsys.readouterr().err
-    assert name in err and "overflows" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_save_refuses_non_finite_weights(tmp_path, src):
@@ -249,27 +242,6 @@ def test_atomic_file_write_removes_stale_temp_files(tmp_path):
 
 # --- sequence length against the model's positions ---------------------------------------------------
 
-@pytest.mark.parametrize("command", ["stats", "repair", "train", "repair-yaml"])
-def test_max_length_above_the_models_positions_fails_before_any_work(tmp_path, src, capsys, command):
-    """The tiny qwen2 has max_position_embeddings=256: asking for 1024 tokens is refused before
-    the model loads, naming both numbers; nothing is written."""
-    from hcnr_jax.cli import main
-
-    assert json.loads((src / "config.json").read_text())["max_position_embeddings"] == 256
-    out, data = tmp_path / "out", tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "q", "response": "a"}\n')
-    argv = {"stats": ["stats", "--model", str(src), "--data", str(data), "--kind", "fisher", "--max-length", "1024"],
-            "repair": ["repair", "--base", str(src), "--finetuned", str(src), "--max-length", "1024"],
-            "train": ["train", "--model", str(src), "--data", str(data), "--max-length", "1024"],
-            "repair-yaml": ["repair", "--base", str(src), "--finetuned", str(src), "--config", str(tmp_path / "c.yaml")],
-            }[command]
-    (tmp_path / "c.yaml").write_text("max_length: 1024\n")
-    assert main([*argv, "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "max_length=1024 exceeds max_position_embeddings=256" in err and str(src) in err
-    assert not out.exists()
-
-
 def test_default_max_length_is_lowered_to_the_models_positions(src, caplog):
     from hcnr_jax.pretrained import model_max_positions, resolve_max_length
 
@@ -281,11 +253,7 @@ def test_default_max_length_is_lowered_to_the_models_positions(src, caplog):
     assert "exceeds max_position_embeddings=256" in caplog.text
 
 
-# --- outputs that would overwrite an input; flags checked before any model is loaded -----------------
-
-def _tree(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
+# --- outputs that would overwrite an input (the refused ones: tests/test_bad_inputs.py) ---------------
 
 @pytest.fixture
 def fake_models(tmp_path):
@@ -311,35 +279,6 @@ def test_model_source_paths(tmp_path, fake_models):
     assert model_source_paths(plus) == [plus]  # an existing path is never split
 
 
-def test_eval_unknown_rules_fail_before_the_model_loads(tmp_path, capsys):
-    from hcnr_jax.cli import main
-
-    out = tmp_path / "out"
-    argv = ["eval", "--model", str(tmp_path / "no_model"), "--benchmarks", "kuq", "--rules", "bogus", "--out", str(out)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "--rules: unknown refusal rules 'bogus'; known: default, selfaware" in err and "Traceback" not in err
-    assert "not a model" not in err and not out.exists()
-
-
-@pytest.mark.parametrize("case", ["same", "inside", "inside-adapter", "inside-reference"])
-def test_eval_out_in_a_model_directory_is_refused(tmp_path, fake_models, capsys, case):
-    from hcnr_jax.cli import main
-
-    base, adapter = fake_models["base"], fake_models["adapter"]
-    model, out, victim = {"same": (base, base, base), "inside": (base, base / "eval", base),
-                          "inside-adapter": (f"{base}+{adapter}", adapter / "sub" / "eval", adapter),
-                          "inside-reference": (fake_models["ft"], base / "eval", base)}[case]
-    before = _tree(tmp_path)
-    argv = ["eval", "--model", str(model), "--benchmarks", "kuq", "--out", str(out)]
-    if case == "inside-reference":
-        argv[-2:-2] = ["--reference", str(base)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
-    assert _tree(tmp_path) == before
-
-
 def test_eval_out_beside_or_above_the_model_passes_the_check(tmp_path, fake_models, capsys):
     """eval writes a few files into --out and deletes nothing: a folder holding the model is fine
     (this one then fails on loading the stand-in model, not on --out)."""
@@ -350,20 +289,178 @@ def test_eval_out_beside_or_above_the_model_passes_the_check(tmp_path, fake_mode
     assert "the output" not in err and "config.json" in err
 
 
-@pytest.mark.parametrize("case", ["out-is-finetuned", "out-is-base", "inside-base", "contains-inputs",
-                                  "inside-adapter"])
-def test_repair_out_that_would_replace_an_input_is_refused(tmp_path, fake_models, capsys, case):
-    """Even with --overwrite: `--out FT --overwrite` must not replace the fine-tuned model."""
-    from hcnr_jax.cli import main
+# --- shard indexes ------------------------------------------------------------------------------------
 
-    base, ft, adapter = fake_models["base"], fake_models["ft"], fake_models["adapter"]
-    finetuned, out, victim = {"out-is-finetuned": (ft, ft, ft), "out-is-base": (ft, base, base),
-                              "inside-base": (ft, base / "repaired", base),
-                              "contains-inputs": (ft, tmp_path, base),
-                              "inside-adapter": (f"{base}+{adapter}", adapter / "repaired", adapter)}[case]
-    before = _tree(tmp_path)
-    assert main(["repair", "--base", str(base), "--finetuned", str(finetuned), "--out", str(out), "--overwrite"]) == 2
-    err = capsys.readouterr().err
-    assert f"{out}: the output" in err and str(victim) in err and "Traceback" not in err
-    assert ("contains" in err) == (case == "contains-inputs")
-    assert _tree(tmp_path) == before
+@pytest.fixture
+def sharded(tmp_path):
+    import tiny
+
+    return tiny.save_hf(tiny.hf_model("llama"), tmp_path / "sharded", max_shard_size="20KB")
+
+
+def _edit_index(path, fn):
+    f = path / hf_io.INDEX_NAME
+    index = json.loads(f.read_text())
+    fn(index["weight_map"])
+    f.write_text(json.dumps(index))
+    return f
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE", 7])
+def test_shard_index_entry_outside_the_model_directory_is_refused(sharded, entry):
+    """An index must not make the loader read a file outside the model (``..``, an absolute path),
+    even one that exists and holds the right tensors."""
+    outside = sharded.parent / "outside.safetensors"
+    shutil.copyfile(sorted(sharded.glob("model-*.safetensors"))[0], outside)
+    entry = str(outside) if entry == "ABSOLUTE" else entry
+    index = _edit_index(sharded, lambda m: m.update({"model.norm.weight": entry}))
+    with pytest.raises(CheckpointError) as e:
+        hcnr_jax.load_pretrained(sharded)
+    msg = str(e.value)
+    assert msg.startswith(f"{index}: weight_map entry 'model.norm.weight'") and repr(entry) in msg
+
+
+def test_shard_index_may_name_symlinks_and_subfolders_inside_the_model(sharded, tmp_path):
+    """The Hugging Face cache links each shard to its blob store outside the snapshot folder: a
+    symlink inside the directory is fine, and so is a shard in a subfolder."""
+    expected = hcnr_jax.load_pretrained(sharded).params
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    for f in shards[:2]:
+        f.rename(blobs / f.name)
+        f.symlink_to(blobs / f.name)
+    (sharded / "sub").mkdir()
+    shards[2].rename(sharded / "sub" / shards[2].name)
+    _edit_index(sharded, lambda m: m.update({k: f"sub/{v}" for k, v in m.items() if v == shards[2].name}))
+    got = hcnr_jax.load_pretrained(sharded).params
+    np.testing.assert_array_equal(np.asarray(got["model"]["norm"]["weight"]), np.asarray(expected["model"]["norm"]["weight"]))
+
+
+# --- non-finite numbers in reports --------------------------------------------------------------------
+
+def test_strict_json_and_finite_tensors_name_the_field():
+    from hcnr_jax.io import check_finite_tensors, strict_json
+
+    assert json.loads(strict_json({"a": [1.0, np.float32(2)], "b": None}, "r.json")) == {"a": [1.0, 2.0], "b": None}
+    with pytest.raises(HcnrError, match=r"^r\.json: field layers\[1\]\.objective_after is nan \(and 1 more"):
+        strict_json({"layers": [{"objective_after": 1.0}, {"objective_after": float("nan")}], "x": np.inf}, "r.json")
+    check_finite_tensors({"w": np.ones(3, np.float32), "i": np.arange(3)}, "s.safetensors")
+    with pytest.raises(HcnrError, match=r"^s\.safetensors: tensor w holds 2 NaN or infinite value\(s\) of 3"):
+        check_finite_tensors({"w": np.array([np.inf, 1, np.nan], np.float32)}, "s.safetensors")
+
+
+def test_repair_report_with_nan_is_refused_before_anything_is_written(tmp_path, src):
+    from hcnr_jax.repair.pipeline import RepairResult, write_repair
+
+    report = {"summary": {"objective_after": 1.0}, "layers": [{"name": "a", "objective_after": 0.5},
+                                                               {"name": "b", "objective_after": float("inf")}]}
+    out = tmp_path / "repaired"
+    with pytest.raises(HcnrError, match=r"hcnr_report\.json: field layers\[1\]\.objective_after is inf"):
+        write_repair(RepairResult(hcnr_jax.load_pretrained(src), report), out, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- locks ----------------------------------------------------------------------------------------------
+
+HOLDER = """
+import sys
+from hcnr_jax.io import file_lock
+with file_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A process holding the lock ``tmp_path/entry.lock`` until told to end (a line on its stdin)."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "entry.lock"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    yield lock, p
+    p.kill()
+    p.wait()
+
+
+def test_lock_held_by_another_process_names_it_then_is_acquired_when_released(holder, caplog):
+    import os
+    import socket
+    import threading
+
+    from hcnr_jax.io import file_lock
+
+    lock, p = holder
+    assert json.loads(lock.read_text())["pid"] == p.pid
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"):
+        with pytest.raises(HcnrError) as e, file_lock(lock, timeout=0.4, what="cache entry E", poll=0.05):
+            pass
+        msg = str(e.value)
+        assert f"cache entry E is locked by process {p.pid} on host {socket.gethostname()}" in msg
+        assert "gave up after waiting 0.4 s (--lock-timeout)" in msg and "\n" not in msg
+        assert caplog.text.count("is locked by") == 1, "the holder is named once, not at every poll"
+
+        def release():
+            p.stdin.write("\n")
+            p.stdin.flush()
+
+        threading.Timer(0.3, release).start()
+        with file_lock(lock, timeout=60, poll=0.05):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert p.wait(30) == 0 and not lock.exists()
+    assert "taking over" not in caplog.text  # released properly: nothing stale
+
+
+def test_lock_of_a_killed_run_is_taken_over_with_a_warning(holder, caplog):
+    from hcnr_jax.io import file_lock
+
+    lock, p = holder
+    p.kill()
+    p.wait()
+    assert lock.exists(), "SIGKILL leaves the file (the kernel drops the lock itself)"
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"), file_lock(lock, timeout=0):
+        pass
+    assert f"taking over the lock left by process {p.pid}" in caplog.text and not lock.exists()
+
+
+def test_lock_still_held_by_a_child_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    """The lock is held (a forked child kept the descriptor) but the process it names is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from hcnr_jax.io import file_lock
+
+    lock = tmp_path / "entry.lock"
+    script = ("import fcntl, json, os, sys\n"
+              f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+              f"os.write(fd, json.dumps({{'host': {socket.gethostname()!r}, 'pid': {_dead_pid()}}}).encode())\n"
+              "print('held', flush=True)\n"
+              "sys.stdin.readline()\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with caplog.at_level("WARNING", logger="hcnr_jax.io"), file_lock(lock, timeout=5):
+            pass
+        assert "taking over the lock of process" in caplog.text and "which is gone" in caplog.text
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_lock_is_released_on_exceptions_and_ctrl_c(tmp_path, exc):
+    from hcnr_jax.io import file_lock
+
+    lock = tmp_path / "entry.lock"
+    with pytest.raises(exc), file_lock(lock):
+        assert lock.exists()
+        raise exc()
+    assert not lock.exists()
+    with file_lock(lock, timeout=0):
+        pass

@@ -131,3 +131,56 @@ def test_unknown_kind_is_a_usage_error(setup, tmp_path):
         main(["stats", "--model", str(setup[0]), "--data", "x.jsonl", "--kind", "gradient", "--out",
               str(tmp_path / "o")])
     assert e.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_non_finite_statistics_exit_2_and_write_nothing(setup, tmp_path, capsys):
+    """A model whose activations are NaN gives NaN statistics: refused, naming the tensor, before
+    the output is written."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model_dir = tmp_path / "nan_model"
+    shutil.copytree(setup[0], model_dir)
+    f = model_dir / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.1.post_attention_layernorm.weight"][0] = np.nan
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    argv = ["stats", "--model", str(model_dir), "--data", str(setup[1]), "--kind", "hessian", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hcnr stats: error: {out}/hessian.safetensors: tensor model.layers.1.mlp.") and \
+        "NaN or infinite" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan_model"]
+
+
+def test_cache_entry_locked_by_another_run_exits_2_naming_it(setup, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    model_dir, data, _ = setup
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    argv = ["stats", "--model", str(model_dir), "--data", str(data), "--kind", "fisher", "--no-progress",
+            "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    [entry] = cache.glob("fisher-*.safetensors")
+    entry.unlink()
+    lock = entry.with_suffix(".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom hcnr_jax.io import file_lock\n"
+                               "with file_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.readline()\n",
+                               str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out), "--lock-timeout", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hcnr stats: error: {lock}: cache entry {cache}/fisher-")
+        assert f"locked by process {holder.pid} on host {socket.gethostname()}" in err and "--lock-timeout" in err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main([*argv, "--out", str(out)]) == 0, "a lock left by a killed run is taken over"

@@ -126,3 +126,142 @@ def test_cache_hit_and_misses(model, tmp_path):
     stats.fisher(model.params, model.config, samples, batch_size=4, cache_dir=tmp_path, neuron_axis="output",
                  on_batch=calls.append)
     assert len(calls) == 7, "another kind or neuron axis must miss"
+
+
+# --- two runs on one cache, damaged entries, non-finite results ------------------------------------
+
+def test_a_second_run_waits_for_the_entry_then_reads_it(model, tmp_path, caplog):
+    """Two runs needing the same entry used to crash one another in orbax (FileNotFoundError): now
+    the second waits for the first (naming it), then reads its result instead of recomputing."""
+    import threading
+
+    from hcnr_jax import HcnrError
+
+    samples = random_samples(n=4, seed=15)
+    started, release = threading.Event(), threading.Event()
+    first: dict = {}
+
+    def block(done):
+        started.set()
+        assert release.wait(120)
+
+    def run_first():
+        first["result"] = stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
+                                        checkpoint_every=1, on_batch=block)
+
+    t = threading.Thread(target=run_first)
+    t.start()
+    try:
+        assert started.wait(300)
+        with pytest.raises(HcnrError, match=rf"cache entry {tmp_path}/hessian-\w+ is locked by process {os.getpid()} "
+                                            r"on host .*gave up after waiting 0 s \(--lock-timeout\)"):
+            stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, lock_timeout=0)
+        threading.Timer(0.5, release.set).start()
+        calls: list[int] = []
+        with caplog.at_level("WARNING", logger="hcnr_jax.io"):
+            second = stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
+                                   lock_timeout=300, on_batch=calls.append)
+    finally:
+        release.set()
+        t.join()
+    assert calls == [], "the second run reads the first one's result"
+    assert "is locked by process" in caplog.text and "waiting up to 300 s" in caplog.text
+    for n, v in first["result"].items():
+        np.testing.assert_array_equal(second[n], v)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".safetensors"], "no lock file or checkpoint left"
+
+
+def _damage_result(path: Path, how: str) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+        return
+    if how == "garbage":
+        path.write_bytes(b"\0" * 64)
+        return
+    with safe_open(str(path), framework="numpy") as f:
+        names = list(f.keys())
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in names}
+    name = sorted(tensors)[0]
+    if how == "nan":
+        tensors[name][0, 0] = np.nan
+    elif how == "wrong-shape":
+        tensors[name] = tensors[name][:-1, :-1].copy()
+    elif how == "missing-tensor":
+        del tensors[name]
+    elif how == "other-key":
+        meta["key"] = "0" * 32
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "nan", "wrong-shape", "missing-tensor", "other-key"])
+def test_damaged_cached_result_is_set_aside_and_recomputed(model, tmp_path, caplog, how):
+    samples = random_samples(n=4, seed=16)
+    calls: list[int] = []
+
+    def run():
+        return stats.hessian(model.params, model.config, samples, batch_size=4, cache_dir=tmp_path,
+                             on_batch=calls.append)
+
+    first = run()
+    [entry] = tmp_path.glob("*.safetensors")
+    _damage_result(entry, how)
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"):
+        again = run()
+    assert calls == [1, 1], "the damaged entry is recomputed"
+    [aside] = tmp_path.glob(f"{entry.name}.damaged-*")
+    assert f"{entry} is damaged" in caplog.text and str(aside) in caplog.text
+    for n, v in first.items():
+        np.testing.assert_array_equal(again[n], v)
+    run()
+    assert calls == [1, 1], "the recomputed entry is good"
+
+
+@pytest.mark.parametrize("how", ["truncated-files", "missing-arrays"])
+def test_damaged_checkpoint_is_set_aside_and_the_run_starts_over(model, tmp_path, caplog, how):
+    import shutil
+
+    samples = random_samples(n=8, seed=11)
+    full = stats.fisher(model.params, model.config, samples, batch_size=2)
+
+    def kill_after_two(done):
+        if done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, checkpoint_every=1,
+                     on_batch=kill_after_two)
+    [ckpt] = tmp_path.glob("*.ckpt")
+    step = ckpt / "2" / "default"
+    if how == "truncated-files":
+        for f in step.rglob("*"):
+            if f.is_file():
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        shutil.rmtree(step)
+    seen: list[int] = []
+    with caplog.at_level("WARNING", logger="hcnr_jax.io"):
+        resumed = stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
+                               checkpoint_every=1, on_batch=seen.append)
+    assert seen == [1, 2, 3, 4], "the run starts over"
+    [aside] = tmp_path.glob(f"{ckpt.name}.damaged-*")
+    assert f"{ckpt} is damaged" in caplog.text and str(aside) in caplog.text
+    assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
+    for n in full:
+        np.testing.assert_array_equal(resumed[n], full[n])
+
+
+def test_non_finite_statistics_are_refused_not_cached(model, tmp_path):
+    from hcnr_jax import HcnrError
+
+    name = "model.layers.0.input_layernorm.weight"
+    w = np.array(get(model.params, name))
+    w[3] = np.nan
+    params = set_leaves(model.params, {name: w})
+    with pytest.raises(HcnrError, match=r"hessian-\w+\.safetensors: hessian of model\.layers\.0\.\w+\.\w+\.weight "
+                                        r"holds \d+ NaN or infinite value\(s\)"):
+        stats.hessian(params, model.config, random_samples(n=4, seed=17), batch_size=2, cache_dir=tmp_path,
+                      checkpoint_every=1)
+    assert list(tmp_path.iterdir()) == [], "no result, checkpoint or lock is left"

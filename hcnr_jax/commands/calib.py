@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in (args.benchmarks or default).split(",") if n.strip()]
     for n in names:
         if n not in BENCHMARKS:
-            raise DataError(f"unknown benchmark {n!r}")
+            raise DataError(f"--benchmarks: unknown benchmark {n!r}; known: {', '.join(BENCHMARKS)}")
     pools = {n: [r for r in load_benchmark(n, args.data_dir, args.seed) if r["split"] == "calibration"] for n in names}
     if args.kind == "honesty":
         samples = honesty_samples(pools, args.n, args.idk_response or IDK_RESPONSE)

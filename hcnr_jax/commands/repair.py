@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int if default is None else type(default),
                        choices=choices, default=None, help=f"{text} [{'all' if default is None else default}]")
     p.add_argument("--cache-dir", default=None, help="reuse statistics computed before (statistics cache)")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --cache-dir: how long to wait for another run computing the same statistic, then "
+                        "fail (0: fail at once) [3600]")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true",
@@ -79,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("hcnr_jax.repair").setLevel(logging.INFO)
     # --overwrite replaces --out as a whole: it must neither be, sit inside nor contain an input model.
     check_output_apart(args.out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
+    if args.lock_timeout is not None and not args.lock_timeout >= 0:
+        raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     cfg = load_config(args.config, **_overrides(args))
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
               f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
               f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
         return 0
-    stats_options = {"cache_dir": args.cache_dir} if args.cache_dir else None
+    stats_options = {"cache_dir": args.cache_dir, "lock_timeout": args.lock_timeout} if args.cache_dir else None
     result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
                     stats_options=stats_options)
     write_repair(result, out, plots=not args.no_plots, overwrite=args.overwrite)

@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N samples [all]")
     p.add_argument("--cache-dir", default=None,
                    help="reuse results for identical weights, data and settings; checkpoints go here too")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --cache-dir: how long to wait for another run computing the same entry, then "
+                        "fail (0: fail at once) [3600]")
     p.add_argument("--checkpoint-every", type=int, default=16,
                    help="with --cache-dir: save the accumulators every N batches, so a killed run resumes [16]")
     p.add_argument("--backend", choices=("auto", "pallas", "reference"), default="auto",
@@ -75,6 +78,8 @@ def _check(args: argparse.Namespace) -> None:
         v = getattr(args, opt)
         if v is not None and v < (0 if opt == "checkpoint_every" else 1):
             raise HcnrError(f"--{opt.replace('_', '-')} must be positive, got {v}")
+    if args.lock_timeout is not None and not args.lock_timeout >= 0:
+        raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     parse_mesh(args.mesh)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -100,7 +105,8 @@ def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, 
     samples = load_samples(args.data, model.tokenizer, max_length=args.max_length, limit=args.limit,
                            vocab_size=cfg.vocab_size)
     opts = dict(batch_size=args.batch_size, backend=args.backend, mesh=args.mesh, fsdp=args.fsdp,
-                cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+                cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                lock_timeout=args.lock_timeout)
     axis = args.neuron_axis or "input"
     t0 = time.perf_counter()
     if args.kind == "fisher":
@@ -141,10 +147,13 @@ def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, 
 def run(args: argparse.Namespace) -> int:
     from safetensors.numpy import save_file
 
-    from hcnr_jax.io import atomic_output_dir, atomic_write_text
+    from hcnr_jax.io import atomic_output_dir, atomic_write_text, check_finite_tensors, strict_json
 
     _check(args)
     result, record = compute(args)
+    # Checked before anything is written: a NaN or infinity never reaches the output.
+    check_finite_tensors(result, Path(args.out) / f"{args.kind}.safetensors")
+    record_json = strict_json(record, Path(args.out) / "stats.json", indent=2) + "\n"
     meta = {"format": "pt", "kind": args.kind, "data_file_sha256": record["data_file_sha256"],
             "num_samples": str(record["num_samples"]), "settings": json.dumps(record["settings"]),
             "aliases": json.dumps(record["aliases"])}
@@ -152,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         # Shared (q/k/v, gate/up) arrays are copied: every entry owns its buffer in the file.
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(result.items())},
                   str(tmp / f"{args.kind}.safetensors"), metadata=meta)
-        atomic_write_text(tmp / "stats.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(tmp / "stats.json", record_json)
     print(f"wrote {args.out}/{args.kind}.safetensors ({record['num_tensors']} tensors) and stats.json: "
           f"{record['num_samples']} samples, {record['num_tokens']} tokens in {record['wall_time_s']:.1f}s "
           f"({record['samples_per_s']} samples/s)")

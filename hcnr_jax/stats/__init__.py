@@ -14,7 +14,9 @@ checkpoints and a result cache (``cache_dir``). Common keyword options:
   reference, ``hcnr_jax.kernels.fisher_norms.VERIFIED``; jax.numpy elsewhere), "pallas" or
   "reference".
 - ``cache_dir``: reuse results for identical weights, data and settings; checkpoints go there too
-  (every ``checkpoint_every`` batches, default 16) so that a killed run resumes.
+  (every ``checkpoint_every`` batches, default 16) so that a killed run resumes. Each entry is
+  computed under a lock: another run needing it waits up to ``lock_timeout`` seconds (default
+  ``hcnr_jax.io.LOCK_TIMEOUT_S``). Damaged entries and checkpoints are set aside and recomputed.
 - ``progress``: show a progress bar (samples/s); ``on_batch``: callback after each batch.
 """
 
@@ -41,7 +43,8 @@ __all__ = ["fisher", "fisher_update", "hessian", "hessian_update", "per_sample_l
 
 def _run(kind: str, init: Any, update: Any, params: Params, cfg: ModelConfig, samples: Samples,
          batch_size: int, settings: dict[str, Any], opts: dict[str, Any], *, cache_dir: Any = None,
-         checkpoint_every: int = 16, checkpoint_dir: Any = None, **run_opts: Any) -> dict[str, np.ndarray]:
+         checkpoint_every: int = 16, checkpoint_dir: Any = None, lock_timeout: float | None = None,
+         **run_opts: Any) -> dict[str, np.ndarray]:
     if checkpoint_dir is not None:
         return engine.accumulate(init, update, params, cfg, samples, batch_size=batch_size, opts=opts,
                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, desc=kind,
@@ -51,7 +54,13 @@ def _run(kind: str, init: Any, update: Any, params: Params, cfg: ModelConfig, sa
         return engine.accumulate(init, update, params, cfg, samples, batch_size=batch_size, opts=opts,
                                  checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, desc=kind, **run_opts)
 
-    return engine.cached(kind, {"batch_size": batch_size, **settings}, params, samples, cache_dir, compute)
+    expected = None
+    if cache_dir is not None:
+        import jax
+
+        expected = {k: tuple(v.shape) for k, v in jax.eval_shape(init, params).items()}
+    return engine.cached(kind, {"batch_size": batch_size, **settings}, params, samples, cache_dir, compute,
+                         expected=expected, lock_timeout=lock_timeout)
 
 
 def fisher(params: Params, cfg: ModelConfig, samples: Samples, *, neuron_axis: str = "input",

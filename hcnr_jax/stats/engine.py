@@ -8,6 +8,7 @@ result cache keyed by a hash of weights, data and settings, and the progress bar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hcnr_jax import sharding
@@ -89,6 +91,78 @@ def _checkpointer(path: Path) -> Any:
     return ocp.CheckpointManager(path.absolute(), options=options)
 
 
+def _resume(path: Path, abstract: Any, num_batches: int) -> tuple[Any, Any, int]:
+    """(checkpoint manager, restored state or None, batches done) for the checkpoints at ``path``.
+    A checkpoint that cannot be read, has other shapes, holds NaN or infinity or counts more
+    batches than there are is damaged: it is moved aside (``io.set_aside``, with a warning) and
+    the accumulation starts again from zero."""
+    import orbax.checkpoint as ocp
+
+    from hcnr_jax.io import set_aside
+
+    mngr = None
+    try:
+        mngr = _checkpointer(path)
+        latest = mngr.latest_step()
+        if latest is None:
+            return mngr, None, 0
+        if not 0 < int(latest) <= num_batches:
+            raise ValueError(f"step {latest} is not between 1 and the {num_batches} batches of this run")
+        state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        got = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), state)
+        want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), abstract)
+        if got != want:
+            raise ValueError("its arrays do not match this run's accumulators")
+        bad = sum(not bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(state))  # one scalar each
+        if bad:
+            raise ValueError(f"{bad} accumulator(s) hold NaN or infinite values")
+        return mngr, state, int(latest)
+    except Exception as e:  # orbax raises many kinds (FileNotFoundError, ValueError, json, tensorstore)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if mngr is not None:
+        with contextlib.suppress(Exception):  # closing a manager on a damaged directory may fail too
+            mngr.close()
+    _quiet_orbax_leftovers()
+    if path.exists() and jax.process_index() == 0:
+        set_aside(path, reason if len(reason) <= 240 else reason[:240] + " ...")
+    return _checkpointer(path), None, 0
+
+
+_HOOKED = False
+
+
+def _quiet_orbax_leftovers() -> None:
+    """A failed orbax restore abandons its other reads. Their errors are logged by asyncio (tasks
+    whose exception nobody retrieved) and, when tensorstore completes them later on the closed
+    event loop, printed as unraisable ``RuntimeError: Event loop is closed``: a dozen tracebacks
+    after a failure that the caller reports once. Collect the tasks without their logs now, and
+    from now on drop exactly those unraisable errors (others still reach the previous hook)."""
+    import gc
+    import sys
+
+    global _HOOKED
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(drop)
+    try:
+        gc.collect()
+    finally:
+        logger.removeFilter(drop)
+    if not _HOOKED:
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            e = unraisable.exc_value
+            if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        _HOOKED = True
+
+
 def accumulate(
     init: Callable[[Params], Any],
     update: Callable,
@@ -129,14 +203,10 @@ def accumulate(
 
     start, mngr = 0, None
     if checkpoint_dir is not None and checkpoint_every > 0:
-        import orbax.checkpoint as ocp
-
-        mngr = _checkpointer(Path(checkpoint_dir))
-        latest = mngr.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state0, state_sh)
-            state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-            start = int(latest)
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state0, state_sh)
+        mngr, restored, start = _resume(Path(checkpoint_dir), abstract, num_batches)
+        if restored is not None:
+            state = restored
             log.info("%s: resumed from %s after %d of %d batches", desc, checkpoint_dir, start, num_batches)
 
     from tqdm.auto import tqdm
@@ -167,29 +237,84 @@ def accumulate(
     return result
 
 
+def _read_result(path: Path, key: str, expected: dict[str, tuple[int, ...]] | None) -> dict[str, np.ndarray]:
+    """The cached result at ``path``; ValueError saying why when it is damaged (unreadable, another
+    key, tensors missing, unexpected or of the wrong shape, NaN or infinity)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())  # safe_open objects are not iterable
+            result = {k: f.get_tensor(k) for k in names}
+    except Exception as e:  # SafetensorError, OSError, ...: a torn or overwritten file
+        raise ValueError(f"unreadable: {e}") from e
+    if meta.get("key") != key:
+        raise ValueError(f"its metadata names key {meta.get('key')!r}, not {key!r}")
+    if expected is not None:
+        if set(result) != set(expected):
+            diff = sorted(set(result) ^ set(expected))
+            raise ValueError(f"tensor {diff[0]} is {'unexpected' if diff[0] in result else 'missing'}"
+                             + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
+        for k, shape in expected.items():
+            if tuple(result[k].shape) != tuple(shape):
+                raise ValueError(f"tensor {k} has shape {tuple(result[k].shape)}, expected {tuple(shape)}")
+    for k, v in result.items():
+        if v.dtype != np.float32:
+            raise ValueError(f"tensor {k} is {v.dtype}, not float32")
+        if not np.isfinite(v).all():
+            raise ValueError(f"tensor {k} holds NaN or infinite values")
+    return result
+
+
 def cached(kind: str, settings: dict[str, Any], params: Params, samples: Samples,
-           cache_dir: str | Path | None, compute: Callable[[Path | None], dict[str, np.ndarray]]
+           cache_dir: str | Path | None, compute: Callable[[Path | None], dict[str, np.ndarray]],
+           *, expected: dict[str, tuple[int, ...]] | None = None, lock_timeout: float | None = None,
            ) -> dict[str, np.ndarray]:
     """``compute(checkpoint_dir)`` unless ``cache_dir`` already holds the result for these weights,
     data and settings. The result is stored as safetensors; checkpoints live beside it until the
-    run completes."""
+    run completes.
+
+    An entry is computed under a lock (``KIND-KEY.lock``, `hcnr_jax.io.file_lock`): a second run
+    needing the same entry waits for the first (up to ``lock_timeout`` seconds, default
+    ``io.LOCK_TIMEOUT_S``), then reads its result. A cached result that fails to load or check
+    (``expected``: name -> shape; float32, finite) is moved aside with a warning and recomputed.
+    A result holding NaN or infinity is an `HcnrError` naming the tensor; nothing is cached."""
     if cache_dir is None:
         return compute(None)
-    from safetensors.numpy import load_file, save
+    from safetensors.numpy import save
 
-    from hcnr_jax.io import atomic_write_bytes
+    from hcnr_jax.io import LOCK_TIMEOUT_S, atomic_write_bytes, check_finite_tensors, file_lock, set_aside
 
     key = cache_key(params, samples, {"kind": kind, **settings})[:32]
     cache_dir = Path(cache_dir)
     result_path = cache_dir / f"{kind}-{key}.safetensors"
-    if result_path.is_file():
-        log.info("%s: cache hit %s", kind, result_path)
-        return load_file(str(result_path))
     ckpt = cache_dir / f"{kind}-{key}.ckpt"
-    result = compute(ckpt)
-    if jax.process_index() == 0:
-        meta = {"kind": kind, "key": key, "data_sha256": samples.sha256, "num_samples": str(len(samples)),
-                **{k: str(v) for k, v in settings.items()}}
-        atomic_write_bytes(result_path, save({k: np.ascontiguousarray(v) for k, v in result.items()}, metadata=meta))
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if jax.process_count() > 1:
+        # Every process must take the same path (the accumulation is collective): no per-process lock.
+        lock: Any = contextlib.nullcontext()
+    else:
+        lock = file_lock(cache_dir / f"{kind}-{key}.lock", what=f"cache entry {cache_dir / f'{kind}-{key}'}",
+                         timeout=LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout)
+    with lock:
+        if result_path.is_file():
+            try:
+                result = _read_result(result_path, key, expected)
+                log.info("%s: cache hit %s", kind, result_path)
+                return result
+            except ValueError as e:
+                if jax.process_index() == 0:
+                    set_aside(result_path, str(e))
+        result = compute(ckpt)
+        try:
+            check_finite_tensors(result, result_path, what=f"{kind} of")
+        except Exception:
+            shutil.rmtree(ckpt, ignore_errors=True)  # its accumulators are not finite either
+            raise
+        if jax.process_index() == 0:
+            meta = {"kind": kind, "key": key, "data_sha256": samples.sha256, "num_samples": str(len(samples)),
+                    **{k: str(v) for k, v in settings.items()}}
+            atomic_write_bytes(result_path, save({k: np.ascontiguousarray(v) for k, v in result.items()},
+                                                 metadata=meta))
+            shutil.rmtree(ckpt, ignore_errors=True)
     return result
