@@ -215,19 +215,30 @@ def plots(doc: dict, main: dict) -> None:
         fig.tight_layout()
         fig.savefig(RESULTS / f"sweep_{knob}.png", dpi=120)
         plt.close(fig)
-    # Pareto: every method of the main table, the ablations and the sweep points.
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    # Pareto: every method of the main table, the ablations and the sweep points. Seeds of one method share
+    # one label; labels are staggered so that methods close together stay readable.
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    seen: set[tuple] = set()
     for knob, points in doc["sweeps"].items():
-        ax.scatter([100 * r["avg_f1"] for r in points.values()], [100 * r["hotpotqa_acc"] for r in points.values()],
-                   s=12, alpha=0.6, label=f"sweep {knob} (N={doc['settings']['sweep_limit']})")
-    named = {**{k: v for k, v in main["rows"].items()}, **{f"abl. {k}": v for k, v in doc["ablations"].items()
-                                                           if not k.startswith("full")}}
+        pts = [(100 * r["avg_f1"], 100 * r["hotpotqa_acc"]) for r in points.values()]
+        pts = [p for p in pts if p not in seen]
+        seen.update(pts)
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=14, alpha=0.6, label=f"sweep {knob} (N={doc['settings']['sweep_limit']})")
+    groups: dict[str, list[dict]] = {}
+    for name, r in main["rows"].items():
+        groups.setdefault(name.rsplit(" s", 1)[0] if name.startswith("HCNR") else name, []).append(r)
+    for k, v in doc["ablations"].items():
+        if not k.startswith("full"):
+            groups[f"ablation: {k}"] = [v]
     for tag, name in (("m0", "M0"), ("smollm2", "SmolLM2")):
         p = main["prior_rows"]["scores"][tag]
-        named[name] = {"avg_f1": p["avg_f1"], "hotpotqa_acc": p["hotpotqa_acc"]}
-    for name, r in named.items():
-        ax.scatter(100 * r["avg_f1"], 100 * r["hotpotqa_acc"], marker="D", s=22, color="black")
-        ax.annotate(name, (100 * r["avg_f1"], 100 * r["hotpotqa_acc"]), fontsize=6, xytext=(3, 2),
+        groups[name] = [{"avg_f1": p["avg_f1"], "hotpotqa_acc": p["hotpotqa_acc"]}]
+    for i, (name, rs) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]["avg_f1"])):
+        xs, ys = [100 * r["avg_f1"] for r in rs], [100 * r["hotpotqa_acc"] for r in rs]
+        ax.scatter(xs, ys, marker="x" if name.startswith("ablation") else "D", s=22, color="black")
+        label = name + (f" ({len(rs)} seeds)" if len(rs) > 1 else "")
+        ax.annotate(label, (float(np.mean(xs)), float(np.mean(ys))), fontsize=6, xytext=(4, -9 + 6 * (i % 4)),
                     textcoords="offset points")
     ax.set_xlabel("average refusal F1 (%)")
     ax.set_ylabel("HotpotQA accuracy (%)")
