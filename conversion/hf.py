@@ -268,21 +268,34 @@ def load_params(
     model_dir: Path,
     dtype: str | None = None,
     place: Callable[[str, np.ndarray], Any] | None = None,
+    *,
+    mesh: Any = None,
+    fsdp: bool = False,
 ) -> tuple[ModelConfig, dict[str, Any], Params]:
     """Read a HF directory -> (config, raw config.json dict, params).
 
-    ``dtype`` casts every tensor (None keeps the stored dtype). ``place`` turns each host tensor
-    into the stored leaf (default: ``jax.device_put`` to the default device; pass one with a
-    sharding to load straight onto a mesh). Each placement is waited for before the next tensor
-    is read, so one host buffer is alive at a time.
+    ``dtype`` casts every tensor (None keeps the stored dtype). ``mesh`` (a ``jax.sharding.Mesh``)
+    places each tensor straight into its sharding by role (`hcnr_jax.sharding.tensor_shardings`,
+    ``fsdp`` as there) as it is read; without one tensors go to the default device. ``place``
+    (instead of ``mesh``) turns each host tensor into the stored leaf itself. Each placement is
+    waited for before the next tensor is read, so one host buffer is alive at a time.
     """
     import jax
 
+    if mesh is not None and place is not None:
+        raise ValueError("load_params: give mesh or place, not both")
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
     cfg = config_from_hf(hf, source=str(model_dir / "config.json"))
     specs = param_specs(cfg)
-    if place is None:
+    if mesh is not None:
+        from hcnr_jax import sharding
+
+        shardings = sharding.tensor_shardings(specs, mesh, fsdp)
+
+        def place(name: str, a: np.ndarray) -> Any:
+            return sharding.put(a, shardings[name])
+    elif place is None:
         def place(name: str, a: np.ndarray) -> Any:
             # The buffer is ours alone (read_tensors): the CPU client may keep it, uncopied.
             return jax.device_put(a, may_alias=True)
