@@ -305,10 +305,17 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
 def put_tree(tree: Any, shardings: Any) -> Any:
     """Place a tree (device or host arrays) with ``shardings``. One process: ``device_put``, which
     reshards device arrays without a round trip through host memory. Several processes: every
-    process holds the tree in full and contributes its own shards."""
+    process holds the tree in full and contributes its own shards; a leaf already placed as asked
+    (e.g. loaded with ``load_pretrained(..., mesh=)``) is kept as it is."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
-    return jax.tree.map(put, tree, shardings)
+
+    def place(x: Any, sh: NamedSharding) -> Any:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):
+            return x
+        return put(x, sh)
+
+    return jax.tree.map(place, tree, shardings)
 
 
 def tree_to_host(tree: Any) -> Any:

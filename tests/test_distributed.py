@@ -35,17 +35,25 @@ WORKER = textwrap.dedent("""
         h = stats.hessian(params, cfg, samples, batch_size=4, mesh=mesh, fsdp=True)
         out.update({{f"{{mesh}}|f|{{k}}": v for k, v in f.items()}})
         out.update({{f"{{mesh}}|h|{{k}}": v for k, v in h.items()}})
+        if os.environ.get("LOADED"):  # the weights loaded straight onto the mesh, with the result cache
+            from hcnr_jax.sharding import make_mesh
+            m = make_mesh(mesh)
+            loaded = hcnr_jax.load_pretrained(os.environ["LOADED"], mesh=m, fsdp=True).params
+            f = stats.fisher(loaded, cfg, samples, batch_size=4, mesh=m, fsdp=True, cache_dir=os.environ["CACHE"])
+            out.update({{f"{{mesh}}|loaded|{{k}}": v for k, v in f.items()}})
     if jax.process_index() == 0:
         np.savez(os.environ["OUT"], **out)
 """)
 
 
-def _run(tmp_path: Path, meshes: str, devices: int, procs: int = 1) -> dict:
+def _run(tmp_path: Path, meshes: str, devices: int, procs: int = 1, loaded: Path | None = None) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     out = tmp_path / f"out_{devices}_{procs}.npz"
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "OUT": str(out),
            "JAX_PLATFORMS": "cpu"}
+    if loaded is not None:
+        env.update(LOADED=str(loaded), CACHE=str(tmp_path / "cache"))
     if procs == 1:
         res = subprocess.run([sys.executable, str(script), meshes], env=env, capture_output=True, text=True,
                              timeout=600)
@@ -101,9 +109,17 @@ def test_mesh_shapes_on_8_devices(tmp_path):
 
 
 def test_two_processes(tmp_path):
+    """Also with the weights loaded straight onto the 2-process mesh, fsdp (each process places its
+    own shards; the statistics step keeps them as they are; the cache key gathers them)."""
+    import tiny
+
     one = _run(tmp_path, "data=1", devices=1)
-    two = _run(tmp_path, "data=2,model=2", devices=2, procs=2)
+    model = tiny.save_hf(tiny.hf_model("qwen2", num_hidden_layers=2), tmp_path / "model")
+    two = _run(tmp_path, "data=2,model=2", devices=2, procs=2, loaded=model)
     _compare(two, one, "data=2,model=2")
+    loaded = {k.replace("|loaded|", "|f|"): v for k, v in two.items() if "|loaded|" in k}
+    assert len(loaded) == len([k for k in one if k.startswith("data=1|f|")])
+    _compare(loaded, {k: v for k, v in one.items() if "|f|" in k}, "data=2,model=2")
 
 
 LOAD_WORKER = textwrap.dedent("""
