@@ -78,33 +78,51 @@ def _load_tokenizer(model_dir: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def _load_dir(model_dir: Path, dtype: str | None) -> Pretrained:
-    cfg, hf, params = hf_io.load_params(model_dir, dtype=dtype)
+def _load_dir(model_dir: Path, dtype: str | None, mesh: Any = None, fsdp: bool = False) -> Pretrained:
+    cfg, hf, params = hf_io.load_params(model_dir, dtype=dtype, mesh=mesh, fsdp=fsdp)
     carried = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
     return Pretrained(cfg, params, _load_tokenizer(model_dir), hf, str(model_dir), carried)
 
 
-def load_pretrained(src: str | Path, dtype: str | None = None) -> Pretrained:
+def _placed(model: Pretrained, mesh: Any, fsdp: bool) -> Pretrained:
+    if mesh is None:
+        return model
+    from hcnr_jax import sharding
+
+    return model.replace(params=sharding.put_tree(model.params, sharding.param_shardings(model.params, mesh, fsdp)))
+
+
+def load_pretrained(src: str | Path, dtype: str | None = None, *, mesh: Any = None, fsdp: bool = False) -> Pretrained:
     """Load a model from a HF directory, a ``.gguf`` file or ``BASE+ADAPTER_DIR``.
 
     ``dtype`` ("float32", "bfloat16", "float16") casts the parameters; None keeps the stored
     dtype (GGUF tensors are dequantised to float32 unless told otherwise).
+
+    ``mesh`` (a ``jax.sharding.Mesh``, or a spec such as ``"data=2,model=4"``) places every
+    parameter in its sharding by role (`hcnr_jax.sharding.param_shardings`; ``fsdp`` also splits
+    the ``embed`` dimension over ``data``), the sharding the statistics, repair and training steps
+    use, so that they need no resharding. A HF directory is streamed tensor by tensor straight
+    into that placement; a GGUF file or a merged adapter is placed once built.
     """
     if dtype is not None and dtype not in hf_io.DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {list(hf_io.DTYPES)}")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        from hcnr_jax.sharding import make_mesh
+
+        mesh = make_mesh(mesh)
     src = str(src)
     if "+" in src and not Path(src).exists():
         base, adapter = src.rsplit("+", 1)
         from hcnr_jax.conversion.lora import merge_lora
 
-        return merge_lora(load_pretrained(base, dtype=dtype), Path(adapter))
+        return _placed(merge_lora(load_pretrained(base, dtype=dtype, mesh=mesh, fsdp=fsdp), Path(adapter)), mesh, fsdp)
     path = Path(src)
     if path.suffix == ".gguf":
         from hcnr_jax.conversion.gguf import load_gguf
 
-        return load_gguf(path, dtype=dtype)
+        return _placed(load_gguf(path, dtype=dtype), mesh, fsdp)
     if path.is_dir():
-        return _load_dir(path, dtype)
+        return _load_dir(path, dtype, mesh, fsdp)
     raise CheckpointError(f"{src}: not a model directory, a .gguf file or BASE+ADAPTER_DIR")
 
 

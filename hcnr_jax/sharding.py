@@ -234,16 +234,11 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Any = None) 
                          devices=devices)
 
 
-def param_shardings(params: Any, mesh: Mesh, fsdp: bool = False, rules: ShardingRules | None = None) -> Any:
-    """A pytree of ``NamedSharding`` matching ``params`` by role (module doc): a parameter pytree,
-    a LoRA adapter ``{module: {"A", "B"}}`` or an optimizer state holding such trees. ``rules``
-    defaults to ``ShardingRules.default(fsdp)``."""
-    rules = rules or ShardingRules.default(fsdp)
+def _by_role(named: list[tuple[str, tuple[int, ...]]], mesh: Mesh, rules: ShardingRules) -> list[NamedSharding]:
+    """The sharding of each ``(name, shape)`` by its role (module doc), reporting what is replicated."""
     report = _Report()
-    named, treedef = _named_leaves(params)
     out = []
-    for name, leaf in named:
-        shape = tuple(np.shape(leaf))
+    for name, shape in named:
         found = role_of(name)
         if found is None or len(found[1]) != len(shape):
             report.unknown.append(name or "<root>")
@@ -251,7 +246,26 @@ def param_shardings(params: Any, mesh: Mesh, fsdp: bool = False, rules: Sharding
         else:
             out.append(NamedSharding(mesh, fit_spec(name, shape, found[1], mesh, rules, report)))
     report.emit()
+    return out
+
+
+def param_shardings(params: Any, mesh: Mesh, fsdp: bool = False, rules: ShardingRules | None = None) -> Any:
+    """A pytree of ``NamedSharding`` matching ``params`` by role (module doc): a parameter pytree,
+    a LoRA adapter ``{module: {"A", "B"}}`` or an optimizer state holding such trees. ``rules``
+    defaults to ``ShardingRules.default(fsdp)``."""
+    named, treedef = _named_leaves(params)
+    out = _by_role([(name, tuple(np.shape(leaf))) for name, leaf in named], mesh,
+                   rules or ShardingRules.default(fsdp))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tensor_shardings(shapes: Mapping[str, tuple[int, ...]], mesh: Mesh, fsdp: bool = False,
+                     rules: ShardingRules | None = None) -> dict[str, NamedSharding]:
+    """HF tensor name -> the ``NamedSharding`` `param_shardings` gives that tensor, from names and
+    shapes alone (e.g. ``params.param_specs(cfg)``): for placing tensors as they are loaded."""
+    names = list(shapes)
+    out = _by_role([(n, tuple(shapes[n])) for n in names], mesh, rules or ShardingRules.default(fsdp))
+    return dict(zip(names, out, strict=True))
 
 
 def stat_shardings(stats: Mapping[str, Any], mesh: Mesh, neuron_axis: str = "input", fsdp: bool = False,
@@ -291,10 +305,17 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
 def put_tree(tree: Any, shardings: Any) -> Any:
     """Place a tree (device or host arrays) with ``shardings``. One process: ``device_put``, which
     reshards device arrays without a round trip through host memory. Several processes: every
-    process holds the tree in full and contributes its own shards."""
+    process holds the tree in full and contributes its own shards; a leaf already placed as asked
+    (e.g. loaded with ``load_pretrained(..., mesh=)``) is kept as it is."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
-    return jax.tree.map(put, tree, shardings)
+
+    def place(x: Any, sh: NamedSharding) -> Any:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):
+            return x
+        return put(x, sh)
+
+    return jax.tree.map(place, tree, shardings)
 
 
 def tree_to_host(tree: Any) -> Any:
@@ -326,4 +347,4 @@ def microbatch_sharding(mesh: Mesh) -> Any:
 
 __all__ = ["AXES", "DATA", "MODEL", "ROLES", "ShardingRules", "abstract", "batch_sharding", "fit_spec",
            "initialize_distributed", "make_mesh", "mesh_shape", "microbatch_sharding", "param_shardings",
-           "parse_mesh", "put", "put_tree", "role_of", "stat_shardings", "tree_to_host"]
+           "parse_mesh", "put", "put_tree", "role_of", "stat_shardings", "tensor_shardings", "tree_to_host"]

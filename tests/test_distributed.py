@@ -35,17 +35,25 @@ WORKER = textwrap.dedent("""
         h = stats.hessian(params, cfg, samples, batch_size=4, mesh=mesh, fsdp=True)
         out.update({{f"{{mesh}}|f|{{k}}": v for k, v in f.items()}})
         out.update({{f"{{mesh}}|h|{{k}}": v for k, v in h.items()}})
+        if os.environ.get("LOADED"):  # the weights loaded straight onto the mesh, with the result cache
+            from hcnr_jax.sharding import make_mesh
+            m = make_mesh(mesh)
+            loaded = hcnr_jax.load_pretrained(os.environ["LOADED"], mesh=m, fsdp=True).params
+            f = stats.fisher(loaded, cfg, samples, batch_size=4, mesh=m, fsdp=True, cache_dir=os.environ["CACHE"])
+            out.update({{f"{{mesh}}|loaded|{{k}}": v for k, v in f.items()}})
     if jax.process_index() == 0:
         np.savez(os.environ["OUT"], **out)
 """)
 
 
-def _run(tmp_path: Path, meshes: str, devices: int, procs: int = 1) -> dict:
+def _run(tmp_path: Path, meshes: str, devices: int, procs: int = 1, loaded: Path | None = None) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     out = tmp_path / f"out_{devices}_{procs}.npz"
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "OUT": str(out),
            "JAX_PLATFORMS": "cpu"}
+    if loaded is not None:
+        env.update(LOADED=str(loaded), CACHE=str(tmp_path / "cache"))
     if procs == 1:
         res = subprocess.run([sys.executable, str(script), meshes], env=env, capture_output=True, text=True,
                              timeout=600)
@@ -101,6 +109,69 @@ def test_mesh_shapes_on_8_devices(tmp_path):
 
 
 def test_two_processes(tmp_path):
+    """Also with the weights loaded straight onto the 2-process mesh, fsdp (each process places its
+    own shards; the statistics step keeps them as they are; the cache key gathers them)."""
+    import tiny
+
     one = _run(tmp_path, "data=1", devices=1)
-    two = _run(tmp_path, "data=2,model=2", devices=2, procs=2)
+    model = tiny.save_hf(tiny.hf_model("qwen2", num_hidden_layers=2), tmp_path / "model")
+    two = _run(tmp_path, "data=2,model=2", devices=2, procs=2, loaded=model)
     _compare(two, one, "data=2,model=2")
+    loaded = {k.replace("|loaded|", "|f|"): v for k, v in two.items() if "|loaded|" in k}
+    assert len(loaded) == len([k for k in one if k.startswith("data=1|f|")])
+    _compare(loaded, {k: v for k, v in one.items() if "|f|" in k}, "data=2,model=2")
+
+
+LOAD_WORKER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import jax, ml_dtypes, numpy as np, tiny
+    import hcnr_jax
+    from hcnr_jax import sharding
+    from hcnr_jax.params import flatten
+    from test_gguf import write_tiny_gguf
+
+    assert jax.device_count() == 8
+    root = Path(sys.argv[1])
+    gguf_model = tiny.hf_model("llama", rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                               tie_word_embeddings=False)
+    sources = {{
+        "qwen2": tiny.save_hf(tiny.hf_model("qwen2"), root / "qwen2"),
+        "llama-sharded": tiny.save_hf(tiny.hf_model("llama"), root / "llama", max_shard_size="20KB"),
+        "gguf": write_tiny_gguf(root / "tiny.gguf", {{k: v.detach().numpy() for k, v in gguf_model.state_dict().items()}},
+                                gguf_model.config),
+    }}
+    cases = [("data=2,model=4", False, None), ("data=4,model=2", True, "bfloat16"), ("model=8", False, None)]
+    split = 0
+    for label, src in sources.items():
+        ref = {{k: np.asarray(v) for k, v in flatten(hcnr_jax.load_pretrained(src).params).items()}}
+        for spec, fsdp, dtype in cases:
+            mesh = sharding.make_mesh(spec)
+            got = hcnr_jax.load_pretrained(src, dtype=dtype, mesh=mesh, fsdp=fsdp)
+            want = flatten(sharding.param_shardings(got.params, mesh, fsdp))
+            for name, leaf in flatten(got.params).items():
+                where = (label, spec, name)
+                assert isinstance(leaf, jax.Array) and leaf.sharding == want[name], (where, leaf.sharding, want[name])
+                split += any(ax is not None for ax in leaf.sharding.spec)
+                expect = ref[name] if dtype is None else ref[name].astype(ml_dtypes.bfloat16)
+                assert leaf.dtype == expect.dtype, where
+                assert np.asarray(leaf).tobytes() == expect.tobytes(), where
+                for shard in leaf.addressable_shards:
+                    assert np.asarray(shard.data).tobytes() == np.ascontiguousarray(expect[shard.index]).tobytes(), where
+    assert split > 150, split  # most tensors really are split, not replicated
+    print("OK", split)
+""")
+
+
+def test_load_pretrained_onto_a_mesh_of_8_devices(tmp_path):
+    """``load_pretrained(..., mesh=)`` places each parameter in its sharding by role as it is read
+    (HF directory, sharded HF directory, GGUF; with a dtype cast; fsdp): the shardings are
+    ``param_shardings``' and every shard holds the right slice of the unsharded load."""
+    script = tmp_path / "load_worker.py"
+    script.write_text(LOAD_WORKER.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("OK"), res.stdout

@@ -12,6 +12,7 @@ import hcnr_jax
 from hcnr_jax import CheckpointError, HcnrError
 from hcnr_jax.conversion import hf as hf_io
 from hcnr_jax.io import sha256_file
+from hcnr_jax.params import flatten
 
 
 @pytest.fixture
@@ -79,6 +80,30 @@ def test_truncated_safetensors(src):
     f.write_bytes(f.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match=re.escape(str(f))):
         hcnr_jax.load_pretrained(src)
+
+
+@pytest.mark.parametrize("stored, shown", [(np.float64, "float64"), (np.int32, "int32")])
+def test_unsupported_tensor_dtype(src, stored, shown):
+    name = "model.layers.1.mlp.up_proj.weight"
+    f = _edit_weights(src, lambda t: t.update({name: t[name].astype(stored)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{f}: tensor {name} has unsupported dtype {shown}")):
+        hcnr_jax.load_pretrained(src)
+
+
+def test_mixed_stored_dtypes_cast_per_tensor(src):
+    """Each tensor is cast on its own as it is read: a float16 tensor among float32 ones loads as
+    float32 or bfloat16 exactly as a whole-model cast would give it."""
+    import ml_dtypes
+
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _edit_weights(src, lambda t: t.update({name: t[name].astype(np.float16)}))
+    stored = load_file(str(src / "model.safetensors"))
+    for dtype in ("float32", "bfloat16"):
+        flat = flatten(hcnr_jax.load_pretrained(src, dtype=dtype).params)
+        target = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+        for k, v in stored.items():
+            got = np.asarray(flat[k])
+            assert got.dtype == target and got.tobytes() == v.astype(target).tobytes(), (dtype, k)
 
 
 @pytest.mark.parametrize("changes, needle", [
@@ -318,6 +343,15 @@ def test_shard_index_entry_outside_the_model_directory_is_refused(sharded, entry
         hcnr_jax.load_pretrained(sharded)
     msg = str(e.value)
     assert msg.startswith(f"{index}: weight_map entry 'model.norm.weight'") and repr(entry) in msg
+
+
+def test_shard_index_entry_naming_a_shard_without_the_tensor(sharded):
+    holder = hf_io.weight_map(sharded)["model.norm.weight"]
+    other = next(f for f in sorted(sharded.glob("model-*.safetensors")) if f != holder)
+    _edit_index(sharded, lambda m: m.update({"model.norm.weight": other.name}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{other}: index lists tensor model.norm.weight, "
+                                                        "but the file lacks it")):
+        hcnr_jax.load_pretrained(sharded)
 
 
 def test_shard_index_may_name_symlinks_and_subfolders_inside_the_model(sharded, tmp_path):

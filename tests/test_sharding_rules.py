@@ -50,6 +50,9 @@ WORKER = textwrap.dedent("""
     for fsdp in (False, True):
         sh = sharding.param_shardings(params, mesh, fsdp=fsdp)
         out[f"params_fsdp={{fsdp}}"] = {{k: spec(v) for k, v in flatten(sh).items()}}
+        by_name = sharding.tensor_shardings(param_specs(cfg), mesh, fsdp=fsdp)
+        out[f"by_name_fsdp={{fsdp}}"] = {{k: spec(v) for k, v in by_name.items()}}
+        out[f"by_name_equal_fsdp={{fsdp}}"] = all(by_name[k] == v for k, v in flatten(sh).items())
     placed = sharding.put_tree(params, sharding.param_shardings(params, mesh))
     out["placed"] = {{k: spec(v.sharding) for k, v in flatten(placed).items()}}
 
@@ -132,6 +135,9 @@ def test_weights_by_role(specs):
     assert f[L0 + "self_attn.q_proj.weight"] == ["model", "data"]
     assert f[L0 + "mlp.down_proj.weight"] == ["data", "model"]
     assert f["model.norm.weight"] == []
+    for fsdp in (False, True):  # from names and shapes alone (for loading), the same shardings
+        assert specs[f"by_name_fsdp={fsdp}"] == specs[f"params_fsdp={fsdp}"]
+        assert specs[f"by_name_equal_fsdp={fsdp}"]
 
 
 def test_lora_and_optimizer_states(specs):

@@ -97,14 +97,17 @@ def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, 
     from hcnr_jax.data import load_samples, read_jsonl
     from hcnr_jax.io import sha256_file
     from hcnr_jax.pretrained import load_pretrained
+    from hcnr_jax.sharding import make_mesh
     from hcnr_jax.stats.hessian_accum import groups
 
     read_jsonl(args.data)  # a missing, empty or malformed file fails before the model loads
-    model = load_pretrained(args.model)
+    mesh = make_mesh(args.mesh)
+    # Loaded straight into the shardings the statistics step uses (nothing is resharded after).
+    model = load_pretrained(args.model, mesh=mesh, fsdp=args.fsdp)
     cfg = model.config
     samples = load_samples(args.data, model.tokenizer, max_length=args.max_length, limit=args.limit,
                            vocab_size=cfg.vocab_size)
-    opts = dict(batch_size=args.batch_size, backend=args.backend, mesh=args.mesh, fsdp=args.fsdp,
+    opts = dict(batch_size=args.batch_size, backend=args.backend, mesh=mesh, fsdp=args.fsdp,
                 cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
                 lock_timeout=args.lock_timeout)
     axis = args.neuron_axis or "input"

@@ -38,6 +38,8 @@ def weights_hash(params: Params) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     h = hashlib.sha256()
     for name, leaf in sorted(flatten(params).items()):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = sharding.tree_to_host(leaf)  # sharded over several processes: gathered (a collective)
         a = np.asarray(leaf)
         h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
