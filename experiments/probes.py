@@ -381,11 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
     results = evaluate_probes(features, y, bench, layers, args.seed, args.c, args.bootstrap, not args.no_lobo)
+
+    def shown(text: str) -> str:
+        # Results are committed: the data folder is one machine's path, recorded as DIR (as in the other scripts).
+        return text.replace(args.data_dir, "DIR") if args.data_dir and args.data_dir != "hub" else text
+
+    cmd = [shown(a) for a in (sys.argv[1:] if argv is None else argv)]
     doc = dict(
-        command=shlex.join(["python", "experiments/probes.py", *(sys.argv[1:] if argv is None else argv)]),
+        command=shlex.join(["python", "experiments/probes.py", *cmd]),
         models={t: "+".join(portable_path(p) for p in s.split("+")) for t, s in zip(TAGS, specs, strict=True)},
-        benchmarks=list(benchmarks), data_dir=args.data_dir,
-        data={b: locate(b, args.data_dir).describe() for b in benchmarks}, limit=args.limit, n=len(rows), n_unanswerable=int(y.sum()),
+        benchmarks=list(benchmarks), data_dir=None if args.data_dir is None else shown(args.data_dir),
+        data={b: shown(locate(b, args.data_dir).describe()) for b in benchmarks}, limit=args.limit, n=len(rows), n_unanswerable=int(y.sum()),
         n_per_benchmark={b: int((bench == b).sum()) for b in benchmarks}, layers=list(layers), num_layers=num_layers,
         seed=args.seed, seeds=dict(data=args.seed, split=args.seed, probe=args.seed, bootstrap=args.seed),
         C=args.c, resamples=args.bootstrap, batch_size=args.batch_size, prompt_tokens=n_tokens,
