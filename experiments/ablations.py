@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from reproduce import (  # experiments/ is this script's folder (sys.path[0])
     models,
     prior_f1,
     run,
+    run_stages,
     scores,
 )
 
@@ -289,19 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = stages() if args.stage == "all" else args.stage.split(",")
     work, repro = Path(args.work), Path(args.reproduce_work)
     work.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
-    for stage in todo:
-        t0 = time.perf_counter()
-        try:
-            do_stage(stage, work, repro, args.data_dir)
-        except SystemExit as e:  # one failed stage must not stop the independent ones after it
-            failed.append(stage)
-            print(f"[{time.strftime('%H:%M:%S')}] {stage} FAILED: {e}", flush=True)
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {stage} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    if failed:
-        print("failed stages: " + ", ".join(failed), flush=True)
-    return 1 if failed else 0
+    return run_stages(todo, lambda stage: do_stage(stage, work, repro, args.data_dir))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -336,11 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    return run_stages(todo, lambda stage: do_stage(stage, work, args.data_dir))
+
+
+def run_stages(todo: list[str], do: Callable[[str], None]) -> int:
+    """Run the stages in order, timing each; a failed one is reported and the next ones still run."""
     failed: list[str] = []
     for stage in todo:
         t0 = time.perf_counter()
         try:
-            do_stage(stage, work, args.data_dir)
+            do(stage)
         except SystemExit as e:  # one failed stage must not stop the independent ones after it
             failed.append(stage)
             print(f"[{time.strftime('%H:%M:%S')}] {stage} FAILED: {e}", flush=True)

@@ -78,7 +78,9 @@ def test_sigkilled_process_resumes_bit_identical(model, model_dir, tmp_path):
     assert not list(cache.glob("*.ckpt")) and list(cache.glob("*.safetensors"))
 
 
-def test_kill_and_resume_is_bit_identical(model, tmp_path):
+def fisher_killed_after_two_batches(model, cache_dir):
+    """A Fisher run on 8 samples killed after its second batch (checkpoint every batch); returns the
+    samples and the uninterrupted result to compare with."""
     samples = random_samples(n=8, seed=11)
     full = stats.fisher(model.params, model.config, samples, batch_size=2)
 
@@ -87,8 +89,13 @@ def test_kill_and_resume_is_bit_identical(model, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, checkpoint_every=1,
+        stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=cache_dir, checkpoint_every=1,
                      on_batch=kill_after_two)
+    return samples, full
+
+
+def test_kill_and_resume_is_bit_identical(model, tmp_path):
+    samples, full = fisher_killed_after_two_batches(model, tmp_path)
     assert list(tmp_path.glob("*.ckpt")), "no checkpoint was written"
     seen = []
     resumed = stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
@@ -223,16 +230,7 @@ def test_damaged_cached_result_is_set_aside_and_recomputed(model, tmp_path, capl
 def test_damaged_checkpoint_is_set_aside_and_the_run_starts_over(model, tmp_path, caplog, how):
     import shutil
 
-    samples = random_samples(n=8, seed=11)
-    full = stats.fisher(model.params, model.config, samples, batch_size=2)
-
-    def kill_after_two(done):
-        if done == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, checkpoint_every=1,
-                     on_batch=kill_after_two)
+    samples, full = fisher_killed_after_two_batches(model, tmp_path)
     [ckpt] = tmp_path.glob("*.ckpt")
     step = ckpt / "2" / "default"
     if how == "truncated-files":
