@@ -31,3 +31,22 @@ def test_bundled_files_are_package_data():
                if not any(part.startswith(".") or part == "__pycache__" for part in rel.parts)}
     assert Path("bundled/demos.jsonl") in shipped
     assert shipped <= matched, sorted(map(str, shipped - matched))
+
+
+# Distribution name -> the module it provides, where they differ.
+MODULE_OF = {"pyyaml": "yaml", "scikit-learn": "sklearn", "orbax-checkpoint": "orbax"}
+# Declared for a library we call through another: transformers' apply_chat_template needs jinja2.
+INDIRECT = {"jinja2"}
+
+
+def test_every_runtime_dependency_is_imported():
+    """Declare exactly what is imported: each runtime dependency is imported by the package's code."""
+    import re
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].strip().lower() for d in deps}
+    code = "\n".join(p.read_text() for top in ("hcnr_jax", "kernels", "conversion") for p in (ROOT / top).rglob("*.py"))
+    unused = sorted(n for n in names - INDIRECT
+                    if not re.search(rf"^\s*(import|from)\s+{re.escape(MODULE_OF.get(n, n).replace('-', '_'))}\b",
+                                     code, re.M))
+    assert not unused, f"declared in pyproject.toml but never imported: {unused}"
