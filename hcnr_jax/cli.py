@@ -8,6 +8,7 @@ import importlib
 import logging
 import sys
 
+from hcnr_jax import interrupt
 from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
@@ -33,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("jax", "absl", "orbax"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+        # Ctrl-C stops the run at the next step boundary (a second one at once): see interrupt.py.
+        with interrupt.deferred():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print(f"hcnr {args.command}: interrupted", file=sys.stderr)
+        print(f"hcnr {args.command}: interrupted" + (f" ({e})" if str(e) else ""), file=sys.stderr)
         return 130
     except (HcnrError, OSError, UnicodeDecodeError) as e:
         # Bad input, files that cannot be read or written (disk full, read-only, not UTF-8): one line.

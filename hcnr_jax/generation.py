@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hcnr_jax import interrupt
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.model import KVCache, forward, init_cache, lm_head
 from hcnr_jax.params import Params
@@ -383,6 +384,8 @@ def generate_ids(
             toks, lengths = greedy_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad)
         toks, lengths = np.asarray(toks), np.asarray(lengths)
         results.update((i, toks[r, : lengths[r]].tolist()) for r, i in enumerate(rows))
+        if start + batch_size < len(order):
+            interrupt.check(where=f"generation: after {start + len(rows)} of {len(order)} prompts")
     return [results[i] for i in range(len(prompt_ids))]
 
 

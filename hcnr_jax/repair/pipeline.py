@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hcnr_jax import interrupt
 from hcnr_jax.embedded import calibration_file
 from hcnr_jax.errors import CheckpointError, DataError
 from hcnr_jax.params import get, linear_names, param_specs, set_leaves
@@ -292,6 +293,7 @@ def repair(
         from tqdm.auto import tqdm
 
         for sl in tqdm(layers, desc="solve", disable=not progress, dynamic_ncols=True):
+            interrupt.check(updates, where=f"solve: before layer {sl.name}")
             rec: dict[str, Any] = {
                 "name": sl.name, "module": _module(sl.name), "shape": list(sl.shape), "d": sl.d,
                 "d_layer": sl.d_layer, "kept": sl.kept, "restored_neurons": int(sl.restored.sum()),

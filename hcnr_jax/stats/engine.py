@@ -9,6 +9,7 @@ result cache keyed by a hash of weights, data and settings, and the progress bar
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hcnr_jax import sharding
+from hcnr_jax import interrupt, sharding
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.data import Samples
 from hcnr_jax.params import Params, flatten
@@ -215,28 +216,39 @@ def accumulate(
 
     bar = tqdm(total=len(samples), initial=min(start * batch_size, len(samples)), unit="sample", desc=desc,
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
-    for b in range(start, num_batches):
-        sl = slice(b * batch_size, (b + 1) * batch_size)
-        batch = {k: sharding.put(v[sl], batch_sh) for k, v in arrays.items()}
-        state = step(state, dev_params, batch)
-        if not bar.disable:
-            # Steps dispatch asynchronously: without waiting, the bar (and its samples/s) would
-            # run ahead of the computation and jump to the end.
-            jax.block_until_ready(state)
-        done = b + 1
-        if mngr is not None and (done % checkpoint_every == 0) and done < num_batches:
-            import orbax.checkpoint as ocp
-
-            mngr.save(done, args=ocp.args.StandardSave(state))
-            mngr.wait_until_finished()
-        bar.update(min(done * batch_size, len(samples)) - bar.n)
-        if on_batch is not None:
-            on_batch(done)
-    bar.close()
+    try:  # closed before an error message (Ctrl-C included) is printed below it
+        for b in range(start, num_batches):
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            batch = {k: sharding.put(v[sl], batch_sh) for k, v in arrays.items()}
+            state = step(state, dev_params, batch)
+            if not bar.disable:
+                # Steps dispatch asynchronously: without waiting, the bar (and its samples/s) would
+                # run ahead of the computation and jump to the end.
+                jax.block_until_ready(state)
+            done = b + 1
+            if mngr is not None and (done % checkpoint_every == 0) and done < num_batches:
+                _save_now(mngr, done, state, checkpoint_dir)
+            bar.update(min(done * batch_size, len(samples)) - bar.n)
+            if on_batch is not None:
+                on_batch(done)
+            if done < num_batches:
+                save = None if mngr is None else functools.partial(_save_now, mngr, done, state, checkpoint_dir)
+                interrupt.check(state, save=save, where=f"{desc}: after batch {done} of {num_batches}")
+    finally:
+        bar.close()
     result = sharding.tree_to_host(state)
     if mngr is not None:
         mngr.close()
     return result
+
+
+def _save_now(mngr: Any, done: int, state: Any, checkpoint_dir: str | Path | None) -> str:
+    import orbax.checkpoint as ocp
+
+    if mngr.latest_step() != done:
+        mngr.save(done, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    return f"progress saved in {checkpoint_dir}; rerun the same command to resume"
 
 
 def _read_result(path: Path, key: str, expected: dict[str, tuple[int, ...]] | None) -> dict[str, np.ndarray]:

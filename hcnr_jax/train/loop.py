@@ -13,6 +13,7 @@ batch is a function of the step number alone, so a run resumed from an orbax che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hcnr_jax import sharding
+from hcnr_jax import interrupt, sharding
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.data import Samples
 from hcnr_jax.errors import DataError, HcnrError
@@ -233,23 +234,29 @@ def train(model: Any, data: Any, tc: TrainConfig, *, checkpoint_dir: str | Path 
     bar = tqdm(total=steps, initial=start, unit="step", desc=f"train:{tc.objective}", disable=not progress,
                dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
-    for s in range(start, steps):
-        mb = micro_batch(arrays, step_indices(s, n, per_step, tc.seed), tc.grad_accum)
-        mb = {k: sharding.put(v, micro_sh(v.ndim)) for k, v in mb.items()}
-        trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, mb)
-        loss = float(loss)  # waits for the step: the bar and samples/s stay honest
-        if not math.isfinite(loss):
-            raise HcnrError(f"training diverged: loss {loss} at step {s + 1} (lower learning_rate?)")
-        seen += per_step
-        rate = seen / (time.perf_counter() - t0)
-        history.append(dict(step=s + 1, loss=round(loss, 6), samples_per_s=round(rate, 3)))
-        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.2f}")
-        bar.update(1)
-        if mngr is not None and (s + 1) % tc.checkpoint_every == 0 and s + 1 < steps:
-            _save(mngr, Path(checkpoint_dir), s + 1, key, history, trainable, opt_state)
-        if on_step is not None:
-            on_step(s + 1, loss)
-    bar.close()
+    try:  # closed before an error message (Ctrl-C included) is printed below it
+        for s in range(start, steps):
+            mb = micro_batch(arrays, step_indices(s, n, per_step, tc.seed), tc.grad_accum)
+            mb = {k: sharding.put(v, micro_sh(v.ndim)) for k, v in mb.items()}
+            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, mb)
+            loss = float(loss)  # waits for the step: the bar and samples/s stay honest
+            if not math.isfinite(loss):
+                raise HcnrError(f"training diverged: loss {loss} at step {s + 1} (lower learning_rate?)")
+            seen += per_step
+            rate = seen / (time.perf_counter() - t0)
+            history.append(dict(step=s + 1, loss=round(loss, 6), samples_per_s=round(rate, 3)))
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.2f}")
+            bar.update(1)
+            if mngr is not None and (s + 1) % tc.checkpoint_every == 0 and s + 1 < steps:
+                _save(mngr, Path(checkpoint_dir), s + 1, key, history, trainable, opt_state)
+            if on_step is not None:
+                on_step(s + 1, loss)
+            if s + 1 < steps:
+                save = None if mngr is None else functools.partial(_save_now, mngr, Path(checkpoint_dir), s + 1, key,
+                                                                   history, trainable, opt_state)
+                interrupt.check(save=save, where=f"train: after step {s + 1} of {steps}")
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
     if mngr is not None:
         mngr.close()
@@ -291,6 +298,12 @@ def _save(mngr: Any, path: Path, step: int, key: str, history: list, trainable: 
     mngr.wait_until_finished()
     # Written after the checkpoint: the history never runs ahead of the weights it describes.
     atomic_write_text(path / "train_state.json", json.dumps({"fingerprint": key, "history": history}))
+
+
+def _save_now(mngr: Any, path: Path, step: int, key: str, history: list, trainable: Any, opt_state: Any) -> str:
+    if mngr.latest_step() != step:
+        _save(mngr, path, step, key, history, trainable, opt_state)
+    return f"progress saved in {path}; rerun the same command to resume"
 
 
 def load_training_data(path: str | Path, model: Any, tc: TrainConfig) -> Any:

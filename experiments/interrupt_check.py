@@ -1,0 +1,120 @@
+"""Ctrl-C during `hcnr repair` on SmolLM2, at moments spread over loading, compilation and the
+statistics: does every run stop with exit 130, no crash, nothing left behind, and does a rerun
+resume from the saved progress?
+
+    python experiments/interrupt_check.py [--delays 8,16,24,32,40,48,56] [--out experiments/results]
+
+Each trial starts `hcnr repair` (bundled M0 -> M1, 64 + 64 calibration samples, a fresh
+`--cache-dir`), sends one SIGINT after the delay, and waits up to ``--grace`` seconds for it to
+stop. A run still going then gets a second SIGINT (and is counted as not stopping on the first).
+The last trial's cache is then reused by an uninterrupted run, which must report a resume when the
+interrupt landed in the statistics. Writes ``interrupt_check.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reproduce import models
+
+
+def trial(delay: float, work: Path, grace: float) -> dict:
+    m = models()
+    out, cache = work / "out", work / "cache"
+    cmd = ["hcnr", "repair", "--base", m["m0"], "--finetuned", m["m1"], "--limit", "64", "--out", str(out),
+           "--cache-dir", str(cache), "--no-plots"]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    log = work / "stderr.txt"
+    with log.open("w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        t0 = time.perf_counter()
+        try:
+            p.wait(timeout=delay)
+            sent = None  # finished before the signal
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGINT)
+            sent = time.perf_counter()
+        second = False
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            second = True
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=grace)
+        end = time.perf_counter()
+    text = log.read_text(errors="replace")
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    leftovers = sorted(p_.name for p_ in work.iterdir() if p_.name.startswith(".") or p_.name == "out")
+    leftovers += sorted(p_.name for p_ in cache.glob("*.lock")) if cache.exists() else []
+    return {
+        "delay_s": delay, "exit": p.returncode, "stop_s": None if sent is None else round(end - sent, 1),
+        "wall_s": round(end - t0, 1), "second_ctrl_c": second,
+        "crash": any(s in text for s in ("Segmentation fault", "Fatal Python error", "core dumped")),
+        "traceback": "Traceback" in text,
+        "message": next((ln[:240] for ln in reversed(lines) if ln.startswith("hcnr repair:")), lines[-1][:240] if lines else ""),
+        "saved": "progress saved" in text, "leftovers": leftovers,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--delays", default="8,16,24,32,40,48,56", help="seconds from start to SIGINT, one trial each")
+    ap.add_argument("--grace", type=float, default=120.0, help="seconds to wait for a stop before a second SIGINT")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    rows = []
+    root = Path(tempfile.mkdtemp(prefix="hcnr-interrupt-"))
+    try:
+        for i, d in enumerate(float(x) for x in args.delays.split(",")):
+            work = root / f"t{i}"
+            work.mkdir()
+            rows.append(trial(d, work, args.grace))
+            rows[-1]["message"] = rows[-1]["message"].replace(str(work), "WORK")  # no temp paths in the report
+            print(json.dumps(rows[-1]), flush=True)
+        # Resume: the last trial's cache, run to the end without interruption.
+        last = root / f"t{len(rows) - 1}"
+        m = models()
+        t0 = time.perf_counter()
+        res = subprocess.run(["hcnr", "repair", "--base", m["m0"], "--finetuned", m["m1"], "--limit", "64",
+                              "--out", str(last / "out"), "--cache-dir", str(last / "cache"), "--no-plots"],
+                             capture_output=True, text=True)
+        resume = {"exit": res.returncode, "wall_s": round(time.perf_counter() - t0, 1),
+                  "resumed": "resumed from" in res.stderr,
+                  "resume_lines": [ln.strip().replace(str(last), "WORK") for ln in res.stderr.splitlines()
+                                   if "resumed from" in ln]}
+        print(json.dumps(resume), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    ok = sum(r["exit"] == 130 and not r["crash"] and not r["traceback"] and not r["leftovers"] and not r["second_ctrl_c"]
+             for r in rows)
+    report = {"command": "python experiments/interrupt_check.py --delays " + args.delays, "trials": rows,
+              "clean_stops": ok, "resume": resume}
+    out = Path(args.out)
+    (out / "interrupt_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = ["# Ctrl-C during `hcnr repair` (SmolLM2, bundled M0 -> M1, 64 + 64 samples)", "",
+          f"`{report['command']}`: {ok} of {len(rows)} trials stopped cleanly on the first Ctrl-C "
+          "(exit 130, no crash, no traceback, nothing left behind).", "",
+          "| SIGINT at (s) | exit | stopped after (s) | 2nd Ctrl-C needed | crash | progress saved | leftovers | message |",
+          "|---:|---:|---:|---|---|---|---|---|"]
+    md += [f"| {r['delay_s']:.0f} | {r['exit']} | {r['stop_s']} | {'yes' if r['second_ctrl_c'] else 'no'} | "
+           f"{'yes' if r['crash'] else 'no'} | {'yes' if r['saved'] else 'no'} | {', '.join(r['leftovers']) or '-'} | "
+           f"`{r['message'].replace('|', '/')}` |" for r in rows]
+    md += ["", f"Rerun on the last trial's cache: exit {resume['exit']} in {resume['wall_s']} s; "
+           + ("resumed (" + "; ".join(resume["resume_lines"]) + ")." if resume["resumed"] else "no resume reported."), ""]
+    (out / "interrupt_check.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
