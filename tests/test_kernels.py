@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ def test_neuron_norms(shape, axis):
     for got in (neuron_sq_norms_reference(g, x, axis, "ghost"), neuron_sq_norms_reference(g, x, axis, "direct"),
                 neuron_sq_norms_pallas(g, x, axis=axis, block=16, interpret=True),
                 neuron_sq_norms(g, x, axis, backend="pallas")):
-        assert got.shape == want.shape and got.dtype == jnp.float32
+        chex.assert_shape(got, want.shape)
+        chex.assert_type(got, jnp.float32)
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
 
 
@@ -47,6 +49,8 @@ def test_gram(shape):
     for got in (gram_reference(jnp.asarray(h0), x, mask),
                 gram_pallas(jnp.asarray(h0), x, mask, block=16, token_block=16, interpret=True),
                 gram(jnp.asarray(h0), x, mask, backend="pallas")):
+        chex.assert_shape(got, (i, i))
+        chex.assert_type(got, jnp.float32)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 

@@ -50,3 +50,27 @@ def test_every_runtime_dependency_is_imported():
                     if not re.search(rf"^\s*(import|from)\s+{re.escape(MODULE_OF.get(n, n).replace('-', '_'))}\b",
                                      code, re.M))
     assert not unused, f"declared in pyproject.toml but never imported: {unused}"
+
+
+def test_every_third_party_import_is_declared():
+    """The converse: each module the package imports is the standard library, the package itself, a
+    runtime dependency, or (imported only where that feature runs) one of an extra's."""
+    import ast
+    import re
+    import sys
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [d for k, ds in project["optional-dependencies"].items() if k != "test" for d in ds]
+    names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].strip().lower() for d in reqs}
+    provided = {MODULE_OF.get(n, n).replace("-", "_") for n in names}
+    imported = {}
+    for top in ("hcnr_jax", "kernels", "conversion"):
+        for p in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for mod in mods:
+                    imported.setdefault(mod.split(".")[0], str(p.relative_to(ROOT)))
+    undeclared = {m: f for m, f in imported.items()
+                  if m not in sys.stdlib_module_names and m != "hcnr_jax" and m not in provided}
+    assert not undeclared, f"imported but not declared in pyproject.toml (module: a file importing it): {undeclared}"

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,8 +105,7 @@ def test_gradient_accumulation_equals_one_big_batch(model):
         new, _, loss = step(jax.tree.map(jnp.copy, adapter), optax.sgd(1.0).init(adapter), model.params, mb)
         outs.append((jax.tree.map(np.asarray, new), float(loss)))
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-7)
 
 
 def test_data_order_is_a_function_of_the_step():
@@ -152,8 +152,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(model, model_dir, tmp_path):
     assert seen == [5, 6], "the rerun must resume after the last checkpoint of the killed process"
     assert resumed.report["resumed_from"] == 4 and [h["step"] for h in resumed.history] == list(range(1, 7))
     full = train(model, samples(), tc(), progress=False)
-    for a, b in zip(jax.tree.leaves(resumed.trainable), jax.tree.leaves(full.trainable), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(resumed.trainable, full.trainable)
 
     with pytest.raises(HcnrError, match="other settings"):
         train(model, samples(), tc(checkpoint_every=2, learning_rate=5e-3), checkpoint_dir=ckpt, progress=False)

@@ -13,6 +13,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,13 +149,13 @@ def test_sft_gradient_matches_float64_torch(models, sft_grad, family):
     empty = {**batch, "loss_mask": np.zeros_like(batch["loss_mask"])}
     (loss, aux), grads = sft_grad(model.params, model.config, empty, 16)
     assert float(loss) == 0.0 and int(aux["tokens"]) == 0
-    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+    chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, grads))
     # Extreme logits (final norm x 1e4: log-probs of 0 and -1e5): finite loss and gradients.
     params = jax.tree.map(lambda x: x, model.params)
     params["model"]["norm"]["weight"] = params["model"]["norm"]["weight"] * 1e4
     (loss, _), grads = sft_grad(params, model.config, batch, 16)
     assert np.isfinite(float(loss)) and float(loss) > 100
-    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    chex.assert_tree_all_finite(grads)
 
 
 # --- DPO / ORPO formulas --------------------------------------------------------------------------
