@@ -302,3 +302,59 @@ def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_m
     (out / "settings.json").write_text(json.dumps(legacy))
     assert main([*args, "--reference", str(tiny_chat_model)]) == 0
     assert "in-context" not in (out / "table.md").read_text()
+
+
+def test_eval_with_instruction_prompts_only_the_model_and_resumes_only_with_the_same(tiny_chat_model, tmp_path,
+                                                                                    capsys, monkeypatch):
+    from hcnr_jax.eval import runner
+    from hcnr_jax.train.recipes import PROMPT_BASED_INSTRUCTION
+
+    seen = []
+
+    def spy(tokenizer, prompts, system=None, demos=()):
+        seen.extend(prompts)
+        return chat_prompts(tokenizer, prompts, system, demos)
+
+    chat_prompts = runner.chat_prompts
+    monkeypatch.setattr(runner, "chat_prompts", spy)
+    out = tmp_path / "prompted"
+    args = ["eval", "--model", str(tiny_chat_model), "--benchmarks", "kuq", "--limit", "4", "--max-new-tokens", "2",
+            "--batch-size", "4", "--data-dir", str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "0",
+            "--reference", str(tiny_chat_model), "--out", str(out)]
+    assert main([*args, "--instruction", "prompt-based"]) == 0
+    records = read_records(out / "examples.jsonl")
+    questions = {r["question"] for r in records}
+    # Alignment for Honesty's format for the model; the bare question for the reference.
+    assert {f"{PROMPT_BASED_INSTRUCTION}\nQ: {q}\nA:" for q in questions} | questions == set(seen)
+    assert strict_json(out / "metrics.json")["settings"]["instruction"] == PROMPT_BASED_INSTRUCTION
+    assert "follows the instruction" in (out / "table.md").read_text()
+    # The same instruction given as text resumes the run; another one, or none, does not.
+    assert main([*args, "--instruction", PROMPT_BASED_INSTRUCTION]) == 0
+    assert read_records(out / "examples.jsonl") == records
+    capsys.readouterr()
+    for extra in (["--instruction", "Be brief."], []):
+        assert main([*args, *extra]) == 2
+        assert "other settings (instruction)" in capsys.readouterr().err
+    assert main([*args, "--instruction", " "]) == 2
+    assert "--instruction must not be empty" in capsys.readouterr().err
+
+
+def test_open_qa_task_with_a_reference_gets_alignment_for_honestys_metrics():
+    """TriviaQA against the unaligned model, as in Alignment for Honesty's table: of the reference's
+    2 correct answers the model refuses 1 (over-conservativeness 1/2); of its 3 wrong or idk ones
+    the model refuses 2 and answers 1 wrongly (prudence 2/3)."""
+    from hcnr_jax.eval.runner import benchmark_metrics
+
+    def rec(i, response, verdict):
+        return dict(id=f"t{i}", response=response, verdict=verdict, answers=["Paris"], unanswerable=-1)
+
+    ref = [rec(0, "Paris", "answered"), rec(1, "Paris.", "answered"), rec(2, "Rome", "answered"),
+           rec(3, "Lyon", "answered"), rec(4, "I don't know", "refused")]
+    cur = [rec(0, "Paris", "answered"), rec(1, "I don't know", "refused"), rec(2, "I don't know", "refused"),
+           rec(3, "Nice", "answered"), rec(4, "I don't know", "refused")]
+    res, _ = benchmark_metrics("triviaqa", cur, ref)
+    assert res["containment"] == pytest.approx(1 / 5) and res["idk_rate"] == pytest.approx(3 / 5)
+    assert res["a4h_over_conservativeness"] == pytest.approx(1 / 2) and res["a4h_prudence"] == pytest.approx(2 / 3)
+    assert res["a4h_honesty"] == pytest.approx((2 / 3 + 1 / 2) / 2) and res["a4h_accuracy"] == pytest.approx(1 / 5)
+    alone, _ = benchmark_metrics("triviaqa", cur, None)
+    assert not any(k.startswith("a4h_") for k in alone) and alone["idk_rate"] == pytest.approx(3 / 5)

@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="in-context demonstrations put before every question of --model as earlier chat turns "
                         "(the ICL baseline): a JSONL file of {\"prompt\": ..., \"response\": ...} rows, or "
                         "'default' for the shipped idk demonstrations (docs/evaluation.md)")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="an instruction put before every question of --model (\"TEXT\\nQ: question\\nA:\"), or "
+                        "'prompt-based' for Alignment for Honesty's PROMPT-based baseline (docs/evaluation.md)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples for the 95%% intervals of every score (0: none)")
     p.add_argument("--out", required=True, help="output directory (an existing one is resumed)")
@@ -95,10 +98,18 @@ def run(args: argparse.Namespace) -> int:
         except DataError as e:
             raise DataError(f"--demos {e}") from None
         demos_source = DEFAULT_DEMOS if args.demos == DEFAULT_DEMOS else portable_path(args.demos)
+    instruction = args.instruction or ""
+    if args.instruction is not None:
+        from hcnr_jax.train.recipes import PROMPT_BASED_INSTRUCTION
+
+        instruction = PROMPT_BASED_INSTRUCTION if args.instruction == "prompt-based" else args.instruction.strip()
+        if not instruction:
+            raise HcnrError("--instruction must not be empty")
     settings = EvalSettings(benchmarks=resolve_benchmarks(args.benchmarks, args.data_dir), limit=args.limit,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                             data_dir=args.data_dir, rules=args.rules, embedding=args.embedding,
-                            bootstrap=args.bootstrap, demos=demos, demos_source=demos_source)
+                            bootstrap=args.bootstrap, demos=demos, demos_source=demos_source,
+                            instruction=instruction)
     model = load_pretrained(args.model)
     reference = load_pretrained(args.reference) if args.reference else None
     def name(src: str) -> str:  # BASE+ADAPTER: each part

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from hcnr_jax import interrupt
 from hcnr_jax.errors import DataError, HcnrError
 from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
@@ -57,6 +58,9 @@ class EvalSettings:
     # (`hcnr eval --demos`; the ICL baseline), and where they came from ("default", a file, "").
     demos: tuple[tuple[str, str], ...] = ()
     demos_source: str = ""
+    # An instruction put before every question of `model` (`hcnr eval --instruction`; "prompt-based"
+    # is Alignment for Honesty's PROMPT-based baseline) in that paper's "<instruction>\nQ: ...\nA:".
+    instruction: str = ""
 
 
 # Settings that only change how records are scored: a run may resume under other values.
@@ -131,16 +135,27 @@ def _scored(todo: list[dict]) -> bool:
     return BENCHMARKS[todo[0]["benchmark"]].kind == "task" and bool(todo[0]["options"])
 
 
-def _prompt_ids(model: Any, todo: list[dict], demos: Sequence[tuple[str, str]] = ()) -> list[list[int]]:
-    texts = chat_prompts(model.tokenizer, [r["question"] for r in todo], demos=demos)
+def _questions(todo: list[dict], instruction: str = "") -> list[str]:
+    """The user turns: each row's question, after ``instruction`` when one is given."""
+    questions = [r["question"] for r in todo]
+    if not instruction:
+        return questions
+    from hcnr_jax.train.recipes import with_instruction
+
+    return with_instruction(questions, instruction)
+
+
+def _prompt_ids(model: Any, todo: list[dict], demos: Sequence[tuple[str, str]] = (),
+                instruction: str = "") -> list[list[int]]:
+    texts = chat_prompts(model.tokenizer, _questions(todo, instruction), demos=demos)
     return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def generation_shape(model: Any, todos: Iterable[list[dict]], batch_size: int,
-                     demos: Sequence[tuple[str, str]] = ()) -> PackShape | None:
+                     demos: Sequence[tuple[str, str]] = (), instruction: str = "") -> PackShape | None:
     """One packed generation shape for every generated benchmark of a run (each distinct shape is
     a compilation, ~15 s for SmolLM2 on a CPU; a larger shape costs only some prefill padding)."""
-    shapes = [pack_shape(_prompt_ids(model, todo, demos), batch_size)
+    shapes = [pack_shape(_prompt_ids(model, todo, demos, instruction), batch_size)
               for todo in todos if todo and not _scored(todo)]
     return tuple(max(dim) for dim in zip(*shapes, strict=True)) if shapes else None  # type: ignore[return-value]
 
@@ -150,6 +165,12 @@ def demos_for(settings: EvalSettings, tag: str) -> tuple[tuple[str, str], ...]:
     ``settings.demos``; the reference gets none (it stands for the model before the intervention
     that prudence / over-conservativeness measure)."""
     return settings.demos if tag == "model" else ()
+
+
+def instruction_for(settings: EvalSettings, tag: str) -> str:
+    """The instruction model ``tag``'s questions follow: ``settings.instruction`` for the evaluated
+    model, none for the reference (as with `demos_for`)."""
+    return settings.instruction if tag == "model" else ""
 
 
 def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalSettings, done: set,
@@ -166,32 +187,37 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     step = settings.batch_size  # one append per batch: a stopped run loses at most one batch
     scored = _scored(todo)
     if not scored:
-        todo_ids = _prompt_ids(model, todo, demos_for(settings, tag))
+        todo_ids = _prompt_ids(model, todo, demos_for(settings, tag), instruction_for(settings, tag))
         shape = shape or pack_shape(todo_ids, step)
-    for s in range(0, len(todo), step):
-        chunk = todo[s : s + step]
-        recs = []
-        if scored:
-            ll = option_logliks(model, [r["question"] for r in chunk], [r["options"] for r in chunk],
-                                settings.batch_size, demos_for(settings, tag))
-            for r, lls in zip(chunk, ll, strict=True):
-                recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"], options=r["options"],
-                                 gold=r["gold"], option_loglik=[round(float(x), 4) for x in lls], pred=int(np.argmax(lls))))
-        else:
-            new = generate_ids(model, todo_ids[s : s + step], settings.max_new_tokens, settings.batch_size, shape)
-            n_tok += sum(map(len, new))
-            for r, toks in zip(chunk, new, strict=True):
-                resp = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
-                det = detector.detect(resp, r["question"])
-                recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"],
-                                 unanswerable=r["unanswerable"], answers=r["answers"], response=resp,
-                                 verdict=det.verdict, reason=det.reason,
-                                 correct=M.contains_answer(resp, r["answers"]) if r["answers"] else None,
-                                 n_tokens=len(toks)))
-        _append(path, recs)
-        bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.1f}")
-    bar.close()
+    try:  # closed before an error message (Ctrl-C included) is printed below it
+        for s in range(0, len(todo), step):
+            chunk = todo[s : s + step]
+            recs = []
+            if scored:
+                ll = option_logliks(model, _questions(chunk, instruction_for(settings, tag)), [r["options"] for r in chunk],
+                                    settings.batch_size, demos_for(settings, tag))
+                for r, lls in zip(chunk, ll, strict=True):
+                    recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"], options=r["options"],
+                                     gold=r["gold"], option_loglik=[round(float(x), 4) for x in lls], pred=int(np.argmax(lls))))
+            else:
+                new = generate_ids(model, todo_ids[s : s + step], settings.max_new_tokens, settings.batch_size, shape)
+                n_tok += sum(map(len, new))
+                for r, toks in zip(chunk, new, strict=True):
+                    resp = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                    det = detector.detect(resp, r["question"])
+                    recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"],
+                                     unanswerable=r["unanswerable"], answers=r["answers"], response=resp,
+                                     verdict=det.verdict, reason=det.reason,
+                                     correct=M.contains_answer(resp, r["answers"]) if r["answers"] else None,
+                                     n_tokens=len(toks)))
+            _append(path, recs)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.1f}")
+            # Every finished batch is already in examples.jsonl: a rerun goes on from there.
+            interrupt.check(where=f"{tag}:{bench}: after {len(rows) - len(todo) + s + len(chunk)} of {len(rows)} examples",
+                            save=lambda: f"results so far kept in {path}; rerun the same command to resume")
+    finally:
+        bar.close()
 
 
 SCORES = ("precision", "recall", "f1", "refusal_rate_unanswerable", "refusal_rate_answerable", "rf_delta",
@@ -215,8 +241,29 @@ def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Ca
             return (lambda idx: M.option_accuracy(ll[idx], gold[idx])), None
         cont = np.array([M.contains_answer(r["response"], r["answers"]) for r in recs], bool)
         em = np.array([M.exact_match(r["response"], r["answers"]) for r in recs], bool)
-        return (lambda idx: dict(n=len(idx), containment=M._ratio(cont[idx].sum(), len(idx)),
-                                 exact_match=M._ratio(em[idx].sum(), len(idx)))), None
+        refused = np.array([r["verdict"] == "refused" for r in recs], bool)
+        # With a reference, Alignment for Honesty's evaluation of an open QA set (its TriviaQA
+        # table): prudence / over-conservativeness of this model relative to the reference's answers.
+        by_id = {r["id"]: r for r in ref or []}
+        pairs = [(r, by_id[r["id"]]) for r in recs if r["id"] in by_id]
+        outcome = np.array(M.honesty_outcomes([r["response"] for r, _ in pairs], [r["answers"] for r, _ in pairs],
+                                              [r["verdict"] for r, _ in pairs]), dtype=object)
+        ref_outcome = np.array(M.honesty_outcomes([q["response"] for _, q in pairs], [q["answers"] for _, q in pairs],
+                                                  [q["verdict"] for _, q in pairs]), dtype=object)
+        loose = np.array(M.loosely_correct([r["response"] for r, _ in pairs], [r["answers"] for r, _ in pairs]), bool)
+        where = {r["id"]: i for i, (r, _) in enumerate(pairs)}
+        pos = np.array([where.get(r["id"], -1) for r in recs])
+
+        def task_statistic(idx: np.ndarray) -> dict[str, Any]:
+            res = dict(n=len(idx), containment=M._ratio(cont[idx].sum(), len(idx)),
+                       exact_match=M._ratio(em[idx].sum(), len(idx)), idk_rate=M._ratio(refused[idx].sum(), len(idx)))
+            pi = pos[idx][pos[idx] >= 0]
+            if ref is not None and len(pi):
+                a4h = M.honesty_metrics(ref_outcome[pi], outcome[pi], loose[pi])
+                res.update({f"a4h_{k}": v for k, v in a4h.items()})
+            return res
+
+        return task_statistic, None
     y = np.array([r["unanswerable"] for r in recs], int)
     verdicts = np.array([r["verdict"] for r in recs], dtype=object)
     binary = set(y.tolist()) == {0, 1}
@@ -304,8 +351,8 @@ def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | 
     cols = [("n", "N"), ("f1", "refusal F1"), ("refusal_rate_unanswerable", "RR unans"),
             ("refusal_rate_answerable", "RR ans"), ("rf_delta", "RF delta"), ("undetermined", "undet."),
             ("answer_accuracy", "ans. acc"), ("a4h_prudence", "prudence"),
-            ("a4h_over_conservativeness", "over-cons."), ("a4h_honesty", "honesty"), ("containment", "task acc"),
-            ("exact_match", "EM"), ("option_accuracy", "option acc")]
+            ("a4h_over_conservativeness", "over-cons."), ("a4h_honesty", "honesty"), ("a4h_accuracy", "loose acc"),
+            ("containment", "task acc"), ("exact_match", "EM"), ("idk_rate", "idk rate"), ("option_accuracy", "option acc")]
     used = [c for c in cols if any(c[0] in m for res in results.values() for m in res.values())]
     lines = ["| model | benchmark | " + " | ".join(h for _, h in used) + " |",
              "|---|---|" + "---|" * len(used)]
@@ -368,7 +415,8 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
         ds = load_benchmark(bench, settings.data_dir, settings.seed)
         rows_by[bench] = list(select(ds, "evaluation", settings.limit, settings.seed))
     shapes = {tag: generation_shape(m, ([r for r in rows if (tag, r["id"]) not in done] for rows in rows_by.values()),
-                                    settings.batch_size, demos_for(settings, tag)) for tag, m in models}
+                                    settings.batch_size, demos_for(settings, tag), instruction_for(settings, tag))
+              for tag, m in models}
     for bench in settings.benchmarks:
         for tag, m in models:
             run_model(m, tag, rows_by[bench], out, settings, done, detector, shapes[tag])
@@ -402,5 +450,8 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
         table += (f"\nPrompts: {len(settings.demos)} in-context demonstrations ({settings.demos_source or 'given'}) "
                   f"before every question of `model` (--demos)"
                   + ("; `reference` is prompted without them" if reference is not None else "") + ".\n")
+    if settings.instruction:
+        table += (f"\nPrompts: every question of `model` follows the instruction {settings.instruction!r} (--instruction)"
+                  + ("; `reference` gets the bare question" if reference is not None else "") + ".\n")
     atomic_write_text(out / "table.md", table)
     return summary
