@@ -438,3 +438,39 @@ def test_command_multisample_end_to_end_tiny_model(tiny_chat_model, tmp_path):
     recs = read_jsonl(out)
     assert recs == R.multisample(rows, [by_row.get(r["id"], []) for r in rows])
     assert len(recs) == 12 and sum(r["response"] == IDK for r in recs) >= 6  # 2 unanswerable x 3
+
+
+def test_command_answers_file_shares_one_generation_pass_between_recipes(kuq4, monkeypatch, tmp_path, capsys):
+    rows, (a, b), _ = kuq4
+    gold = a["answers"][0]
+    greedy = {a["question"]: f"{gold} it is.", b["question"]: "Wrong."}
+    sampled = {a["question"]: [f"Maybe {gold}."] * 3 + ["No."] * 2, b["question"]: ["No."] * 5}
+    fake = FakeGenerate(greedy, sampled)
+    monkeypatch.setattr(hcnr_jax.generation, "generate", fake)
+    answers = tmp_path / "answers.json"
+
+    def run(recipe, *extra):
+        out = tmp_path / f"{recipe}.jsonl"
+        assert honesty_data.run(tiny_args("m", out, recipe, "--samples", "5", "--answers", str(answers), *extra)) == 0
+        return read_jsonl(out)
+
+    verb = run("confidence-verb")
+    assert len(fake.calls) == 2  # greedy + sampled
+    absolute, multi = run("absolute"), run("multisample")
+    assert len(fake.calls) == 2, "the second and third recipe must read the answers file, not generate"
+    assert run("rait") == R.rait(rows, [greedy.get(r["question"], "") for r in rows])
+    assert len(fake.calls) == 2
+    samples = [sampled.get(r["question"], []) for r in rows]
+    greedy_rows = [greedy.get(r["question"], "") for r in rows]
+    assert verb == R.confidence(rows, samples, "verb", greedy=greedy_rows)
+    assert absolute == R.absolute(rows, samples, 0.1, greedy=greedy_rows) and multi == R.multisample(rows, samples)
+    # Other sampling settings: an error naming them; nothing generated or written.
+    with pytest.raises(DataError, match=r"other settings \(temperature 1.0, now 0.7\)"):
+        honesty_data.run(tiny_args("m", tmp_path / "x.jsonl", "absolute", "--samples", "5", "--answers",
+                                   str(answers), "--temperature", "0.7"))
+    assert len(fake.calls) == 2 and not (tmp_path / "x.jsonl").exists()
+    answers.write_text("{not json")
+    with pytest.raises(DataError, match="not an answers file"):
+        honesty_data.run(tiny_args("m", tmp_path / "x.jsonl", "absolute", "--answers", str(answers)))
+    with pytest.raises(HcnrError, match="must be different files"):
+        honesty_data.run(tiny_args("m", answers, "absolute", "--answers", str(answers), "--overwrite"))

@@ -45,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idk-response", default=None, help="target for unknown questions "
                                                         "(default: Alignment for Honesty's)")
     p.add_argument("--balance", action="store_true", help="cap the majority of known / unknown examples")
+    p.add_argument("--answers", default=None, metavar="FILE",
+                   help="JSON file keeping the model's greedy and sampled answers: answers already there (same "
+                        "model, --samples, --temperature, --seed, --max-new-tokens) are reused, new ones added; "
+                        "several recipes then share one generation pass")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
@@ -66,6 +70,9 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], bool]:
         (args.recipe == "label" or args.model,
          f"--recipe {args.recipe} needs --model (the model's answers label it)"),
         (args.recipe != "label" or not args.model, "--recipe label uses gold answers only; drop --model"),
+        (args.recipe != "label" or not args.answers, "--recipe label uses gold answers only; drop --answers"),
+        (not args.answers or Path(args.answers).absolute() != Path(args.out).absolute(),
+         "--answers and --out must be different files"),
     ]
     for ok, message in checks:
         if not ok:
@@ -122,19 +129,25 @@ def _model_records(rows: list[dict], args: argparse.Namespace, idk: str) -> tupl
     from hcnr_jax.pretrained import load_pretrained
     from hcnr_jax.train import recipes as R
 
-    model = load_pretrained(args.model)
     recipe = args.recipe
     # Unanswerable rows always get idk: only DPO needs the model's answer to them (as the rejected one).
     todo = [i for i, r in enumerate(rows) if recipe == "dpo-pairs" or r["unanswerable"] != 1]
-    prompts = [rows[i]["question"] for i in todo]
-    greedy = [""] * len(rows)
-    sampled: list[list[str]] = [[] for _ in rows]
-    if recipe in GREEDY:
-        for i, g in zip(todo, _generate(model, prompts, args, 1, sample=False), strict=True):
-            greedy[i] = g[0]
-    if recipe in SAMPLED:
-        for i, s in zip(todo, _generate(model, prompts, args, args.samples, sample=True), strict=True):
-            sampled[i] = s
+    cache = AnswerCache(args)
+    need_greedy = [i for i in todo if recipe in GREEDY and rows[i]["id"] not in cache.greedy]
+    need_sampled = [i for i in todo if recipe in SAMPLED and rows[i]["id"] not in cache.sampled]
+    if need_greedy or need_sampled:
+        model = load_pretrained(args.model)
+        for i, g in zip(need_greedy, _generate(model, [rows[i]["question"] for i in need_greedy], args, 1,
+                                               sample=False), strict=True):
+            cache.greedy[rows[i]["id"]] = g[0]
+        # Sampling streams are indexed by position in the prompt list: a question's samples depend on
+        # which others are generated with it, so the cache (not a rerun) is what makes them reusable.
+        for i, s in zip(need_sampled, _generate(model, [rows[i]["question"] for i in need_sampled], args,
+                                                args.samples, sample=True), strict=True):
+            cache.sampled[rows[i]["id"]] = s
+        cache.save()
+    greedy = [cache.greedy.get(r["id"], "") if recipe in GREEDY else "" for r in rows]
+    sampled = [cache.sampled.get(r["id"], []) if recipe in SAMPLED else [] for r in rows]
     if recipe == "rait":
         return R.rait(rows, greedy, idk), 0
     if recipe == "absolute":
@@ -151,6 +164,50 @@ def _model_records(rows: list[dict], args: argparse.Namespace, idk: str) -> tupl
             if known[i] or (greedy[i].strip() and detector.detect(greedy[i], r["question"]).verdict != "refused")]
     pairs = R.preference_pairs([rows[i] for i in keep], [known[i] for i in keep], [greedy[i] for i in keep], idk)
     return pairs, len(rows) - len(keep)
+
+
+class AnswerCache:
+    """``--answers FILE``: the model's greedy and sampled answers by question id, with the settings
+    that produced them. A file made with other settings is an error naming the setting."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import json
+
+        from hcnr_jax.errors import DataError
+        from hcnr_jax.io import portable_path
+
+        self.path = Path(args.answers) if args.answers else None
+        self.settings = dict(model="+".join(portable_path(part) for part in str(args.model).split("+")), samples=args.samples, temperature=args.temperature,
+                             seed=args.seed, max_new_tokens=args.max_new_tokens)
+        self.greedy: dict[str, str] = {}
+        self.sampled: dict[str, list[str]] = {}
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            old, greedy, sampled = doc["settings"], doc["greedy"], doc["sampled"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--answers {self.path}: not an answers file of hcnr honesty-data ({e})") from None
+        changed = [k for k, v in self.settings.items() if old.get(k) != v]
+        if changed:
+            raise DataError(f"--answers {self.path}: holds answers made with other settings ("
+                            + ", ".join(f"{k} {old.get(k)!r}, now {self.settings[k]!r}" for k in changed)
+                            + "); use another file")
+        if not (isinstance(greedy, dict) and isinstance(sampled, dict)
+                and all(isinstance(v, str) for v in greedy.values())
+                and all(isinstance(v, list) and len(v) == args.samples for v in sampled.values())):
+            raise DataError(f"--answers {self.path}: 'greedy' must map ids to strings and 'sampled' ids to "
+                            f"lists of {args.samples} strings")
+        self.greedy, self.sampled = greedy, sampled
+
+    def save(self) -> None:
+        import json
+
+        from hcnr_jax.io import atomic_write_text
+
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(dict(settings=self.settings, greedy=self.greedy,
+                                                         sampled=self.sampled), ensure_ascii=False))
 
 
 def _summary(records: list[dict], pools: dict[str, list[dict]], dropped: int, args: argparse.Namespace) -> str:
