@@ -14,8 +14,7 @@ between answerable and unanswerable, selected and chat-formatted exactly as ``hc
 
 Features: layer ``l`` is the residual stream after ``l`` decoder blocks (0: the token embedding, as
 Hugging Face's ``hidden_states[l]``; the last layer is before the final norm), float32, read off
-the model's own forward through the hook the statistics use (``capture=True``: every linear
-layer's input), see `last_token_states`.
+the model's own forward (``hidden_states=True``), see `last_token_states`.
 
 Probes: scikit-learn, standardised features then ``LogisticRegression(C=1)``, one per layer, in
 two protocols: (1) a seeded 50/50 split of the examples, stratified by benchmark and label; (2)
@@ -72,34 +71,21 @@ def default_layers(num_layers: int, spaced: int = 4) -> tuple[int, ...]:
 @partial(jax.jit, static_argnames=("cfg", "layers"))
 def _last_token_states(params: Any, cfg: Any, ids: jax.Array, mask: jax.Array,
                        layers: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``([B, len(layers), D], [B, D])``: the residual stream after each of ``layers`` blocks, and
-    the final-norm hidden state, at each row's last real token (left or right padding).
-
-    The model's forward is run as is, with ``capture=True``: each block adds ``o_proj`` of its
-    attention output and ``down_proj`` of its MLP activation to the stream, and both inputs are
-    captured, so the stream after block ``i`` is the embedding plus those outputs of blocks ``< i``
-    (at the one position needed). The final-norm state is returned to check this against.
-    """
+    """``([B, len(layers), D], [B, D])``: the residual stream after each of ``layers`` blocks
+    (``Output.states`` of the model's forward), and the final-norm hidden state, at each row's last
+    real token (left or right padding)."""
     from hcnr_jax.model import forward
 
-    hi = jax.lax.Precision.HIGHEST
-    out = forward(params, cfg, ids, mask, capture=True, return_logits=False, precision=hi)
+    out = forward(params, cfg, ids, mask, return_logits=False, precision=jax.lax.Precision.HIGHEST,
+                  hidden_states=True)
     t = ids.shape[1]
     last = jnp.max(jnp.where(mask, jnp.arange(t, dtype=jnp.int32)[None], -1), axis=1)  # [B]
 
     def at_last(a: jax.Array) -> jax.Array:
         return jnp.take_along_axis(a, last[:, None, None], axis=1)[:, 0]
 
-    tok = jnp.take_along_axis(ids, last[:, None], axis=1)[:, 0]
-    x = params["model"]["embed_tokens"]["weight"][tok]
-    states = [x]
-    for i, layer in enumerate(params["model"]["layers"]):
-        for name, p in (("self_attn.o_proj", layer["self_attn"]["o_proj"]), ("mlp.down_proj", layer["mlp"]["down_proj"])):
-            y = jnp.einsum("bi,oi->bo", at_last(out.inputs[f"model.layers.{i}.{name}.weight"]), p["weight"],
-                           precision=hi)
-            x = x + (y + p["bias"] if "bias" in p else y)
-        states.append(x)
-    picked = jnp.stack([states[layer] for layer in layers], axis=1)
+    states = [at_last(out.states[layer]) for layer in layers]
+    picked = jnp.stack(states, axis=1)
     return picked.astype(jnp.float32), at_last(out.hidden).astype(jnp.float32)
 
 

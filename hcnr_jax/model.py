@@ -53,6 +53,9 @@ class Output(NamedTuple):
     hidden: jax.Array  # [B, T, D] final-norm hidden states
     cache: KVCache | None
     inputs: dict[str, jax.Array]  # HF linear weight name -> input [B, T, in] (capture=True)
+    # The residual stream [B, T, D] before block 0 (the embeddings) and after each block, L + 1 in
+    # all, as Hugging Face's hidden_states but with the last entry before the final norm (hidden_states=True).
+    states: tuple[jax.Array, ...] | None = None
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
@@ -145,6 +148,7 @@ def forward(
     return_logits: bool = True,
     segment_ids: jax.Array | None = None,
     precision: Precision = None,
+    hidden_states: bool = False,
 ) -> Output:
     """Run the model on ``input_ids [B, T]``.
 
@@ -157,7 +161,8 @@ def forward(
     ``positions``; with a cache, it must be empty (earlier slots would count as segment 0).
 
     ``precision``: the matmul precision of every einsum (None: XLA's default; the statistics pass
-    ``jax.lax.Precision.HIGHEST``, see the module doc).
+    ``jax.lax.Precision.HIGHEST``, see the module doc). ``hidden_states``: also return the residual
+    stream before and after every block (``Output.states``; e.g. for probes).
     """
     b, t = input_ids.shape
     if attention_mask is None:
@@ -188,6 +193,7 @@ def forward(
     cos, sin = rope.cos_sin(cfg, positions)
     linear = _Linears(capture, probes, precision)
     x = params["model"]["embed_tokens"]["weight"][input_ids]
+    states = [x]
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(params["model"]["layers"]):
         pre = f"model.layers.{i}."
@@ -213,13 +219,14 @@ def forward(
         gate = linear(mlp["gate_proj"], h, pre + "mlp.gate_proj.weight")
         up = linear(mlp["up_proj"], h, pre + "mlp.up_proj.weight")
         x = x + linear(mlp["down_proj"], jax.nn.silu(gate) * up, pre + "mlp.down_proj.weight")
+        states.append(x)
 
     hidden = rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
     logits = lm_head(params, cfg, hidden, precision) if return_logits else None
     out_cache = None
     if cache is not None:
         out_cache = KVCache(ck, cv, valid, start + t)
-    return Output(logits, hidden, out_cache, linear.inputs)
+    return Output(logits, hidden, out_cache, linear.inputs, tuple(states) if hidden_states else None)
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, precision: Precision = None) -> jax.Array:

@@ -92,3 +92,21 @@ def test_packed_segments_equal_separate_rows(tiny_dirs, family):
     scale = np.abs(row_b).max()
     np.testing.assert_allclose(packed[:15], row_a, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(packed[15:], row_b[6:], rtol=0, atol=1e-5 * scale)
+
+
+def test_hidden_states_are_the_residual_stream_of_hugging_face(tmp_path):
+    """``forward(..., hidden_states=True)``: embeddings, then the stream after each block; the
+    first L match transformers' ``hidden_states`` (its last one is after the final norm, ours before)."""
+    from hcnr_jax.model import forward
+
+    hf = tiny.hf_model("llama", num_hidden_layers=3)
+    m = hcnr_jax.load_pretrained(tiny.save_hf(hf, tmp_path), dtype="float32")
+    ids = np.random.default_rng(0).integers(3, 97, (2, 7)).astype(np.int32)
+    out = forward(m.params, m.config, ids, precision="highest", hidden_states=True)
+    assert len(out.states) == m.config.num_layers + 1
+    with torch.no_grad():
+        hs = hf(torch.tensor(ids, dtype=torch.long), output_hidden_states=True).hidden_states
+    for i in range(m.config.num_layers):
+        np.testing.assert_allclose(np.asarray(out.states[i]), hs[i].numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.hidden), hs[-1].numpy(), atol=1e-5, rtol=1e-5)
+    assert forward(m.params, m.config, ids).states is None
