@@ -78,7 +78,18 @@ def eval_cmd(model: str, out: Path, data_dir: str | None, limit: int = LIMIT, ex
 # questions each, labelled by M1's own greedy answers (`hcnr honesty-data`): RAIT keeps a correct
 # answer and puts the idk response elsewhere; DPO and ORPO read the matching preference pairs.
 BASELINE_BENCHMARKS, BASELINE_PER_BENCHMARK = "kuq,selfaware,hotpotqa", 170
-BASELINES = {"rait": ("rait", "sft"), "dpo": ("dpo-pairs", "dpo"), "orpo": ("dpo-pairs", "orpo")}
+# RAIT-GOLD: RAIT's SFT with the targets labelled by the benchmarks' answerability instead (the
+# `label` recipe, M0's own: the gold answer for an answerable question, the idk response for an
+# unanswerable one). M1 answers almost nothing correctly, so RAIT's own labels are nearly all idk and
+# teach it to refuse everything; this variant shows whether that collapse is the recipe's or the method's.
+BASELINES = {"rait": ("rait", "sft"), "dpo": ("dpo-pairs", "dpo"), "orpo": ("dpo-pairs", "orpo"),
+             "rait-gold": ("label", "sft")}
+
+
+def baseline_stage(stage: str, suffix: str) -> str | None:
+    """The baseline a stage ``NAME-data`` / ``NAME-train`` (``suffix``) is about, or None."""
+    name = stage.removesuffix(f"-{suffix}")
+    return name if name != stage and name in BASELINES else None
 
 
 def stages(seeds: list[int], solvers: list[str]) -> list[str]:
@@ -91,7 +102,8 @@ def stages(seeds: list[int], solvers: list[str]) -> list[str]:
     for s in seeds[1:]:
         for solver in solvers:
             out += [f"hcnr-{solver}-s{s}", f"eval-hcnr-{solver}-s{s}"]
-    out += ["dpo-data", "dpo-train", "eval-dpo", "orpo-train", "eval-orpo", "eval-icl", "efficiency"]
+    out += ["dpo-data", "dpo-train", "eval-dpo", "orpo-train", "eval-orpo", "eval-icl",
+            "rait-gold-data", "rait-gold-train", "eval-rait-gold", "efficiency"]
     return [*out, "report"]
 
 
@@ -125,15 +137,15 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         out = work / f"eval_hcnr_{solver}_{seed}"
         if not (out / "metrics.json").exists():
             run(eval_cmd(str(work / f"hcnr_{solver}_{seed}"), out, data_dir), log)
-    elif stage.endswith("-data") and stage.split("-")[0] in BASELINES:
-        recipe = BASELINES[stage.split("-")[0]][0]
+    elif baseline_stage(stage, "data"):
+        recipe = BASELINES[baseline_stage(stage, "data")][0]
         out = work / f"{recipe}.jsonl"
         if not out.exists():
-            run(["hcnr", "honesty-data", "--recipe", recipe, "--model", m["m1"], "--benchmarks", BASELINE_BENCHMARKS,
-                 "-n", str(BASELINE_PER_BENCHMARK), "--max-new-tokens", str(TOKENS), "--out", str(out),
-                 *(["--data-dir", data_dir] if data_dir else [])], log)
-    elif stage.endswith("-train") and stage.split("-")[0] in BASELINES:
-        name = stage.split("-")[0]
+            run(["hcnr", "honesty-data", "--recipe", recipe, *(["--model", m["m1"]] if recipe != "label" else []),
+                 "--benchmarks", BASELINE_BENCHMARKS, "-n", str(BASELINE_PER_BENCHMARK), "--max-new-tokens", str(TOKENS),
+                 "--out", str(out), *(["--data-dir", data_dir] if data_dir else [])], log)
+    elif baseline_stage(stage, "train"):
+        name = baseline_stage(stage, "train")
         recipe, objective = BASELINES[name]
         out = work / name
         if not (out / "train_report.json").exists():
@@ -293,7 +305,7 @@ def seed_cells(seeds: list[dict], m1: dict, m0_f1: float) -> str:
 
 
 # The paper's data per method (docs/method.md); the baselines here are scaled to what fits a CPU session.
-PAPER_SAMPLES = {"RAIT": 5000, "DPO": 5000, "ORPO": 9000}
+PAPER_SAMPLES = {"RAIT": 5000, "RAIT-GOLD": 5000, "DPO": 5000, "ORPO": 9000}
 
 
 def efficiency_markdown(doc: dict) -> str:
