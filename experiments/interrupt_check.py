@@ -9,6 +9,10 @@ Each trial starts `hcnr repair` (bundled M0 -> M1, 64 + 64 calibration samples, 
 stop. A run still going then gets a second SIGINT (and is counted as not stopping on the first).
 The last trial's cache is then reused by an uninterrupted run, which must report a resume when the
 interrupt landed in the statistics. Writes ``interrupt_check.{json,md}``.
+
+``--warm KINDS``: first one uninterrupted repair fills a cache; each trial starts with that cache's
+entries of these kinds (e.g. ``fisher``, so that the delays land in the Hessian, the solve and the
+write instead). Writes ``interrupt_check_warm.{json,md}``.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reproduce import models
 
 
-def trial(delay: float, work: Path, grace: float) -> dict:
+def repair_cmd(out: Path, cache: Path) -> list[str]:
     m = models()
+    return ["hcnr", "repair", "--base", m["m0"], "--finetuned", m["m1"], "--limit", "64", "--out", str(out),
+            "--cache-dir", str(cache), "--no-plots"]
+
+
+def trial(delay: float, work: Path, grace: float) -> dict:
     out, cache = work / "out", work / "cache"
-    cmd = ["hcnr", "repair", "--base", m["m0"], "--finetuned", m["m1"], "--limit", "64", "--out", str(out),
-           "--cache-dir", str(cache), "--no-plots"]
+    cmd = repair_cmd(out, cache)
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     log = work / "stderr.txt"
     with log.open("w") as f:
@@ -71,23 +79,30 @@ def main() -> None:
     ap.add_argument("--delays", default="8,16,24,32,40,48,56", help="seconds from start to SIGINT, one trial each")
     ap.add_argument("--grace", type=float, default=120.0, help="seconds to wait for a stop before a second SIGINT")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--warm", default="", help="cache entry kinds each trial starts with (e.g. fisher)")
     args = ap.parse_args()
     rows = []
     root = Path(tempfile.mkdtemp(prefix="hcnr-interrupt-"))
+    warm = [k for k in args.warm.split(",") if k]
     try:
+        if warm:
+            subprocess.run(repair_cmd(root / "warm" / "out", root / "warm" / "cache"), check=True,
+                           capture_output=True)
         for i, d in enumerate(float(x) for x in args.delays.split(",")):
             work = root / f"t{i}"
             work.mkdir()
+            if warm:
+                (work / "cache").mkdir()
+                for kind in warm:
+                    for f in (root / "warm" / "cache").glob(f"{kind}-*.safetensors"):
+                        shutil.copy(f, work / "cache" / f.name)
             rows.append(trial(d, work, args.grace))
             rows[-1]["message"] = rows[-1]["message"].replace(str(work), "WORK")  # no temp paths in the report
             print(json.dumps(rows[-1]), flush=True)
         # Resume: the last trial's cache, run to the end without interruption.
         last = root / f"t{len(rows) - 1}"
-        m = models()
         t0 = time.perf_counter()
-        res = subprocess.run(["hcnr", "repair", "--base", m["m0"], "--finetuned", m["m1"], "--limit", "64",
-                              "--out", str(last / "out"), "--cache-dir", str(last / "cache"), "--no-plots"],
-                             capture_output=True, text=True)
+        res = subprocess.run(repair_cmd(last / "out", last / "cache"), capture_output=True, text=True)
         resume = {"exit": res.returncode, "wall_s": round(time.perf_counter() - t0, 1),
                   "resumed": "resumed from" in res.stderr,
                   "resume_lines": [ln.strip().replace(str(last), "WORK") for ln in res.stderr.splitlines()
@@ -98,11 +113,14 @@ def main() -> None:
 
     ok = sum(r["exit"] == 130 and not r["crash"] and not r["traceback"] and not r["leftovers"] and not r["second_ctrl_c"]
              for r in rows)
-    report = {"command": "python experiments/interrupt_check.py --delays " + args.delays, "trials": rows,
+    command = "python experiments/interrupt_check.py --delays " + args.delays + (f" --warm {args.warm}" if warm else "")
+    report = {"command": command, "trials": rows,
               "clean_stops": ok, "resume": resume}
     out = Path(args.out)
-    (out / "interrupt_check.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = ["# Ctrl-C during `hcnr repair` (SmolLM2, bundled M0 -> M1, 64 + 64 samples)", "",
+    name = "interrupt_check_warm" if warm else "interrupt_check"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = ["# Ctrl-C during `hcnr repair` (SmolLM2, bundled M0 -> M1, 64 + 64 samples)"
+          + (f", each trial starting with cached {args.warm} statistics" if warm else ""), "",
           f"`{report['command']}`: {ok} of {len(rows)} trials stopped cleanly on the first Ctrl-C "
           "(exit 130, no crash, no traceback, nothing left behind).", "",
           "| SIGINT at (s) | exit | stopped after (s) | 2nd Ctrl-C needed | crash | progress saved | leftovers | message |",
@@ -112,7 +130,7 @@ def main() -> None:
            f"`{r['message'].replace('|', '/')}` |" for r in rows]
     md += ["", f"Rerun on the last trial's cache: exit {resume['exit']} in {resume['wall_s']} s; "
            + ("resumed (" + "; ".join(resume["resume_lines"]) + ")." if resume["resumed"] else "no resume reported."), ""]
-    (out / "interrupt_check.md").write_text("\n".join(md))
+    (out / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
