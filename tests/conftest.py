@@ -19,3 +19,9 @@ def tiny_dirs(tmp_path_factory):
         model = tiny.hf_model(family)
         out[family] = (model, tiny.save_hf(model, tmp_path_factory.mktemp(f"tiny_{family}")))
     return out
+
+
+@pytest.fixture(scope="session")
+def llama2_dir(tmp_path_factory):
+    """A two-layer tiny Llama saved as an HF directory, built once per session."""
+    return tiny.save_hf(tiny.hf_model("llama", num_hidden_layers=2), tmp_path_factory.mktemp("llama2"))

@@ -256,25 +256,36 @@ def test_bad_demos_fail_before_the_model_loads(tmp_path, capsys, text, needle):
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_model, tmp_path, capsys, monkeypatch):
+def spy_chat_prompts(monkeypatch) -> list[tuple[list[str], tuple]]:
+    """Records each call of the runner's ``chat_prompts`` as (user turns, demonstrations)."""
     from hcnr_jax.eval import runner
-    from hcnr_jax.eval.data import DEMOS_FILE, load_demos
 
-    seen = []
+    calls, real = [], runner.chat_prompts
 
     def spy(tokenizer, prompts, system=None, demos=()):
-        seen.append(tuple(demos))
-        return chat_prompts(tokenizer, prompts, system, demos)
+        calls.append((list(prompts), tuple(demos)))
+        return real(tokenizer, prompts, system, demos)
 
-    chat_prompts = runner.chat_prompts
     monkeypatch.setattr(runner, "chat_prompts", spy)
-    out = tmp_path / "icl"
-    args = ["eval", "--model", str(tiny_chat_model), "--benchmarks", "kuq", "--limit", "4", "--max-new-tokens", "2",
+    return calls
+
+
+def small_eval(model, out) -> list[str]:
+    """`hcnr eval` arguments: 4 KUQ questions of the shipped subset, 2 new tokens, no bootstrap."""
+    return ["eval", "--model", str(model), "--benchmarks", "kuq", "--limit", "4", "--max-new-tokens", "2",
             "--batch-size", "4", "--data-dir", str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "0",
             "--out", str(out)]
+
+
+def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    from hcnr_jax.eval.data import DEMOS_FILE, load_demos
+
+    calls = spy_chat_prompts(monkeypatch)
+    out = tmp_path / "icl"
+    args = small_eval(tiny_chat_model, out)
     assert main([*args, "--reference", str(tiny_chat_model), "--demos", "default"]) == 0
     demos = load_demos("default")
-    assert set(seen) == {demos, ()}  # the model is prompted with them, the reference without
+    assert {d for _, d in calls} == {demos, ()}  # the model is prompted with them, the reference without
     settings = strict_json(out / "metrics.json")["settings"]
     assert settings["demos_source"] == "default"
     assert [(d["prompt"], d["response"]) for d in settings["demos"]] == list(demos)
@@ -306,26 +317,16 @@ def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_m
 
 def test_eval_with_instruction_prompts_only_the_model_and_resumes_only_with_the_same(tiny_chat_model, tmp_path,
                                                                                     capsys, monkeypatch):
-    from hcnr_jax.eval import runner
     from hcnr_jax.train.recipes import PROMPT_BASED_INSTRUCTION
 
-    seen = []
-
-    def spy(tokenizer, prompts, system=None, demos=()):
-        seen.extend(prompts)
-        return chat_prompts(tokenizer, prompts, system, demos)
-
-    chat_prompts = runner.chat_prompts
-    monkeypatch.setattr(runner, "chat_prompts", spy)
+    calls = spy_chat_prompts(monkeypatch)
     out = tmp_path / "prompted"
-    args = ["eval", "--model", str(tiny_chat_model), "--benchmarks", "kuq", "--limit", "4", "--max-new-tokens", "2",
-            "--batch-size", "4", "--data-dir", str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "0",
-            "--reference", str(tiny_chat_model), "--out", str(out)]
+    args = [*small_eval(tiny_chat_model, out), "--reference", str(tiny_chat_model)]
     assert main([*args, "--instruction", "prompt-based"]) == 0
     records = read_records(out / "examples.jsonl")
     questions = {r["question"] for r in records}
     # Alignment for Honesty's format for the model; the bare question for the reference.
-    assert {f"{PROMPT_BASED_INSTRUCTION}\nQ: {q}\nA:" for q in questions} | questions == set(seen)
+    assert {f"{PROMPT_BASED_INSTRUCTION}\nQ: {q}\nA:" for q in questions} | questions == {q for c, _ in calls for q in c}
     assert strict_json(out / "metrics.json")["settings"]["instruction"] == PROMPT_BASED_INSTRUCTION
     assert "follows the instruction" in (out / "table.md").read_text()
     # The same instruction given as text resumes the run; another one, or none, does not.

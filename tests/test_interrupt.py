@@ -13,7 +13,6 @@ import textwrap
 import chex
 import numpy as np
 import pytest
-import tiny
 from test_stats import random_samples
 from test_train import samples as train_samples
 from test_train import tc
@@ -24,13 +23,8 @@ from hcnr_jax.train import train
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny.save_hf(tiny.hf_model("llama", num_hidden_layers=2), tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return hcnr_jax.load_pretrained(model_dir)
+def model(llama2_dir):
+    return hcnr_jax.load_pretrained(llama2_dir)
 
 
 def test_first_ctrl_c_waits_for_check_second_stops_at_once():
@@ -116,14 +110,14 @@ CLI_WORKER = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_in_hcnr_stats_exits_130_and_the_rerun_resumes(model_dir, tmp_path):
+def test_ctrl_c_in_hcnr_stats_exits_130_and_the_rerun_resumes(llama2_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     rng = np.random.default_rng(0)
     data.write_text("".join(json.dumps({"input_ids": rng.integers(3, 90, 12).tolist(), "loss_mask": [0] * 6 + [1] * 6})
                             + "\n" for _ in range(8)))
     script = tmp_path / "worker.py"
     script.write_text(CLI_WORKER)
-    args = ["--model", str(model_dir), "--data", str(data), "--kind", "fisher", "--batch-size", "2",
+    args = ["--model", str(llama2_dir), "--data", str(data), "--kind", "fisher", "--batch-size", "2",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1"}
     res = subprocess.run([sys.executable, str(script), "stats", *args, "--out", str(tmp_path / "out")], env=env,

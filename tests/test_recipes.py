@@ -399,13 +399,20 @@ def test_command_dpo_pairs_drop_refused_unknowns(kuq4, monkeypatch, tmp_path, ca
     assert not (tmp_path / "none.jsonl").exists()
 
 
-def test_command_confidence_generates_greedy_and_m_samples(kuq4, monkeypatch, tmp_path):
+def canned_answers(kuq4, monkeypatch):
+    """Greedy and 5 sampled answers for kuq4's two answerable questions (the first known 3 times
+    in 5), served by a `FakeGenerate` patched in; (rows, a, b, greedy, sampled, fake)."""
     rows, (a, b), _ = kuq4
     gold = a["answers"][0]
     greedy = {a["question"]: f"{gold} it is.", b["question"]: "Wrong."}
     sampled = {a["question"]: [f"Maybe {gold}."] * 3 + ["No."] * 2, b["question"]: ["No."] * 5}
     fake = FakeGenerate(greedy, sampled)
     monkeypatch.setattr(hcnr_jax.generation, "generate", fake)
+    return rows, a, b, greedy, sampled, fake
+
+
+def test_command_confidence_generates_greedy_and_m_samples(kuq4, monkeypatch, tmp_path):
+    rows, a, b, greedy, sampled, fake = canned_answers(kuq4, monkeypatch)
     out = tmp_path / "conf.jsonl"
     args = tiny_args("m", out, "confidence-verb", "--samples", "5", "--temperature", "0.7", "--seed", "9")
     assert honesty_data.run(args) == 0
@@ -441,12 +448,7 @@ def test_command_multisample_end_to_end_tiny_model(tiny_chat_model, tmp_path):
 
 
 def test_command_answers_file_shares_one_generation_pass_between_recipes(kuq4, monkeypatch, tmp_path, capsys):
-    rows, (a, b), _ = kuq4
-    gold = a["answers"][0]
-    greedy = {a["question"]: f"{gold} it is.", b["question"]: "Wrong."}
-    sampled = {a["question"]: [f"Maybe {gold}."] * 3 + ["No."] * 2, b["question"]: ["No."] * 5}
-    fake = FakeGenerate(greedy, sampled)
-    monkeypatch.setattr(hcnr_jax.generation, "generate", fake)
+    rows, _, _, greedy, sampled, fake = canned_answers(kuq4, monkeypatch)
     answers = tmp_path / "answers.json"
 
     def run(recipe, *extra):
