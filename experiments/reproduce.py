@@ -67,9 +67,10 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def eval_cmd(model: str, out: Path, data_dir: str | None, limit: int = LIMIT, extra: tuple[str, ...] = ()) -> list[str]:
+def eval_cmd(model: str, out: Path, data_dir: str | None, limit: int = LIMIT, extra: tuple[str, ...] = (),
+             tokens: int = TOKENS) -> list[str]:
     cmd = ["hcnr", "eval", "--model", model, "--benchmarks", ",".join((*HONESTY_BENCHMARKS, TASK)), *extra,
-           "--limit", str(limit), "--max-new-tokens", str(TOKENS), "--out", str(out)]
+           "--limit", str(limit), "--max-new-tokens", str(tokens), "--out", str(out)]
     return cmd + (["--data-dir", data_dir] if data_dir else [])
 
 
@@ -103,14 +104,40 @@ def stages(seeds: list[int], solvers: list[str]) -> list[str]:
         for solver in solvers:
             out += [f"hcnr-{solver}-s{s}", f"eval-hcnr-{solver}-s{s}"]
     out += ["dpo-data", "dpo-train", "eval-dpo", "orpo-train", "eval-orpo", "eval-icl",
-            "rait-gold-data", "rait-gold-train", "eval-rait-gold", "efficiency"]
+            "rait-gold-data", "rait-gold-train", "eval-rait-gold", "efficiency",
+            *(f"tokens{LONG_TOKENS}-{tag}" for tag in TOKENS_CHECK), "tokens-check"]
     return [*out, "report"]
+
+
+# Does the 32-token budget change the verdicts? These models are evaluated again with 64 new tokens
+# on the first 100 questions per benchmark (the N=100 sweep split, part of the N=200 one) and
+# compared with their 32-token records on the same questions. Chosen for how often their
+# 32-token answers hit the limit (M0 25%, DPO 30%, HCNR 12%, M1 5% of rows).
+LONG_TOKENS, TOKENS_LIMIT = 64, 100
+
+
+def tokens_models(work: Path) -> dict[str, tuple[str, Path]]:
+    """tag -> (model spec, folder of its 32-token N=200 evaluation)."""
+    m = models()
+    return {"m0": (m["m0"], work.parent / "models" / "eval_m0"), "m1": (m["m1"], work / "eval_m1"),
+            "hcnr": (str(work / "hcnr_exact_s0"), work / "eval_hcnr_exact_s0"),
+            "dpo": (f"{m['m1']}+{work / 'dpo'}", work / "eval_dpo")}
+
+
+TOKENS_CHECK = ("m0", "m1", "hcnr", "dpo")
 
 
 def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
     log = work / "log.txt"
     m = models()
-    if stage == "eval-m1":
+    if stage.startswith(f"tokens{LONG_TOKENS}-"):
+        tag = stage.split("-", 1)[1]
+        out = work / f"tokens{LONG_TOKENS}_{tag}"
+        if not (out / "metrics.json").exists():
+            run(eval_cmd(tokens_models(work)[tag][0], out, data_dir, limit=TOKENS_LIMIT, tokens=LONG_TOKENS), log)
+    elif stage == "tokens-check":
+        tokens_check(work)
+    elif stage == "eval-m1":
         out = work / "eval_m1"
         if not (out / "metrics.json").exists():
             run(eval_cmd(m["m1"], out, data_dir), log)
@@ -171,6 +198,51 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         report(work)
     else:
         sys.exit(f"unknown stage {stage!r}; --stage list prints them")
+
+
+def tokens_check(work: Path) -> None:
+    """results/tokens_check.{json,md}: each model's scores at 32 and at 64 new tokens on the same questions."""
+    rng = np.random.default_rng(0)
+    rows = {}
+    for tag, (_, folder32) in tokens_models(work).items():
+        long = work / f"tokens{LONG_TOKENS}_{tag}"
+        if not (long / "metrics.json").exists():
+            continue
+        recs64 = [r for r in load_examples(long) if r["model"] == "model"]
+        ids = {r["id"] for r in recs64}
+        recs32 = [r for r in load_examples(folder32) if r["model"] == "model" and r["id"] in ids]
+        assert len(recs32) == len(recs64), f"{folder32} lacks some of the {len(ids)} questions"
+        flips = sum(a["verdict"] != b["verdict"] for a, b in zip(sorted(recs32, key=lambda r: r["id"]),
+                                                                  sorted(recs64, key=lambda r: r["id"]), strict=True))
+        rows[tag] = {str(TOKENS): scores(recs32, {}, rng), str(LONG_TOKENS): scores(recs64, {}, rng),
+                     "verdicts_changed": flips, "questions": len(ids),
+                     "at_limit_32": sum(r["n_tokens"] >= TOKENS for r in recs32)}
+    doc = {"command": "python experiments/reproduce.py --data-dir DIR --stage "
+                      + ",".join([*(f"tokens{LONG_TOKENS}-{t}" for t in TOKENS_CHECK), "tokens-check"]),
+           "limit": TOKENS_LIMIT, "rows": rows}
+    (RESULTS / "tokens_check.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [f"# 32 or {LONG_TOKENS} new tokens: does the budget change the verdicts?", "",
+             f"`{doc['command']}`: N = {TOKENS_LIMIT} per benchmark (the first {TOKENS_LIMIT} of the N = 200 "
+             f"split), the same questions at {TOKENS} and at {LONG_TOKENS} new tokens (greedy).", "",
+             f"| model | answers at the {TOKENS}-token limit | verdicts changed | avg F1 @{TOKENS} [95% CI] | "
+             f"avg F1 @{LONG_TOKENS} [95% CI] | avg RF delta @{TOKENS} / @{LONG_TOKENS} | HotpotQA acc @{TOKENS} / @{LONG_TOKENS} |",
+             "|---|---|---|---|---|---|---|"]
+    for tag, r in rows.items():
+        a, b = r[str(TOKENS)], r[str(LONG_TOKENS)]
+
+        def f1(x: dict) -> str:
+            return f"{100 * x['avg_f1']:.1f} [{100 * x['avg_f1_ci'][0]:.1f}, {100 * x['avg_f1_ci'][1]:.1f}]"
+
+        lines.append(f"| {tag.upper()} | {r['at_limit_32']} / {6 * TOKENS_LIMIT} | {r['verdicts_changed']} | {f1(a)} | {f1(b)} | "
+                     f"{100 * a['avg_rf_delta']:.1f} / {100 * b['avg_rf_delta']:.1f} | "
+                     f"{100 * a['hotpotqa_acc']:.1f} / {100 * b['hotpotqa_acc']:.1f} |")
+    if {"m0", "m1", "hcnr"} <= set(rows):
+        for n in (str(TOKENS), str(LONG_TOKENS)):
+            f = {t: rows[t][n]["avg_f1"] for t in ("m0", "m1", "hcnr")}
+            lines.append(f"\nAt {n} tokens HCNR brings back {100 * (f['hcnr'] - f['m1']) / (f['m0'] - f['m1']):.0f}% of "
+                         "the F1 that M1 lost (same questions).")
+    (RESULTS / "tokens_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def changed_params(reference: str, model: str) -> dict:
