@@ -60,6 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --cache-dir: how long to wait for another run computing the same statistic, then "
                         "fail (0: fail at once) [3600]")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,model=4: models loaded onto it, statistics and solves sharded by "
+                        "weight role [all devices on data]")
+    p.add_argument("--fsdp", action="store_true", help="with --mesh: also split weights over the data axis")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true",
@@ -84,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
     check_output_apart(args.out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
     if args.lock_timeout is not None and not args.lock_timeout >= 0:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
+    import jax
+
+    from hcnr_jax.sharding import mesh_shape
+
+    try:
+        mesh_shape(args.mesh, jax.device_count())
+    except HcnrError as e:
+        raise HcnrError(f"--mesh: {e}") from None
     cfg = load_config(args.config, **_overrides(args))
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
@@ -94,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg, _base, ft, hon, hon_info, task, task_info = prepare(
             args.base, args.finetuned, args.honesty_data, args.task_data, cfg)
-        p = plan(ft, cfg, hon, task)
+        p = plan(ft, cfg, hon, task, mesh=args.mesh, fsdp=args.fsdp)
         print(json.dumps({"settings": cfg.to_dict(), "data": {"honesty": hon_info, "task": task_info},
                           "plan": p, "out": str(out)}, indent=2))
         m = p["memory_mib"]
@@ -104,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
               f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
               f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
         return 0
-    stats_options = {"cache_dir": args.cache_dir, "lock_timeout": args.lock_timeout} if args.cache_dir else None
+    stats_options = {"mesh": args.mesh, "fsdp": args.fsdp}
+    if args.cache_dir:
+        stats_options.update(cache_dir=args.cache_dir, lock_timeout=args.lock_timeout)
     result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
                     stats_options=stats_options)
     write_repair(result, out, plots=not args.no_plots, overwrite=args.overwrite)

@@ -114,8 +114,11 @@ def check_compatible(base: Pretrained, finetuned: Pretrained) -> None:
         raise CheckpointError(f"{where}: tokenizer vocabularies differ")
 
 
-def _load_model(src: Pretrained | str | Path, what: str) -> Pretrained:
-    return src if isinstance(src, Pretrained) else load_pretrained(src)
+def _load_model(src: Pretrained | str | Path, what: str, mesh: Any = None, fsdp: bool = False) -> Pretrained:
+    """``src`` loaded (onto ``mesh``'s devices, placed by weight role, when given)."""
+    if isinstance(src, Pretrained):
+        return src
+    return load_pretrained(src) if mesh is None else load_pretrained(src, mesh=mesh, fsdp=fsdp)
 
 
 def _load_data(data: Any, kind: str, model: Pretrained, cfg: RepairConfig) -> tuple[Any, dict[str, Any]]:
@@ -174,18 +177,21 @@ class _DeviceHessians:
 
 
 def prepare(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, honesty_data: Any = None,
-            task_data: Any = None, config: RepairConfig | None = None, **overrides: Any):
-    """Load and validate everything a repair needs, computing nothing. Raises on any bad input."""
+            task_data: Any = None, config: RepairConfig | None = None, *, mesh: Any = None, fsdp: bool = False,
+            **overrides: Any):
+    """Load and validate everything a repair needs, computing nothing. Raises on any bad input.
+    ``mesh`` (a Mesh) / ``fsdp``: load the models straight onto its devices."""
     cfg = (config or RepairConfig()).override(**overrides) if overrides else (config or RepairConfig()).validate()
-    base_m = _load_model(base, "base")
-    ft_m = _load_model(finetuned, "fine-tuned")
+    base_m = _load_model(base, "base", mesh, fsdp)
+    ft_m = _load_model(finetuned, "fine-tuned", mesh, fsdp)
     check_compatible(base_m, ft_m)
     hon, hon_info = _load_data(honesty_data, "honesty", ft_m, cfg)
     task, task_info = _load_data(task_data, "task", ft_m, cfg)
     return cfg, base_m, ft_m, hon, hon_info, task, task_info
 
 
-def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any, *, mesh: Any = None) -> dict[str, Any]:
+def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any, *, mesh: str | None = None,
+         fsdp: bool = False) -> dict[str, Any]:
     """What a repair would change, and XLA's compiled per-device memory and FLOPs of its steps
     (``--dry-run``): the Fisher update, the Hessian update of the kept layers (worst case: the
     largest) and one layer's solve are compiled on abstract inputs of this model, data and
@@ -208,7 +214,7 @@ def plan(base: Pretrained, cfg: RepairConfig, hon: Any, task: Any, *, mesh: Any 
     linear_params = sum(int(np.prod(specs[n])) for n in names)
     all_params = sum(int(np.prod(s)) for s in specs.values())
     req = planlib.PlanRequest(
-        hf_config=base.hf_config, devices=jax.device_count(), mesh=mesh, batch_size=cfg.batch_size,
+        hf_config=base.hf_config, devices=jax.device_count(), mesh=mesh, fsdp=fsdp, batch_size=cfg.batch_size,
         seq_len=max(hon.input_ids.shape[1], task.input_ids.shape[1]),
         max_targets=max(target_capacity(hon.loss_mask), target_capacity(task.loss_mask)),
         dtype=str(np.dtype(base.dtype)), repair=cfg.to_dict(), num_honesty=len(hon), num_task=len(task))
@@ -249,19 +255,25 @@ def repair(
     ``base``/``finetuned``: `Pretrained` or a source as in ``hcnr convert``. ``honesty_data`` /
     ``task_data``: `Samples`, a JSONL path, or None for the bundled calibration files.
     ``config`` (default `RepairConfig()`) with keyword ``overrides`` (e.g. ``r_iw=0.3``).
-    ``stats_options`` are passed to the statistics engine (mesh, backend, cache_dir, ...).
+    ``stats_options`` are passed to the statistics engine (mesh, fsdp, backend, cache_dir, ...); with
+    a ``mesh`` (a Mesh or a spec like ``"data=2,model=4"``) the models are loaded onto it and the
+    statistics, Hessians and solves run sharded by weight role.
     The result has the fine-tuned model's dtype, config and tokenizer.
     """
-    from hcnr_jax import stats
+    from hcnr_jax import sharding, stats
 
     clock = _Clock(progress)
+    stats_options = dict(stats_options or {})
+    if stats_options.get("mesh") is not None and not isinstance(stats_options["mesh"], jax.sharding.Mesh):
+        stats_options["mesh"] = sharding.make_mesh(stats_options["mesh"])
     with clock.stage("load"):
         cfg, base_m, ft_m, hon, hon_info, task, task_info = prepare(
-            base, finetuned, honesty_data, task_data, config, **overrides)
+            base, finetuned, honesty_data, task_data, config, mesh=stats_options.get("mesh"),
+            fsdp=bool(stats_options.get("fsdp")), **overrides)
     mc = ft_m.config
     names = linear_names(mc)
     models = {"orig": base_m.params, "sft": ft_m.params}
-    sopts = {"batch_size": cfg.batch_size, "progress": progress, **(stats_options or {})}
+    sopts = {"batch_size": cfg.batch_size, "progress": progress, **stats_options}
 
     with clock.stage("fisher"):
         s_hon = stats.fisher(models[cfg.fisher_hon_model], mc, hon, neuron_axis=cfg.neuron_axis, **sopts)
