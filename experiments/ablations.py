@@ -243,35 +243,39 @@ def plots(doc: dict, main: dict) -> None:
         fig.tight_layout()
         fig.savefig(RESULTS / f"sweep_{knob}.png", dpi=120)
         plt.close(fig)
-    # Pareto: every method of the main table, the ablations and the sweep points. Seeds of one method share
-    # one label; labels are staggered so that methods close together stay readable.
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    seen: set[tuple] = set()
+    # Pareto: every method of the main table (N=200; HCNR as mean ± sd over its calibration seeds, with
+    # r_cw 0.5 too), the ablations and the sweep points (N=100). Methods are told apart by colour and
+    # marker in the legend: labels next to points overlapped where methods sit close together.
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for knob, points in doc["sweeps"].items():
         pts = [(100 * r["avg_f1"], 100 * r["hotpotqa_acc"]) for r in points.values()]
-        pts = [p for p in pts if p not in seen]
-        seen.update(pts)
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), s=14, alpha=0.6, label=f"sweep {knob} (N={doc['settings']['sweep_limit']})")
+        ax.scatter(*zip(*pts, strict=True), s=12, alpha=0.35, marker=".",
+                   label=f"sweep of {knob} (N={doc['settings']['sweep_limit']})")
+    abl = [(100 * v["avg_f1"], 100 * v["hotpotqa_acc"]) for k, v in doc["ablations"].items() if not k.startswith("full")]
+    if abl:
+        ax.scatter(*zip(*abl, strict=True), s=30, marker="x", color="grey", label="ablations (N=200, seed 0)")
     groups: dict[str, list[dict]] = {}
-    for name, r in main["rows"].items():
-        groups.setdefault(name.rsplit(" s", 1)[0] if name.startswith("HCNR") else name, []).append(r)
-    for k, v in doc["ablations"].items():
-        if not k.startswith("full"):
-            groups[f"ablation: {k}"] = [v]
-    for tag, name in (("m0", "M0"), ("smollm2", "SmolLM2")):
+    for tag, name in (("smollm2", "SmolLM2-Instruct"), ("m0", "M0 (honest base)")):
         p = main["prior_rows"]["scores"][tag]
         groups[name] = [{"avg_f1": p["avg_f1"], "hotpotqa_acc": p["hotpotqa_acc"]}]
-    for i, (name, rs) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]["avg_f1"])):
-        xs, ys = [100 * r["avg_f1"] for r in rs], [100 * r["hotpotqa_acc"] for r in rs]
-        ax.scatter(xs, ys, marker="x" if name.startswith("ablation") else "D", s=22, color="black")
-        label = name + (f" ({len(rs)} seeds)" if len(rs) > 1 else "")
-        ax.annotate(label, (float(np.mean(xs)), float(np.mean(ys))), fontsize=6, xytext=(4, -9 + 6 * (i % 4)),
-                    textcoords="offset points")
-    ax.set_xlabel("average refusal F1 (%)")
+    for name, r in main["rows"].items():
+        groups.setdefault(name.rsplit(" s", 1)[0] if name.startswith("HCNR") else name, []).append(r)
+    if doc.get("confirm"):
+        groups[f"HCNR (exact), r_cw {doc['confirm_rcw']:g}"] = list(doc["confirm"].values())
+    markers = "oDs^vP*hX<>p"
+    cmap = plt.get_cmap("tab10")
+    for i, (name, rs) in enumerate(groups.items()):
+        xs, ys = np.array([100 * r["avg_f1"] for r in rs]), np.array([100 * r["hotpotqa_acc"] for r in rs])
+        kw = dict(marker=markers[i % len(markers)], color=cmap(i % 10), ms=6, ls="none")
+        if len(rs) > 1:
+            ax.errorbar(xs.mean(), ys.mean(), xerr=xs.std(ddof=1), yerr=ys.std(ddof=1), capsize=3,
+                        label=f"{name}: mean ± sd, {len(rs)} seeds", **kw)
+        else:
+            ax.plot(xs, ys, label=name, **kw)
+    ax.set_xlabel("average refusal F1 over 5 benchmarks (%)")
     ax.set_ylabel("HotpotQA accuracy (%)")
-    ax.set_title("Honesty vs task accuracy (main rows N=200)", fontsize=9)
-    ax.legend(fontsize=6)
+    ax.set_title("Honesty against task accuracy, every method on M1 (N=200 per benchmark)", fontsize=9)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(RESULTS / "pareto.png", dpi=120)
     plt.close(fig)
