@@ -99,7 +99,7 @@ def report(args: argparse.Namespace) -> None:
         row.update({f"{k}_ci": m.get(f"{k}_ci") for k in ("a4h_prudence", "a4h_over_conservativeness", "a4h_honesty",
                                                            "a4h_accuracy")})
         data = args.work / f"{name}.jsonl"
-        if data.exists():
+        if data.exists() and (args.work / name / "train_report.json").exists():
             recs = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
             row.update(train_examples=len(recs), train_known=sum(bool(r.get("known")) for r in recs))
             rep = json.loads((args.work / name / "train_report.json").read_text())

@@ -99,8 +99,9 @@ def main() -> None:
             rows.append(trial(d, work, args.grace))
             rows[-1]["message"] = rows[-1]["message"].replace(str(work), "WORK")  # no temp paths in the report
             print(json.dumps(rows[-1]), flush=True)
-        # Resume: the last trial's cache, run to the end without interruption.
-        last = root / f"t{len(rows) - 1}"
+        # Resume: the last interrupted trial's cache, run to the end without interruption.
+        stopped = [i for i, r in enumerate(rows) if r["exit"] == 130] or [len(rows) - 1]
+        last = root / f"t{stopped[-1]}"
         t0 = time.perf_counter()
         res = subprocess.run(repair_cmd(last / "out", last / "cache"), capture_output=True, text=True)
         resume = {"exit": res.returncode, "wall_s": round(time.perf_counter() - t0, 1),
@@ -111,24 +112,27 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    # A run that finished before its signal was never interrupted: it is listed, not counted.
+    hit = [r for r in rows if r["stop_s"] is not None]
     ok = sum(r["exit"] == 130 and not r["crash"] and not r["traceback"] and not r["leftovers"] and not r["second_ctrl_c"]
-             for r in rows)
+             for r in hit)
     command = "python experiments/interrupt_check.py --delays " + args.delays + (f" --warm {args.warm}" if warm else "")
     report = {"command": command, "trials": rows,
-              "clean_stops": ok, "resume": resume}
+              "interrupted": len(hit), "clean_stops": ok, "resume": resume}
     out = Path(args.out)
     name = "interrupt_check_warm" if warm else "interrupt_check"
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = ["# Ctrl-C during `hcnr repair` (SmolLM2, bundled M0 -> M1, 64 + 64 samples)"
           + (f", each trial starting with cached {args.warm} statistics" if warm else ""), "",
-          f"`{report['command']}`: {ok} of {len(rows)} trials stopped cleanly on the first Ctrl-C "
-          "(exit 130, no crash, no traceback, nothing left behind).", "",
+          f"`{report['command']}`: {ok} of the {len(hit)} interrupted trials stopped cleanly on the first Ctrl-C "
+          "(exit 130, no crash, no traceback, nothing left behind)"
+          + (f"; {len(rows) - len(hit)} finished before its signal" if len(hit) < len(rows) else "") + ".", "",
           "| SIGINT at (s) | exit | stopped after (s) | 2nd Ctrl-C needed | crash | progress saved | leftovers | message |",
           "|---:|---:|---:|---|---|---|---|---|"]
     md += [f"| {r['delay_s']:.0f} | {r['exit']} | {r['stop_s']} | {'yes' if r['second_ctrl_c'] else 'no'} | "
            f"{'yes' if r['crash'] else 'no'} | {'yes' if r['saved'] else 'no'} | {', '.join(r['leftovers']) or '-'} | "
            f"`{r['message'].replace('|', '/')}` |" for r in rows]
-    md += ["", f"Rerun on the last trial's cache: exit {resume['exit']} in {resume['wall_s']} s; "
+    md += ["", f"Rerun on the last interrupted trial's cache: exit {resume['exit']} in {resume['wall_s']} s; "
            + ("resumed (" + "; ".join(resume["resume_lines"]) + ")." if resume["resumed"] else "no resume reported."), ""]
     (out / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
