@@ -371,6 +371,17 @@ def _(w):
     return _train(w, "--mesh", "data=2,pipe=2"), ["--mesh 'data=2,pipe=2'"]
 
 
+@case("repair/mesh-does-not-fit")
+def _(w):
+    return (["repair", "--base", str(w.m), "--finetuned", str(w.m), "--out", str(w.out), "--mesh", "data=3,model=5"],
+            ["--mesh 'data=3,model=5': mesh {'data': 3, 'model': 5} does not fit"])
+
+
+@case("eval/instruction-empty")
+def _(w):
+    return _eval(w, "--instruction", "  "), ["--instruction must not be empty"]
+
+
 # --- calib, honesty-data, demo, plan -----------------------------------------------------------------
 
 @case("calib/unknown-benchmark")
@@ -395,6 +406,13 @@ def _(w):
 def _(w):
     out = w.write("h.jsonl", '{"prompt": "mine"}\n')
     return ["honesty-data", "--recipe", "label", "--out", str(out)], [f"--out {out}: already exists", "--overwrite"]
+
+
+@case("honesty-data/answers-file-is-out")
+def _(w):
+    out = w.root / "h.jsonl"
+    return (["honesty-data", "--recipe", "absolute", "--model", str(w.m), "--answers", str(out), "--out", str(out)],
+            ["--answers and --out must be different files"])
 
 
 @case("demo/limit-0")

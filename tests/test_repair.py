@@ -502,4 +502,4 @@ def test_cli_repair_on_a_mesh_of_4_devices_equals_one_device(pair_dirs, tmp_path
     # A mesh that does not fit the devices: one line, before any work.
     assert cli_main(["repair", "--base", str(b), "--finetuned", str(f), "--out", str(tmp_path / "x"),
                      "--mesh", "data=3"]) == 2
-    assert "--mesh: mesh {'data': 3, 'model': 1} does not fit" in capsys.readouterr().err
+    assert "--mesh 'data=3': mesh {'data': 3, 'model': 1} does not fit" in capsys.readouterr().err

@@ -90,12 +90,13 @@ def run(args: argparse.Namespace) -> int:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     import jax
 
-    from hcnr_jax.sharding import mesh_shape
+    from hcnr_jax.sharding import mesh_shape, parse_mesh
 
+    parse_mesh(args.mesh)  # names the flag itself
     try:
         mesh_shape(args.mesh, jax.device_count())
     except HcnrError as e:
-        raise HcnrError(f"--mesh: {e}") from None
+        raise HcnrError(f"--mesh {args.mesh!r}: {e}") from None
     cfg = load_config(args.config, **_overrides(args))
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
