@@ -107,33 +107,37 @@ def main() -> None:
         resume = {"exit": res.returncode, "wall_s": round(time.perf_counter() - t0, 1),
                   "resumed": "resumed from" in res.stderr,
                   "resume_lines": [ln.strip().replace(str(last), "WORK") for ln in res.stderr.splitlines()
-                                   if "resumed from" in ln]}
+                                   if "resumed from" in ln or "cache hit" in ln]}
         print(json.dumps(resume), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    # A run that finished before its signal was never interrupted: it is listed, not counted.
+    # A run that finished before its signal was never interrupted: it is listed, not counted. One whose
+    # signal came during its last step (writing the output) completes it: exit 0, a complete output.
     hit = [r for r in rows if r["stop_s"] is not None]
+    last_step = [r for r in hit if r["exit"] == 0 and not r["crash"] and not r["traceback"]]
     ok = sum(r["exit"] == 130 and not r["crash"] and not r["traceback"] and not r["leftovers"] and not r["second_ctrl_c"]
              for r in hit)
     command = "python experiments/interrupt_check.py --delays " + args.delays + (f" --warm {args.warm}" if warm else "")
     report = {"command": command, "trials": rows,
-              "interrupted": len(hit), "clean_stops": ok, "resume": resume}
+              "interrupted": len(hit), "clean_stops": ok, "completed_in_last_step": len(last_step), "resume": resume}
     out = Path(args.out)
     name = "interrupt_check_warm" if warm else "interrupt_check"
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = ["# Ctrl-C during `hcnr repair` (SmolLM2, bundled M0 -> M1, 64 + 64 samples)"
           + (f", each trial starting with cached {args.warm} statistics" if warm else ""), "",
-          f"`{report['command']}`: {ok} of the {len(hit)} interrupted trials stopped cleanly on the first Ctrl-C "
-          "(exit 130, no crash, no traceback, nothing left behind)"
-          + (f"; {len(rows) - len(hit)} finished before its signal" if len(hit) < len(rows) else "") + ".", "",
+          f"`{report['command']}`: the signal reached a running repair in {len(hit)} trials. {ok} stopped cleanly "
+          "at the next step boundary on the first Ctrl-C (exit 130, no crash, no traceback, nothing left behind)"
+          + (f"; in {len(last_step)} it came during the last step (writing the output), which completed (exit 0, "
+             "the whole output written)" if last_step else "")
+          + (f". {len(rows) - len(hit)} finished before its signal" if len(hit) < len(rows) else "") + ".", "",
           "| SIGINT at (s) | exit | stopped after (s) | 2nd Ctrl-C needed | crash | progress saved | leftovers | message |",
           "|---:|---:|---:|---|---|---|---|---|"]
     md += [f"| {r['delay_s']:.0f} | {r['exit']} | {r['stop_s']} | {'yes' if r['second_ctrl_c'] else 'no'} | "
            f"{'yes' if r['crash'] else 'no'} | {'yes' if r['saved'] else 'no'} | {', '.join(r['leftovers']) or '-'} | "
            f"`{r['message'].replace('|', '/')}` |" for r in rows]
     md += ["", f"Rerun on the last interrupted trial's cache: exit {resume['exit']} in {resume['wall_s']} s; "
-           + ("resumed (" + "; ".join(resume["resume_lines"]) + ")." if resume["resumed"] else "no resume reported."), ""]
+           + ("; ".join(resume["resume_lines"]) or "no statistics reused") + ".", ""]
     (out / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
 

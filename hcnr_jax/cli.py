@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Ctrl-C stops the run at the next step boundary (a second one at once): see interrupt.py.
         with interrupt.deferred():
-            return int(args.func(args) or 0)
+            rc = int(args.func(args) or 0)
+            if interrupt.requested():  # Ctrl-C came during the last step, which completed
+                print(f"hcnr {args.command}: finished; Ctrl-C came during its last step", file=sys.stderr)
+            return rc
     except KeyboardInterrupt as e:
         if args.debug:
             raise

@@ -148,3 +148,18 @@ def test_deferred_does_nothing_outside_the_main_thread():
     t.start()
     t.join()
     assert seen == [signal.getsignal(signal.SIGINT) is signal.default_int_handler]
+
+
+def test_ctrl_c_during_the_last_step_lets_it_finish_and_says_so(monkeypatch, capsys):
+    """A command with no step boundary left completes (exit 0) and says the Ctrl-C came too late."""
+    from hcnr_jax.cli import main
+    from hcnr_jax.commands import data as data_cmd
+
+    def last_step(args):
+        signal.raise_signal(signal.SIGINT)
+        return 0
+
+    monkeypatch.setattr(data_cmd, "run", last_step)
+    assert main(["data"]) == 0
+    assert "hcnr data: finished; Ctrl-C came during its last step" in capsys.readouterr().err
+    assert not interrupt.requested()
