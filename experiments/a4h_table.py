@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/a4h"))
     ap.add_argument("--data-dir", default=None, help="benchmark data folder (else hcnr's lookup)")
     ap.add_argument("--stage", default="all")
-    ap.add_argument("--questions", type=int, default=300, help="TriviaQA calibration questions to train on")
+    ap.add_argument("--questions", type=int, default=200, help="TriviaQA calibration questions to train on")
     ap.add_argument("--samples", type=int, default=10, help="sampled answers per question (m)")
-    ap.add_argument("--steps", type=int, default=75, help="optimizer steps per recipe (batch 8)")
-    ap.add_argument("--limit", type=int, default=300, help="TriviaQA evaluation questions")
+    ap.add_argument("--steps", type=int, default=50, help="optimizer steps per recipe (batch 8)")
+    ap.add_argument("--limit", type=int, default=200, help="TriviaQA evaluation questions")
     args = ap.parse_args(argv)
     if args.stage == "list":
         print("\n".join(stages()))
