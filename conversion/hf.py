@@ -10,6 +10,8 @@ tensor is read on its own, at its header offsets, into a fresh host buffer, cast
 on its device (or its sharded placement on a mesh) and released before the next one. Nothing
 maps the whole file, so the peak host memory is the placed model plus about one tensor; on the
 CPU the placed array takes over the buffer without a copy (``device_put(..., may_alias=True)``).
+On a mesh spanning several processes, each process reads only the first-axis rows its own devices
+hold of each tensor (one contiguous byte range), not the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -215,8 +217,13 @@ def _read_at(fh: Any, offset: int, buf: np.ndarray) -> int:
     return done
 
 
+# Bytes of tensor data read by `read_tensors` in this process (for tests and benchmarks).
+BYTES_READ = [0]
+
+
 def _read_file(fh: Any, path: Path, names: list[str], specs: Mapping[str, tuple[int, ...]],
-               convert: Callable[[str, np.ndarray], Any], out: dict[str, Any]) -> None:
+               convert: Callable[..., Any], out: dict[str, Any],
+               rows: Callable[[str], tuple[int, int]] | None = None) -> None:
     """`read_tensors` for the ``names`` held by one file, open as ``fh``."""
     data_start, header = _header(path)
     for name in names:
@@ -234,28 +241,41 @@ def _read_file(fh: Any, path: Path, names: list[str], specs: Mapping[str, tuple[
         if dtype not in DTYPES.values():
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype or code}")
         begin, end = entry["data_offsets"]
-        buf = _host_buffer(end - begin)
+        if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name} holds {end - begin} bytes, its shape and dtype "
+                                  f"need {int(np.prod(shape)) * dtype.itemsize}")
+        # Rows r0:r1 of a row-major tensor are one contiguous run of bytes: a process that holds
+        # only some rows of its shards reads only those.
+        r0, r1 = rows(name) if rows is not None and shape else (0, shape[0] if shape else 1)
+        row_bytes = (end - begin) // shape[0] if shape else end - begin
+        lo, hi = begin + r0 * row_bytes, begin + r1 * row_bytes
+        buf = _host_buffer(hi - lo)
         try:
-            got = _read_at(fh, data_start + begin, buf)
+            got = _read_at(fh, data_start + lo, buf)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
-        if got != end - begin:
+        if got != hi - lo:
             raise CheckpointError(f"{path}: cannot read tensor {name} (the file ends after {got} of "
                                   f"its {end - begin} bytes)")
-        out[name] = convert(name, buf.view(dtype).reshape(shape))
-        del buf
+        BYTES_READ[0] += got
+        block = buf.view(dtype).reshape((r1 - r0, *shape[1:]) if shape else shape)
+        out[name] = convert(name, block) if (r0, r1) == (0, shape[0] if shape else 1) else convert(name, block, r0)
+        del buf, block
 
 
 def read_tensors(
     files: Mapping[str, Path],
     specs: Mapping[str, tuple[int, ...]],
-    convert: Callable[[str, np.ndarray], Any],
+    convert: Callable[..., Any],
     source: str,
+    rows: Callable[[str], tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """Read every tensor of ``specs`` from ``files``, one at a time; strict on names and shapes.
 
     Each tensor is read into a fresh host array of its own (never a view of a file mapping),
-    handed to ``convert(name, array)`` and dropped: ``convert`` may keep or alias it."""
+    handed to ``convert(name, array)`` and dropped: ``convert`` may keep or alias it.
+    ``rows(name) -> (r0, r1)``: read only those rows (of the first axis); the block then goes to
+    ``convert(name, block, r0)``."""
     missing = [n for n in specs if n not in files]
     if missing:
         raise CheckpointError(
@@ -277,7 +297,7 @@ def read_tensors(
             pass
         try:
             with open(path, "rb", buffering=0) as fh, _plain_pages():
-                _read_file(fh, path, names, specs, convert, out)
+                _read_file(fh, path, names, specs, convert, out, rows)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
     return {name: out[name] for name in specs}
@@ -307,13 +327,19 @@ def load_params(
     hf = read_config(model_dir)
     cfg = config_from_hf(hf, source=str(model_dir / "config.json"))
     specs = param_specs(cfg)
+    rows = None
     if mesh is not None:
         from hcnr_jax import sharding
 
         shardings = sharding.tensor_shardings(specs, mesh, fsdp)
 
-        def place(name: str, a: np.ndarray) -> Any:
-            return sharding.put(a, shardings[name])
+        def place(name: str, a: np.ndarray, row0: int = 0) -> Any:
+            return sharding.put(a, shardings[name], shape=specs[name], row0=row0)
+
+        if jax.process_count() > 1:
+            # Each process reads only the rows its own devices hold (`sharding.local_rows`).
+            def rows(name: str) -> tuple[int, int]:
+                return sharding.local_rows(shardings[name], specs[name])
     elif place is None:
         def place(name: str, a: np.ndarray) -> Any:
             # The buffer is ours alone (read_tensors): the CPU client may keep it, uncopied.
@@ -322,12 +348,12 @@ def load_params(
 
     files = weight_map(model_dir)
 
-    def convert(name: str, array: np.ndarray) -> Any:
+    def convert(name: str, array: np.ndarray, *row0: int) -> Any:
         if target is not None and array.dtype != target:
             array = cast_checked(array, target, name, str(files[name]))
-        return jax.block_until_ready(place(name, array))
+        return jax.block_until_ready(place(name, array, *row0))
 
-    flat = read_tensors(files, specs, convert, str(model_dir))
+    flat = read_tensors(files, specs, convert, str(model_dir), rows)
     return cfg, hf, unflatten(flat, cfg.num_layers)
 
 

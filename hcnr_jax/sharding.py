@@ -296,10 +296,34 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
 
 
-def put(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Place a host array that every process holds in full as a (possibly multi-host) global array."""
+def put(x: Any, sharding: NamedSharding, *, shape: tuple[int, ...] | None = None, row0: int = 0) -> jax.Array:
+    """Place a host array as a (possibly multi-host) global array. ``x`` is the whole array, or,
+    with ``shape`` (the global shape) and ``row0``, the rows ``row0 : row0 + len(x)`` of it, which
+    must cover every row this process's devices hold (`local_rows`)."""
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    if shape is None or tuple(shape) == x.shape:
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def local(idx: tuple[slice, ...]) -> np.ndarray:
+        first = idx[0]
+        start = 0 if first.start is None else first.start
+        stop = shape[0] if first.stop is None else first.stop
+        return x[(slice(start - row0, stop - row0), *idx[1:])]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, local)
+
+
+def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The range ``(r0, r1)`` of first-axis rows that this process's devices hold of an array of
+    ``shape`` placed with ``sharding`` (the whole range for a 0-d array or when they hold it all)."""
+    if not shape:
+        return 0, 1
+    starts, stops = [], []
+    for idx in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        first = idx[0] if idx else slice(None)
+        starts.append(0 if first.start is None else first.start)
+        stops.append(shape[0] if first.stop is None else first.stop)
+    return min(starts), max(stops)
 
 
 def put_tree(tree: Any, shardings: Any) -> Any:

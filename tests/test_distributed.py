@@ -37,8 +37,12 @@ WORKER = textwrap.dedent("""
         out.update({{f"{{mesh}}|h|{{k}}": v for k, v in h.items()}})
         if os.environ.get("LOADED"):  # the weights loaded straight onto the mesh, with the result cache
             from hcnr_jax.sharding import make_mesh
+            from hcnr_jax.conversion import hf as hf_io
             m = make_mesh(mesh)
+            hf_io.BYTES_READ[0] = 0
             loaded = hcnr_jax.load_pretrained(os.environ["LOADED"], mesh=m, fsdp=True).params
+            out[f"{{mesh}}|bytes_read"] = np.array(hf_io.BYTES_READ[0])
+            out[f"{{mesh}}|bytes_total"] = np.array(sum(x.nbytes for x in jax.tree.leaves(loaded)))
             f = stats.fisher(loaded, cfg, samples, batch_size=4, mesh=m, fsdp=True, cache_dir=os.environ["CACHE"])
             out.update({{f"{{mesh}}|loaded|{{k}}": v for k, v in f.items()}})
     if jax.process_index() == 0:
@@ -117,6 +121,8 @@ def test_two_processes(tmp_path):
     model = tiny.save_hf(tiny.hf_model("qwen2", num_hidden_layers=2), tmp_path / "model")
     two = _run(tmp_path, "data=2,model=2", devices=2, procs=2, loaded=model)
     _compare(two, one, "data=2,model=2")
+    # Each process read only the rows its devices hold: less than the whole checkpoint.
+    assert 0 < two["data=2,model=2|bytes_read"] < two["data=2,model=2|bytes_total"]
     loaded = {k.replace("|loaded|", "|f|"): v for k, v in two.items() if "|loaded|" in k}
     assert len(loaded) == len([k for k in one if k.startswith("data=1|f|")])
     _compare(loaded, {k: v for k, v in one.items() if "|f|" in k}, "data=2,model=2")
