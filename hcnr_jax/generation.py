@@ -344,7 +344,7 @@ def _check_sampling(temperature: float, top_p: float, key: Any) -> bool:
 def generate_ids(
     model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
     shape: PackShape | None = None, *, temperature: float = 0.0, top_p: float = 1.0,
-    key: jax.Array | None = None, indices: Sequence[int] | None = None,
+    key: jax.Array | None = None, indices: Sequence[int] | None = None, progress: str | None = None,
 ) -> list[list[int]]:
     """New token ids (end of turn included when reached) for each prompt's token ids.
 
@@ -355,7 +355,7 @@ def generate_ids(
     in the whole list. Prompts are batched in order of length (returned in the input order) and
     every batch is packed to one shape (``shape``, default ``pack_shape`` of these prompts): one
     compilation per call. A caller that feeds one dataset in several calls passes the dataset's
-    ``pack_shape``.
+    ``pack_shape``. ``progress``: a progress bar over the prompts with this description.
     """
     sampling = _check_sampling(temperature, top_p, key)
     if indices is None:
@@ -370,6 +370,9 @@ def generate_ids(
     # float32 arrays, not Python floats: every setting then shares one compilation.
     settings = (jnp.float32(temperature), jnp.float32(top_p))
     results: dict[int, list[int]] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(order), desc=progress, unit="prompt", disable=progress is None, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         chunk = [prompt_ids[i] for i in rows]
@@ -384,8 +387,11 @@ def generate_ids(
             toks, lengths = greedy_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad)
         toks, lengths = np.asarray(toks), np.asarray(lengths)
         results.update((i, toks[r, : lengths[r]].tolist()) for r, i in enumerate(rows))
-        if start + batch_size < len(order):
+        bar.update(len(rows))
+        if start + batch_size < len(order) and interrupt.requested():
+            bar.close()  # before the message the CLI prints
             interrupt.check(where=f"generation: after {start + len(rows)} of {len(order)} prompts")
+    bar.close()
     return [results[i] for i in range(len(prompt_ids))]
 
 
@@ -399,6 +405,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    progress: str | None = None,
 ) -> list[str]:
     """Answers to ``prompts`` (rendered with the chat template unless ``chat=False``).
 
@@ -406,7 +413,7 @@ def generate(
     ``softmax(logits / temperature)``, reproducibly for a given ``seed``: prompt i draws from
     ``fold_in(fold_in(key(seed), i), step)``, whatever the batch size. For m samples of one
     question repeat it: ``generate(model, [q] * m, temperature=1.0, seed=s)`` gives m independent
-    samples, since each copy has its own index.
+    samples, since each copy has its own index. ``progress``: a progress bar with this description.
     """
     tok = model.tokenizer
     if tok is None:
@@ -414,5 +421,6 @@ def generate(
     texts = chat_prompts(tok, prompts, system) if chat else list(prompts)
     prompt_ids = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
     key = jax.random.key(seed) if temperature > 0 else None
-    new = generate_ids(model, prompt_ids, max_new_tokens, batch_size, temperature=temperature, top_p=top_p, key=key)
+    new = generate_ids(model, prompt_ids, max_new_tokens, batch_size, temperature=temperature, top_p=top_p, key=key,
+                       progress=progress)
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]

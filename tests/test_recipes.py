@@ -352,7 +352,7 @@ class FakeGenerate:
     def __init__(self, greedy, sampled):
         self.greedy, self.sampled, self.calls = greedy, sampled, []
 
-    def __call__(self, model, prompts, max_new_tokens, batch_size, **kw):
+    def __call__(self, model, prompts, max_new_tokens, batch_size, progress=None, **kw):
         self.calls.append((list(prompts), max_new_tokens, batch_size, kw))
         if not kw.get("temperature"):
             return [self.greedy[p] for p in prompts]

@@ -118,7 +118,8 @@ def _generate(model: Any, prompts: list[str], args: argparse.Namespace, copies: 
     if not flat:
         return [[] for _ in prompts]
     kw = dict(temperature=args.temperature, top_p=1.0, seed=args.seed) if sample else {}  # greedy: the default
-    out = generate(model, flat, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **kw)
+    out = generate(model, flat, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   progress="sampled answers" if sample else "greedy answers", **kw)
     return [out[i * copies : (i + 1) * copies] for i in range(len(prompts))]
 
 
