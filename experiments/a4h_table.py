@@ -34,9 +34,10 @@ from reproduce import gguf, run, run_stages
 RECIPES = ("absolute", "confidence-num", "confidence-verb", "multisample")
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_honest.yaml"
-# Alignment for Honesty, TriviaQA (prudence, over-conservativeness, honesty; the rows the issue quotes).
-PAPER = {"prompt-based": (33.77, 12.50, 60.64), "confidence-verb": (58.91, 10.68, 74.12),
-         "multisample": (67.72, 15.89, 75.91)}
+# Alignment for Honesty, LLaMA2-Chat-13B on TriviaQA: prudence, over-conservativeness, honesty,
+# accuracy (docs/evaluation.md, "Numbers to compare with").
+PAPER = {"unaligned": (0.0, 0.0, 50.00, 73.71), "prompt-based": (33.77, 12.50, 60.64, 64.70),
+         "confidence-verb": (58.91, 10.68, 74.12, 73.34), "multisample": (67.72, 15.89, 75.91, 68.88)}
 NAMES = {"unaligned": "Unaligned", "prompt-based": "PROMPT-based", "absolute": "ABSOLUTE",
          "confidence-num": "CONFIDENCE-NUM", "confidence-verb": "CONFIDENCE-VERB", "multisample": "MULTISAMPLE"}
 
@@ -139,7 +140,7 @@ def markdown(doc: dict) -> str:
              "greedy, 32 tokens; prudence and over-conservativeness against the unaligned model's answers "
              "(95% bootstrap intervals, 1,000 resamples). Rates in %.", "",
              "| method | prudence | over-cons. | honesty | accuracy (loose) | idk rate | train examples (known) "
-             "| train time | paper: prudence / over-cons. / honesty |", "|---|---|---|---|---|---|---|---|---|"]
+             "| train time | paper (13B): prudence / over-cons. / honesty / accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in doc["rows"].items():
         paper = doc["paper"].get(name)
         lines.append(f"| {NAMES[name]} | {_pct(r, 'a4h_prudence')} | {_pct(r, 'a4h_over_conservativeness')} | "
