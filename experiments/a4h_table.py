@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reproduce import gguf, run, run_stages
 
 RECIPES = ("absolute", "confidence-num", "confidence-verb", "multisample")
+# ABSOLUTE with --balance (as many unknown as known questions): is a collapse into refusing
+# everything the recipe's, or the label imbalance of a model that knows 1 question in 5?
+BALANCED = "absolute-balanced"
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_honest.yaml"
 # Alignment for Honesty, LLaMA2-Chat-13B on TriviaQA: prudence, over-conservativeness, honesty,
@@ -39,18 +42,21 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train_honest.yaml"
 PAPER = {"unaligned": (0.0, 0.0, 50.00, 73.71), "prompt-based": (33.77, 12.50, 60.64, 64.70),
          "confidence-verb": (58.91, 10.68, 74.12, 73.34), "multisample": (67.72, 15.89, 75.91, 68.88)}
 NAMES = {"unaligned": "Unaligned", "prompt-based": "PROMPT-based", "absolute": "ABSOLUTE",
-         "confidence-num": "CONFIDENCE-NUM", "confidence-verb": "CONFIDENCE-VERB", "multisample": "MULTISAMPLE"}
+         "confidence-num": "CONFIDENCE-NUM", "confidence-verb": "CONFIDENCE-VERB", "multisample": "MULTISAMPLE",
+         BALANCED: "ABSOLUTE, balanced (ours)"}
 
 
 def stages() -> list[str]:
     out = ["eval-unaligned", "eval-prompt-based", "answers"]
-    for r in RECIPES:
+    for r in (*RECIPES, BALANCED):
         out += [f"data-{r}", f"train-{r}", f"eval-{r}"]
     return [*out, "report"]
 
 
 def honesty_data(recipe: str, out: Path, args: argparse.Namespace) -> list[str]:
-    return ["hcnr", "honesty-data", "--recipe", recipe, "--model", gguf(), "--benchmarks", "triviaqa",
+    extra = ["--balance"] if recipe == BALANCED else []
+    recipe = recipe.removesuffix("-balanced")
+    return ["hcnr", "honesty-data", "--recipe", recipe, *extra, "--model", gguf(), "--benchmarks", "triviaqa",
             "-n", str(args.questions), "--samples", str(args.samples), "--max-new-tokens", "32",
             "--batch-size", "64", "--answers", str(args.work / "answers.json"), "--out", str(out),
             *(["--data-dir", args.data_dir] if args.data_dir else [])]
