@@ -24,6 +24,10 @@ float32 ``G`` tile and the output tile) stays under ``SMEM_BUDGET`` = 96 KiB, we
 ``backend="auto"`` uses a Pallas kernel only on a platform listed for it in ``VERIFIED`` (where it
 has been run against its reference, e.g. by ``experiments/gpu_check.py``), else the XLA path.
 
+GPU API: ``pallas_call`` with Triton compiler parameters, which jax 0.10 and 0.11 both lower (tested
+on CPU against an abstract H200, ``tests/test_kernels.py``). jax 0.11 marks the Triton backend
+deprecated in favour of Mosaic GPU; a Mosaic GPU port waits until these kernels have run on a GPU once.
+
 Letters: b sample, t/s token, o output dim, i input dim.
 """
 

@@ -129,9 +129,15 @@ def test_gram_smem_bound(n, i):
 
 
 def _lower_for_cuda(fn, *args):
+    """Lower ``fn`` for CUDA with no GPU present, targeting an abstract H200 (the lent device kind):
+    jax >= 0.11 asks the Triton lowering for the device's compute capability, which an abstract
+    mesh supplies."""
     import jax
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h200)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def test_kernels_lower_to_triton():
@@ -152,9 +158,16 @@ def test_kernels_lower_to_triton():
                                                  compiler_params=plgpu.CompilerParams())(x), f32((16,), jnp.float32))
     except Exception as e:  # this jax/jaxlib cannot lower Pallas for CUDA here
         pytest.skip(f"no Pallas Triton lowering for cuda on this install: {type(e).__name__}: {e}")
-    for b, t, o, i in [(2, 13, 40, 24), (8, 256, 1024, 512)]:
+    # The control: the lowering does reject what failed on the H200 (a non-power-of-two array).
+    with pytest.raises(Exception, match="power of 2"):
+        _lower_for_cuda(lambda x: pl.pallas_call(probe, out_shape=f32((24,), jnp.float32),
+                                                 compiler_params=plgpu.CompilerParams())(x), f32((24,), jnp.float32))
+    # The gpu_check shapes, then a Llama-3.1-8B down_proj (O 4096, I 14336) at 256 tokens.
+    for b, t, o, i in [(2, 13, 40, 24), (8, 256, 1024, 512), (1, 256, 4096, 14336)]:
         for axis in ("input", "output"):
-            _lower_for_cuda(lambda g, x, axis=axis: neuron_sq_norms_pallas(g, x, axis=axis),
-                            f32((b, t, o), jnp.float32), f32((b, t, i), jnp.bfloat16))
+            low = _lower_for_cuda(lambda g, x, axis=axis: neuron_sq_norms_pallas(g, x, axis=axis),
+                                  f32((b, t, o), jnp.float32), f32((b, t, i), jnp.bfloat16))
+            assert "triton" in low.as_text()  # a Triton kernel call, not an XLA fallback
     for n, i in [(50, 37), (4096, 1024)]:
-        _lower_for_cuda(gram_pallas, f32((i, i), jnp.float32), f32((n, i), jnp.float32), f32((n,), jnp.bool_))
+        low = _lower_for_cuda(gram_pallas, f32((i, i), jnp.float32), f32((n, i), jnp.float32), f32((n,), jnp.bool_))
+        assert "triton" in low.as_text()
