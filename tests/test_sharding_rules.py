@@ -165,7 +165,9 @@ def test_statistics_follow_their_weights_neuron_axis(specs):
     assert fin[L0 + "mlp.down_proj.weight"] == ["model"] and fin[L0 + "self_attn.o_proj.weight"] == ["model"]
     assert fin[L0 + "self_attn.q_proj.weight"] == []  # input = hidden: not split
     assert fout[L0 + "self_attn.q_proj.weight"] == ["model"] and fout[L0 + "mlp.down_proj.weight"] == []
-    assert h[L0 + "mlp.down_proj.weight"] == ["model"] and h[L0 + "self_attn.q_proj.weight"] == []
+    assert h[L0 + "mlp.down_proj.weight"] == ["model"]
+    # q's input (the residual stream) is replicated: its Hessian's rows are split all the same.
+    assert h[L0 + "self_attn.q_proj.weight"] == list(ShardingRules().spec("hessian_rows")) == ["model"]
 
 
 def test_unsplittable_weight_warns_by_name(specs):
