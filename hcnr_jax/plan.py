@@ -25,8 +25,9 @@ devices than the plan asks for therefore runs the plan in a fresh ``python -m hc
 subprocess with that flag (and ``JAX_PLATFORMS=cpu``), request and result as JSON on stdin/stdout.
 Compiled for CPU devices the numbers are the CPU compiler's (measured within 3% on SmolLM2 in
 float32, ``experiments/results/plan_smollm2.md``); fusion and scheduling differ on a GPU. The CPU
-compiler has no bfloat16 dots: it converts bf16 weights to float32 copies, which a GPU does not
-make; their bytes are reported (``cpu_upcast_bytes``) and subtracted in ``accelerator_peak_bytes``,
+compiler has no bfloat16 dots: it converts bf16 weights to float32, as copies that jax 0.10's XLA
+keeps live (0.11's fuses most converts into the dots), which a GPU does not make; the copies' bytes
+are reported (``cpu_upcast_bytes``) and subtracted in ``accelerator_peak_bytes``,
 a low estimate for an accelerator (in the Fisher step the copies live through the backward pass,
 so the estimate is close; in the forward-only Hessian step they are transient and it understates):
 an accelerator's peak lies between the two.
@@ -440,7 +441,7 @@ def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
                       "max_targets": req.seq_len - 1 if req.max_targets is None else req.max_targets,
                       "num_honesty": req.num_honesty, "num_task": req.num_task},
             "repair": rcfg.to_dict(), "layers": req.layers, "steps": steps,
-            "resident": _resident(cfg, req)}
+            "resident": _resident(cfg, req, mesh)}
 
 
 def _num_params(cfg: Any) -> int:
@@ -449,17 +450,30 @@ def _num_params(cfg: Any) -> int:
     return sum(math.prod(s) for s in param_specs(cfg).values())
 
 
-def _resident(cfg: Any, req: PlanRequest) -> dict[str, Any]:
-    """Device memory held outside the steps by ``hcnr repair`` today: the loader places both
-    models whole on the first device; a step's own model is its argument, the other stays."""
+def _resident(cfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
+    """Device memory ``hcnr repair`` holds outside the steps: the model a step does not take as its
+    argument. Without ``--mesh`` both models are loaded whole onto the first device; with ``--mesh``
+    each tensor is placed in its sharding by role (as the steps take it), so a device holds its
+    shard of the other model (tensors that cannot be split, whole)."""
     import jax.numpy as jnp
 
-    one = _num_params(cfg) * jnp.dtype(DTYPES[req.dtype]).itemsize
-    extra = one if req.devices == 1 else 2 * one
+    from hcnr_jax import sharding
+    from hcnr_jax.params import param_specs
+
+    itemsize = jnp.dtype(DTYPES[req.dtype]).itemsize
+    specs = param_specs(cfg)
+    one = sum(math.prod(s) for s in specs.values()) * itemsize
+    if req.mesh is None:
+        extra = one if req.devices == 1 else 2 * one
+        note = ("hcnr repair loads base and fine-tuned models unsharded onto the first device: besides a step's "
+                "arguments it holds " + ("the other model" if req.devices == 1 else "both models in full"))
+        return {"model_bytes": one, "first_device_extra_bytes": extra, "note": note}
+    shards = sharding.tensor_shardings(specs, mesh, req.fsdp)
+    extra = sum(math.prod(shards[n].shard_shape(tuple(s))) for n, s in specs.items()) * itemsize
     return {"model_bytes": one, "first_device_extra_bytes": extra,
-            "note": "hcnr repair loads base and fine-tuned models unsharded onto the first device: besides a "
-                    "step's sharded arguments it holds " + ("the other model" if req.devices == 1 else
-                                                             "both models in full")}
+            "note": f"hcnr repair --mesh places both models by weight role{' (fsdp)' if req.fsdp else ''}: besides "
+                    f"a step's arguments each device holds its shard of the other model "
+                    f"({extra / one:.1%} of it)"}
 
 
 def plan(req: PlanRequest, *, timeout: float | None = None) -> dict[str, Any]:

@@ -81,6 +81,12 @@ def test_simulated_devices_in_a_subprocess(one_device):
     assert split["argument_bytes"] < 0.5 * one["argument_bytes"]
     assert split["flops"] < 0.5 * one["flops"]
     assert four["warnings"] == []  # every tiny dimension divides by 4
+    # hcnr repair --mesh holds the other model in the same sharding as the step's own model argument
+    # (+ a small state and batch); without --mesh, whole on the first device.
+    model = four["resident"]["model_bytes"]
+    extra = four["resident"]["first_device_extra_bytes"]
+    assert extra <= split["argument_bytes"] < extra + 2**16 and extra < 0.5 * model
+    assert one_device["resident"]["first_device_extra_bytes"] == model == 4 * one_device["model"]["params"]
 
 
 def test_extrapolated_layers_match_the_full_compile(one_device):
@@ -96,9 +102,11 @@ def test_extrapolated_layers_match_the_full_compile(one_device):
     assert "extrapolated" not in h["what"] and h["peak_bytes"] == one_device["steps"]["hessian"]["peak_bytes"]
 
 
-def test_bfloat16_weight_copies_of_the_cpu_compiler_are_reported():
+def test_bfloat16_weight_copies_of_the_cpu_compiler_are_reported(one_device):
     """The CPU compiler multiplies bfloat16 in float32: the plan reports the float32 weight copies
-    (every matmul weight, here the block linears and the untied LM head) and the peak without them."""
+    the compiled module keeps and the peak without them. jax 0.10's XLA copies every matmul weight
+    (here the block linears and the untied LM head); jax 0.11's converts most inside the dot fusions
+    (measured: 18 KiB of copies left, temp 681 KiB against 973 KiB)."""
     from hcnr_jax.config import config_from_hf
     from hcnr_jax.params import param_specs
 
@@ -106,8 +114,13 @@ def test_bfloat16_weight_copies_of_the_cpu_compiler_are_reported():
     f = bf16["steps"]["fisher"]
     specs = param_specs(config_from_hf(TINY))
     matmul_weights = sum(s[0] * s[1] for n, s in specs.items() if n.endswith("proj.weight") or n == "lm_head.weight")
-    assert f["cpu_upcast_bytes"] == 4 * matmul_weights
-    assert f["accelerator_peak_bytes"] == f["peak_bytes"] - f["cpu_upcast_bytes"]
+    upcast = f.get("cpu_upcast_bytes", 0)
+    assert 0 <= upcast <= 4 * matmul_weights
+    if jax.__version_info__ < (0, 11):
+        assert upcast == 4 * matmul_weights
+    assert f.get("accelerator_peak_bytes", f["peak_bytes"]) == f["peak_bytes"] - upcast
+    # Without the copies, half-size weights cannot need more than the float32 model does.
+    assert f["peak_bytes"] - upcast <= one_device["steps"]["fisher"]["peak_bytes"]
 
 
 def test_helpers_and_errors(config_file, tmp_path, capsys):
