@@ -271,11 +271,21 @@ def hessian_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: 
     from hcnr_jax import stats
     from hcnr_jax.stats import hessian_accum
 
-    owners = tuple(kept_owners(cfg, rcfg))
-    init = partial(hessian_accum.init, cfg=cfg, owners=owners)
+    owners = kept_owners(cfg, rcfg)
+    passes = hessian_accum.split_passes(owners, cfg, rcfg.hessian_passes)
+    largest = tuple(max(passes, key=lambda g: (sum(_in_dim(cfg, o) ** 2 for o in g), g))) if passes else ()
+    init = partial(hessian_accum.init, cfg=cfg, owners=largest)
     info = _stat_step(stats.hessian_update, init, cfg, {"backend": "auto"}, mesh, fsdp, dtype, batch, seq)
-    return {**info, "what": f"one Hessian update of all kept layers ({len(owners)} accumulators, worst case: "
-                            f"largest Hessians kept), batch [{batch}, {seq}]"}
+    which = (f"all kept layers ({len(largest)} accumulators" if len(passes) <= 1 else
+             f"the largest of {len(passes)} passes ({len(largest)} of {len(owners)} accumulators")
+    return {**info, "passes": max(len(passes), 1),
+            "what": f"one Hessian update of {which}, worst case: largest Hessians kept), batch [{batch}, {seq}]"}
+
+
+def _in_dim(cfg: Any, name: str) -> int:
+    from hcnr_jax.params import param_specs
+
+    return param_specs(cfg)[name][1]
 
 
 def solve_program(solver: str, out_dim: int, in_dim: int, n_hc: int) -> Any:
@@ -368,8 +378,11 @@ def _runs(cfg: Any, rcfg: Any, req: PlanRequest, batch: int) -> dict[str, int]:
     calib = {"hon": req.num_honesty, "task": req.num_task, "both": req.num_honesty + req.num_task}[rcfg.calib_data]
     units = len(linear_names(cfg)) if rcfg.layer_unit == "module" else cfg.num_layers
     kept = top_count(rcfg.r_cw, units) * (1 if rcfg.layer_unit == "module" else 7)
-    return {"fisher": -(-req.num_honesty // batch) + -(-req.num_task // batch), "hessian": -(-calib // batch),
-            "solve": kept}
+    from hcnr_jax.stats.hessian_accum import split_passes
+
+    passes = max(len(split_passes(kept_owners(cfg, rcfg), cfg, rcfg.hessian_passes)), 1)
+    return {"fisher": -(-req.num_honesty // batch) + -(-req.num_task // batch),
+            "hessian": passes * -(-calib // batch), "solve": kept}
 
 
 class _Collect(logging.Handler):

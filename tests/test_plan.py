@@ -61,6 +61,26 @@ def test_numbers_follow_the_model(one_device):
     assert one_device["steps"]["fisher"]["runs"] == 2 * 32  # 128 / 4 batches of each data set
 
 
+def test_hessian_passes_shrink_the_hessian_step(one_device):
+    """Two passes: the step holds about half the accumulators and runs twice as often."""
+    two = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32",
+                                                   repair={"hessian_passes": 2}))
+    from hcnr_jax.config import config_from_hf
+    from hcnr_jax.repair import RepairConfig
+    from hcnr_jax.stats.hessian_accum import split_passes
+
+    cfg = config_from_hf(TINY)
+    groups = split_passes(planlib.kept_owners(cfg, RepairConfig()), cfg, 2)
+    sizes = sorted(sum(4 * planlib._in_dim(cfg, o) ** 2 for o in g) for g in groups)
+    assert len(sizes) == 2 and sizes[0] > 0.8 * sizes[1]  # balanced
+    h1, h2 = one_device["steps"]["hessian"], two["steps"]["hessian"]
+    assert h1["argument_bytes"] - h2["argument_bytes"] == sizes[0]  # the smaller pass's accumulators are gone
+    assert h2["runs"] == 2 * h1["runs"] and h2["passes"] == 2 and h1["passes"] == 1
+    assert "largest of 2 passes" in h2["what"]
+    fisher = [{k: v for k, v in p["steps"]["fisher"].items() if k != "compile_s"} for p in (two, one_device)]
+    assert fisher[0] == fisher[1]
+
+
 def test_device_memory_names_the_step_and_the_excess(one_device):
     f = one_device["steps"]["fisher"]["peak_bytes"] + one_device["resident"]["first_device_extra_bytes"]
     over = planlib.check_fit(one_device, f - 1000)

@@ -157,6 +157,41 @@ def _kept_objectives(res):
     return {r["name"]: r["objective_sft"] for r in res.report["layers"] if r["kept"]}
 
 
+def test_hessian_passes_give_the_same_repair(pair_dirs, llama, exact_result):
+    """The kept layers' Hessians accumulated in 3 passes (each a share of the accumulators, less
+    device memory) give the repair of one pass: same neurons, same weights to float32 rounding."""
+    three = run(pair_dirs, llama, hessian_passes=3, calib_data="both")
+    one = run(pair_dirs, llama, calib_data="both")
+    a, b = np_flat(one.model.params), np_flat(three.model.params)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    def strip(report):
+        return [{k: v for k, v in rec.items() if not k.startswith("objective")} for rec in report["layers"]]
+
+    assert strip(three.report) == strip(one.report)
+    assert three.report["settings"]["hessian_passes"] == 3
+    assert _kept_objectives(three) == pytest.approx(_kept_objectives(one), rel=1e-5)
+
+
+def test_split_passes_balances_and_keeps_shared_inputs_together(llama):
+    from hcnr_jax.params import param_specs
+    from hcnr_jax.stats.hessian_accum import owner, split_passes
+
+    cfg = llama[1].config
+    names = linear_names(cfg)
+    specs = param_specs(cfg)
+    groups = split_passes(names, cfg, 3)
+    assert len(groups) == 3 and sorted(n for g in groups for n in g) == sorted(names)
+    for g in groups:  # q/k/v and gate/up read one accumulator: never split between passes
+        assert all(any(owner(n) == owner(m) for m in g) for n in g)
+        assert {n for n in names if owner(n) in {owner(m) for m in g}} == set(g)
+    sizes = [sum(specs[o][1] ** 2 for o in {owner(n) for n in g}) for g in groups]
+    biggest = max(specs[owner(n)][1] ** 2 for n in names)
+    assert max(sizes) - min(sizes) <= biggest  # greedy largest-first: within one accumulator
+    assert split_passes(names, cfg, 1) == [sorted(names)]
+    assert len(split_passes(names[:3], cfg, 5)) == len({owner(n) for n in names[:3]})
+
+
 def test_calib_data_both_adds_the_two_hessians(pair_dirs, llama):
     """objective_sft = tr(dW H dW^T) is linear in H, so with H = H_hon + H_task it is the sum of the
     objectives on each; the selection does not depend on the calibration data."""
@@ -332,6 +367,7 @@ def test_bad_data(pair_dirs, tmp_path, content, match, capsys):
 @pytest.mark.parametrize("flags, match", [
     (["--r-iw", "0"], "r_iw"), (["--r-iw", "1.5"], "r_iw"), (["--r-cw", "-0.1"], "r_cw"),
     (["--solver", "magic"], "unknown solver"), (["--damping", "-1"], "damping"),
+    (["--hessian-passes", "0"], "hessian_passes"),
 ])
 def test_bad_settings(pair_dirs, tmp_path, flags, match, capsys):
     rc, out = _cli(pair_dirs, tmp_path, *flags)

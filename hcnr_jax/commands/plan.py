@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                    help="storage dtype of the weights [bfloat16]; statistics are float32")
     p.add_argument("--repair-config", default=None, help="YAML of repair settings (r_cw, solver, ...)")
+    p.add_argument("--hessian-passes", type=int, default=None,
+                   help="passes for the Hessians, each holding a share of the accumulators (as hcnr repair "
+                        "--hessian-passes) [the repair config's, else 1]")
     p.add_argument("--layers", choices=("full", "extrapolate"), default="full",
                    help="compile the whole model, or 1 and 2 blocks extrapolated to its depth (faster) [full]")
     p.add_argument("--accelerator", choices=sorted(PEAKS), default=DEFAULT_ACCELERATOR,
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.mfu <= 1:
         raise HcnrError(f"--mfu {args.mfu}: must be in (0, 1]")
     device_bytes = planlib.parse_bytes(args.device_memory)
-    rcfg = load_config(args.repair_config)
+    rcfg = load_config(args.repair_config, hessian_passes=args.hessian_passes)
     req = planlib.PlanRequest(
         hf_config=hf, devices=devices, mesh=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
         seq_len=args.seq_len, max_targets=args.max_targets, dtype=args.dtype, repair=rcfg.to_dict(),

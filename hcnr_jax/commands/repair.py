@@ -37,6 +37,8 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "max_length": ("tokens per sample", None),
     "batch_size": ("statistics batch size", None),
     "limit": ("use the first N samples of each data file", None),
+    "hessian_passes": ("passes over the calibration data for the Hessians, each holding a share of the kept "
+                       "layers' accumulators (less device memory)", None),
 }
 
 

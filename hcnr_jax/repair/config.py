@@ -74,6 +74,9 @@ class RepairConfig(Settings):
     - ``seed``: seeds ``priority=random`` (nothing else is random).
     - ``max_length``, ``batch_size``, ``limit``: tokenisation length, statistics batch size, and
       how many samples of each file to use (None: all).
+    - ``hessian_passes``: passes over the calibration data for the Hessians, each accumulating a
+      share of the kept layers (about 1/N of the accumulators' device memory, N forward passes;
+      same result) [1]. ``hcnr plan`` shows what a value saves.
     """
 
     r_iw: float = 0.5
@@ -94,6 +97,7 @@ class RepairConfig(Settings):
     max_length: int = 512
     batch_size: int = 8
     limit: int | None = None
+    hessian_passes: int = 1
 
     def validate(self) -> RepairConfig:
         """Raise `HcnrError` naming the field for any setting out of range; return self."""
@@ -126,7 +130,7 @@ class RepairConfig(Settings):
             raise HcnrError(f"damping={self.damping!r}: must be a finite number >= 0")
         if not 0.0 < self.eps < float("inf"):
             raise HcnrError(f"eps={self.eps!r}: must be a finite number > 0")
-        for name in ("max_length", "batch_size"):
+        for name in ("max_length", "batch_size", "hessian_passes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise HcnrError(f"{name}={getattr(self, name)!r}: must be a positive integer")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):

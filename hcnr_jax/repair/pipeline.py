@@ -29,6 +29,7 @@ from hcnr_jax.pretrained import Pretrained, load_pretrained
 from hcnr_jax.repair import selection
 from hcnr_jax.repair.config import RepairConfig
 from hcnr_jax.repair.solvers import as_float32, layer_objective, restore_only, solve
+from hcnr_jax.stats.hessian_accum import split_passes
 
 log = logging.getLogger("hcnr_jax.repair")
 
@@ -294,10 +295,12 @@ def repair(
         calib = {"hon": [hon], "task": [task], "both": [hon, task]}[cfg.calib_data]
         kept_names = [sl.name for sl in layers if sl.kept]
         hess = _DeviceHessians()
-        for samples in calib:
-            # Only the kept layers' H are accumulated; layers sharing an input share one array
-            # object. The sum over sets is taken on the device in the solve, once per object.
-            hess.add(stats.hessian(models[cfg.calib_model], mc, samples, layers=kept_names, **sopts))
+        # Only the kept layers' H are accumulated, in hessian_passes groups (the results come back to
+        # the host, so a pass's accumulators leave the device before the next); layers sharing an
+        # input share one array object. The sum over sets is taken on the device in the solve.
+        for group in split_passes(kept_names, mc, cfg.hessian_passes):
+            for samples in calib:
+                hess.add(stats.hessian(models[cfg.calib_model], mc, samples, layers=group, **sopts))
 
     updates: dict[str, Any] = {}
     records: list[dict[str, Any]] = []

@@ -29,6 +29,24 @@ def groups(cfg: ModelConfig) -> dict[str, list[str]]:
     return out
 
 
+def split_passes(names: list[str], cfg: ModelConfig, passes: int) -> list[list[str]]:
+    """``names`` (linear weights) in at most ``passes`` groups, one per pass over the data, whose
+    accumulators hold about equal bytes (largest first, each to the lightest group); weights that
+    share an accumulator stay together. Fewer groups when there are fewer accumulators."""
+    from hcnr_jax.params import param_specs
+
+    specs = param_specs(cfg)
+    by_owner: dict[str, list[str]] = {}
+    for n in names:
+        by_owner.setdefault(owner(n), []).append(n)
+    bins: list[tuple[int, list[str]]] = [(0, []) for _ in range(min(passes, len(by_owner)))]
+    for o in sorted(by_owner, key=lambda o: (-specs[o][1], o)):
+        i = min(range(len(bins)), key=lambda i: bins[i][0])
+        size, members = bins[i]
+        bins[i] = (size + specs[o][1] ** 2, members + by_owner[o])
+    return [sorted(members) for _, members in bins if members]
+
+
 def init(params: Params, cfg: ModelConfig, owners: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
     """Zero accumulators: owner weight name -> float32 [in, in] (only ``owners`` when given)."""
     return {n: jnp.zeros((get(params, n).shape[1],) * 2, jnp.float32) for n in groups(cfg)
