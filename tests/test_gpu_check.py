@@ -17,7 +17,10 @@ def _run_sh(tmp_path, *args):
     as its python3."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "python3").symlink_to(sys.executable)
+    # A wrapper, not a symlink: a virtual environment's python finds its packages by the path it was
+    # started as.
+    (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bindir / "python3").chmod(0o755)
     env = dict(os.environ, OUT=str(tmp_path / "out"), HCNR_GPU_CHECK_INSTALL="0",
                PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run(["bash", str(SCRIPT.with_suffix(".sh")), *args], env=env, capture_output=True, text=True,
@@ -62,7 +65,7 @@ def test_verified_hint_needs_every_kernel_row_compiled_and_passing():
     doc = {"tiny": False, "backend": "gpu", "device": "NVIDIA H200", "rows": rows}
     assert "'gpu'" in gpu_check.verified_hint(doc)
     for change in ({"ok": False}, {"ok": None}, {"interpret": True}):
-        bad = [dict(rows[0], **change)] + rows[1:]
+        bad = [dict(rows[0], **change), *rows[1:]]
         assert gpu_check.verified_hint(dict(doc, rows=bad)) is None, change
     assert gpu_check.verified_hint(dict(doc, tiny=True)) is None
 
