@@ -252,7 +252,16 @@ def _stat_step(update: Any, init: Any, cfg: Any, opts: dict[str, Any], mesh: Any
     args = (sharding.abstract(state0, state_sh), sharding.abstract(params, param_sh),
             sharding.abstract(_abstract_batch(batch, seq), {k: batch_sh for k in ("input_ids", "attention_mask",
                                                                                    "loss_mask")}))
-    return _compile(step, *args)
+    return {**_compile(step, *args), "state_bytes": _shard_bytes(state0, state_sh)}
+
+
+def _shard_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of ``tree`` (abstract arrays) placed with ``shardings``."""
+    import jax
+
+    leaves = jax.tree.leaves(tree)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return sum(math.prod(sh.shard_shape(tuple(a.shape))) * a.dtype.itemsize for a, sh in zip(leaves, shs, strict=True))
 
 
 def fisher_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: int, seq: int,
@@ -268,7 +277,9 @@ def fisher_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: i
 
 
 def hessian_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: int, seq: int) -> dict[str, Any]:
-    from hcnr_jax import stats
+    import jax
+
+    from hcnr_jax import sharding, stats
     from hcnr_jax.stats import hessian_accum
 
     owners = kept_owners(cfg, rcfg)
@@ -276,6 +287,9 @@ def hessian_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: 
     largest = tuple(max(passes, key=lambda g: (sum(_in_dim(cfg, o) ** 2 for o in g), g))) if passes else ()
     init = partial(hessian_accum.init, cfg=cfg, owners=largest)
     info = _stat_step(stats.hessian_update, init, cfg, {"backend": "auto"}, mesh, fsdp, dtype, batch, seq)
+    # Every pass's accumulators together (per device), for check_fit's advice on hessian_passes.
+    every = jax.eval_shape(partial(hessian_accum.init, cfg=cfg, owners=tuple(owners)), _abstract_params(cfg, dtype))
+    info["state_bytes_all_passes"] = _shard_bytes(every, sharding.stat_shardings(every, mesh, fsdp=fsdp))
     which = (f"all kept layers ({len(largest)} accumulators" if len(passes) <= 1 else
              f"the largest of {len(passes)} passes ({len(largest)} of {len(owners)} accumulators")
     return {**info, "passes": max(len(passes), 1),
@@ -544,8 +558,25 @@ def check_fit(result: Mapping[str, Any], device_bytes: int) -> list[str]:
                 line += (f" (low estimate for an accelerator, without the CPU compiler's float32 weight "
                          f"copies: {accel / 1e9:.2f} GB, " + ("fits" if accel <= device_bytes else
                                                             f"over by {(accel - device_bytes) / 1e9:.2f} GB") + ")")
-            lines.append(line)
+            lines.append(line + _advice(name, s, need, device_bytes))
     return lines
+
+
+def _advice(step: str, s: Mapping[str, Any], need: int, device_bytes: int) -> str:
+    """What would make ``step`` fit, from the plan's own numbers (at XLA's CPU peak)."""
+    if step == "fisher":
+        return (f"; its temporaries ({s['temp_bytes'] / 1e9:.2f} GB: activations and gradients of the batch) "
+                "shrink with --batch-size and --max-targets")
+    if step == "hessian" and "state_bytes_all_passes" in s:
+        total, now, passes = s["state_bytes_all_passes"], s["state_bytes"], s.get("passes", 1)
+        rest = need - now  # everything but the accumulators of the pass compiled
+        for n in range(passes + 1, 65):
+            if rest + total / n <= device_bytes:
+                return (f"; --hessian-passes {n} would bring it to about {(rest + total / n) / 1e9:.2f} GB "
+                        f"(accumulators {total / 1e9:.2f} GB in all, split over {n} passes)")
+        return (f"; more Hessian passes alone cannot fit it ({rest / 1e9:.2f} GB without accumulators): "
+                "more devices on model, or --fsdp")
+    return ""
 
 
 def summary_json(result: Mapping[str, Any]) -> dict[str, Any]:

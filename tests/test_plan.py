@@ -81,6 +81,25 @@ def test_hessian_passes_shrink_the_hessian_step(one_device):
     assert fisher[0] == fisher[1]
 
 
+def test_advice_on_hessian_passes_is_what_fits(one_device):
+    """A Hessian step just over the device's memory: the plan names the number of passes, and the plan
+    with that many passes does fit."""
+    import re
+
+    h = one_device["steps"]["hessian"]
+    extra = one_device["resident"]["first_device_extra_bytes"]
+    device = h["peak_bytes"] + extra - 1
+    line = next(x for x in planlib.check_fit(one_device, device) if x.startswith("hessian:"))
+    n = int(re.search(r"--hessian-passes (\d+) would", line).group(1))
+    assert n == 2
+    fewer = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32",
+                                                     repair={"hessian_passes": n}))
+    assert not any(x.startswith("hessian:") for x in planlib.check_fit(fewer, device))
+    assert h["state_bytes"] == h["state_bytes_all_passes"] > 0
+    fisher = next(x for x in planlib.check_fit(one_device, 1000) if x.startswith("fisher:"))
+    assert "--batch-size" in fisher and "--max-targets" in fisher
+
+
 def test_device_memory_names_the_step_and_the_excess(one_device):
     f = one_device["steps"]["fisher"]["peak_bytes"] + one_device["resident"]["first_device_extra_bytes"]
     over = planlib.check_fit(one_device, f - 1000)
