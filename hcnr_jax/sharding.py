@@ -16,9 +16,9 @@ fsdp-style). Shardings are decided by role, in three small steps, as in jax-llm-
 
 Per-neuron statistics (Fisher ``[n]``) and Hessians (``[in, in]``, first dimension) are sharded
 like their weight's neuron axis (`stat_shardings`); a Hessian whose weight keeps its input whole
-splits its rows over ``model`` all the same (``ShardingRules.hessian_rows``). A dimension whose mesh axis does not divide
-it is replicated and a warning names the tensor; nothing is replicated silently. Tensors of no
-known role (an optimizer's step count) are replicated with a debug log.
+splits its rows over ``model`` all the same (``ShardingRules.hessian_rows``). A dimension whose
+mesh axis does not divide it is replicated and a warning names the tensor; nothing is replicated
+silently. Tensors of no known role (an optimizer's step count) are replicated with a debug log.
 
 Axis types are ``Auto``: XLA's partitioner propagates shardings through the model, so the model
 code needs no sharding annotations (jax 0.10's ``make_mesh`` defaults to ``Explicit``).
