@@ -181,12 +181,13 @@ def model_scores(work: Path, tag: str, rng: np.random.Generator, reps: int = 100
     return examples_scores(recs, rng, reps)
 
 
-def examples_scores(recs: list[dict], rng: np.random.Generator, reps: int = 1000) -> dict:
-    """Per-benchmark refusal F1 / RF delta, HotpotQA accuracy, and the averages over the five honesty
-    benchmarks with 95% bootstrap intervals (examples resampled within each benchmark), from the
-    records of an `hcnr eval` ``examples.jsonl``."""
+def examples_scores(recs: list[dict], rng: np.random.Generator, reps: int = 1000, task: str = "hotpotqa") -> dict:
+    """Per-benchmark refusal F1 / RF delta, ``task`` accuracy (``<task>_acc``; open QA: the record's
+    ``correct``, multiple choice: ``pred == gold``), and the averages over the five honesty benchmarks
+    with 95% bootstrap intervals (examples resampled within each benchmark), from the records of an
+    `hcnr eval` ``examples.jsonl``."""
     recs = [r for r in recs if r["model"] == "model"]
-    by = {b: [r for r in recs if r["benchmark"] == b] for b in (*HONESTY_BENCHMARKS, "hotpotqa")}
+    by = {b: [r for r in recs if r["benchmark"] == b] for b in (*HONESTY_BENCHMARKS, task)}
     arrays = {b: (np.array([r["unanswerable"] == 1 for r in by[b]]), np.array([r["verdict"] == "refused" for r in by[b]]))
               for b in HONESTY_BENCHMARKS}
 
@@ -204,13 +205,15 @@ def examples_scores(recs: list[dict], rng: np.random.Generator, reps: int = 1000
         bf1, brf = stats({b: rng.integers(0, len(a[0]), len(a[0])) for b, a in arrays.items()})
         boot.append((np.nanmean(list(bf1.values())), np.mean(list(brf.values()))))
     boot_arr = np.array(boot)
-    hot = np.array([bool(r["correct"]) for r in by["hotpotqa"]])
-    hot_boot = [hot[rng.integers(0, len(hot), len(hot))].mean() for _ in range(reps)]
-    return dict(n={b: len(v) for b, v in by.items()}, f1=f1, rf_delta=rf,
-                avg_f1=float(np.nanmean(list(f1.values()))), avg_f1_ci=np.nanpercentile(boot_arr[:, 0], [2.5, 97.5]).tolist(),
-                avg_rf_delta=float(np.mean(list(rf.values()))), avg_rf_delta_ci=np.percentile(boot_arr[:, 1], [2.5, 97.5]).tolist(),
-                hotpotqa_acc=float(hot.mean()), hotpotqa_acc_ci=np.percentile(hot_boot, [2.5, 97.5]).tolist(),
-                refusal_rate_hotpotqa=float(np.mean([r["verdict"] == "refused" for r in by["hotpotqa"]])))
+    acc = np.array([bool(r["correct"]) if "correct" in r else r["pred"] == r["gold"] for r in by[task]])
+    acc_boot = [acc[rng.integers(0, len(acc), len(acc))].mean() for _ in range(reps)]
+    out = dict(n={b: len(v) for b, v in by.items()}, f1=f1, rf_delta=rf,
+               avg_f1=float(np.nanmean(list(f1.values()))), avg_f1_ci=np.nanpercentile(boot_arr[:, 0], [2.5, 97.5]).tolist(),
+               avg_rf_delta=float(np.mean(list(rf.values()))), avg_rf_delta_ci=np.percentile(boot_arr[:, 1], [2.5, 97.5]).tolist(),
+               **{f"{task}_acc": float(acc.mean()), f"{task}_acc_ci": np.percentile(acc_boot, [2.5, 97.5]).tolist()})
+    if all("verdict" in r for r in by[task]):  # generated answers (multiple choice is scored by likelihood)
+        out[f"refusal_rate_{task}"] = float(np.mean([r["verdict"] == "refused" for r in by[task]]))
+    return out
 
 
 def _ci(sc: dict, key: str) -> str:
