@@ -482,6 +482,7 @@ def _resident(cfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
     argument. Without ``--mesh`` both models are loaded whole onto the first device; with ``--mesh``
     each tensor is placed in its sharding by role (as the steps take it), so a device holds its
     shard of the other model (tensors that cannot be split, whole)."""
+    import jax
     import jax.numpy as jnp
 
     from hcnr_jax import sharding
@@ -495,8 +496,8 @@ def _resident(cfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
         note = ("hcnr repair loads base and fine-tuned models unsharded onto the first device: besides a step's "
                 "arguments it holds " + ("the other model" if req.devices == 1 else "both models in full"))
         return {"model_bytes": one, "first_device_extra_bytes": extra, "note": note}
-    shards = sharding.tensor_shardings(specs, mesh, req.fsdp)
-    extra = sum(math.prod(shards[n].shard_shape(tuple(s))) for n, s in specs.items()) * itemsize
+    extra = _shard_bytes({n: jax.ShapeDtypeStruct(s, DTYPES[req.dtype]) for n, s in specs.items()},
+                         sharding.tensor_shardings(specs, mesh, req.fsdp))
     return {"model_bytes": one, "first_device_extra_bytes": extra,
             "note": f"hcnr repair --mesh places both models by weight role{' (fsdp)' if req.fsdp else ''}: besides "
                     f"a step's arguments each device holds its shard of the other model "

@@ -157,11 +157,30 @@ def _kept_objectives(res):
     return {r["name"]: r["objective_sft"] for r in res.report["layers"] if r["kept"]}
 
 
-def test_hessian_passes_give_the_same_repair(pair_dirs, llama, exact_result):
+def test_hessian_passes_give_the_same_repair(pair_dirs, llama, monkeypatch):
     """The kept layers' Hessians accumulated in 3 passes (each a share of the accumulators, less
     device memory) give the repair of one pass: same neurons, same weights to float32 rounding."""
+    from hcnr_jax import stats
+    from hcnr_jax.stats.hessian_accum import owner
+
+    calls: list[list[str]] = []
+    real = stats.hessian
+
+    def spy(*args, layers=None, **kwargs):
+        calls.append(list(layers))
+        return real(*args, layers=layers, **kwargs)
+
+    monkeypatch.setattr(stats, "hessian", spy)
     three = run(pair_dirs, llama, hessian_passes=3, calib_data="both")
+    # 3 passes x 2 calibration sets, the passes disjoint, sharing no accumulator, covering the kept layers.
+    assert len(calls) == 6 and calls[0::2] == calls[1::2]
+    passes = calls[0::2]
+    kept = sorted(r["name"] for r in three.report["layers"] if r["kept"])
+    assert sorted(n for p in passes for n in p) == kept
+    assert all({owner(n) for n in a}.isdisjoint({owner(n) for n in b}) for a in passes for b in passes if a is not b)
+    calls.clear()
     one = run(pair_dirs, llama, calib_data="both")
+    assert len(calls) == 2 and sorted(calls[0]) == kept
     a, b = np_flat(one.model.params), np_flat(three.model.params)
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
