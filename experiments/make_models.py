@@ -49,18 +49,17 @@ def build_m0_data(out: Path, data_dir: str | None, per_benchmark: int, max_new_t
     """The M0 training set: per benchmark ``per_benchmark`` calibration-pool rows, half unanswerable."""
     from hcnr_jax import load_pretrained
     from hcnr_jax.embedded import smollm2_gguf
-    from hcnr_jax.eval.calibration import IDK_RESPONSE, write_jsonl
+    from hcnr_jax.eval.calibration import IDK_RESPONSE, training_rows, write_jsonl
     from hcnr_jax.eval.data import load_benchmark, order_key
     from hcnr_jax.generation import generate
 
     rows = []
     for name in HONESTY_BENCHMARKS:
-        pool = sorted((r for r in load_benchmark(name, data_dir, seed) if r["split"] == "calibration"),
-                      key=lambda r: order_key(r["id"], seed))
-        unans = [r for r in pool if r["unanswerable"] == 1][: per_benchmark // 2]
-        ans = [r for r in pool if r["unanswerable"] == 0][: per_benchmark - len(unans)]
-        rows += unans + ans
-        print(f"{name}: {len(unans)} unanswerable + {len(ans)} answerable", flush=True)
+        picked = training_rows((r for r in load_benchmark(name, data_dir) if r["split"] == "calibration"),
+                               per_benchmark, name)
+        rows += picked
+        print(f"{name}: {sum(r['unanswerable'] == 1 for r in picked)} unanswerable + "
+              f"{sum(r['unanswerable'] == 0 for r in picked)} answerable", flush=True)
     model = load_pretrained(smollm2_gguf())
     answerable = [r for r in rows if r["unanswerable"] == 0]
     t0 = time.perf_counter()
@@ -82,7 +81,7 @@ def build_m1_data(out: Path, data_dir: str | None, n: int, seed: int) -> None:
     from hcnr_jax.eval.calibration import task_samples, write_jsonl
     from hcnr_jax.eval.data import load_benchmark
 
-    pool = [r for r in load_benchmark("hotpotqa", data_dir, seed) if r["split"] == "calibration"]
+    pool = [r for r in load_benchmark("hotpotqa", data_dir) if r["split"] == "calibration"]
     write_jsonl(task_samples(pool, n, "hotpotqa"), out, keys=("prompt", "response", "id"))
     print(f"wrote {n} task samples to {out}", flush=True)
 

@@ -140,7 +140,7 @@ def load_rows(benchmarks: Sequence[str], data_dir: str | None, limit: int | None
 
     rows = []
     for bench in benchmarks:
-        ds = load_benchmark(bench, data_dir, seed)
+        ds = load_benchmark(bench, data_dir)
         rows += list(select(ds, "evaluation", limit, seed))
     return rows
 

@@ -35,7 +35,7 @@ def build_data(work: Path, data_dir: str | None, n: int, seed: int) -> None:
     from hcnr_jax.eval.data import load_benchmark, order_key
     from hcnr_jax.eval.runner import MCQ_LETTERS, mcq_prompt
 
-    pool = sorted((r for r in load_benchmark("medmcqa", data_dir, seed) if r["split"] == "calibration"),
+    pool = sorted((r for r in load_benchmark("medmcqa", data_dir) if r["split"] == "calibration"),
                   key=lambda r: order_key(r["id"], seed))[:n]
     rows = [{"prompt": mcq_prompt(r["question"], r["options"]), "response": MCQ_LETTERS[r["gold"]], "id": r["id"]}
             for r in pool]

@@ -291,14 +291,16 @@ def test_command_label_end_to_end_on_shipped_subsets(tmp_path, capsys, monkeypat
     assert honesty_data.run(args) == 0
     recs = read_jsonl(out)
     assert len(recs) == 8 and sum(r["response"] == "No idea." for r in recs) == 4
-    # --seed (sampling, balance) leaves the split alone; --split-seed moves it, as hcnr eval --seed does.
+    # --seed (sampling, balance) leaves the split and the questions alone; there is no split seed.
     runs = {}
-    for extra in ([], ["--seed", "3"], ["--split-seed", "1"]):
+    for extra in ([], ["--seed", "3"]):
         args = parse("--recipe", "label", "--benchmarks", "kuq", "--data-dir", str(BUNDLED_DATA), "-n", "6",
                      "--overwrite", "--out", str(out), *extra)
         honesty_data.run(args)
         runs[tuple(extra)] = [r["id"] for r in read_jsonl(out)]
-    assert runs[()] == runs[("--seed", "3")] != runs[("--split-seed", "1")]
+    assert runs[()] == runs[("--seed", "3")]
+    with pytest.raises(SystemExit):
+        parse("--recipe", "label", "--split-seed", "1", "--out", str(out))
     assert honesty_data.RECIPES == R.RECIPES
 
 

@@ -40,8 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="sampling and --balance seed (default 0)")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="calibration / evaluation split seed: the --seed of the hcnr eval runs (default 0)")
     p.add_argument("--idk-response", default=None, help="target for unknown questions "
                                                         "(default: Alignment for Honesty's)")
     p.add_argument("--balance", action="store_true", help="cap the majority of known / unknown examples")
@@ -99,7 +97,7 @@ def _load_pools(names: list[str], given: bool, args: argparse.Namespace) -> dict
     out: dict[str, list[dict]] = {}
     for name in names:
         try:
-            out.update(pools([name], args.data_dir, args.split_seed, args.limit))
+            out.update(pools([name], args.data_dir, args.limit))
         except DataError as e:
             if given:
                 raise

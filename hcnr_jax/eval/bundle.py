@@ -15,7 +15,17 @@ from pathlib import Path
 from hcnr_jax.embedded import BUNDLED_DATA, CALIBRATION_DIR
 from hcnr_jax.errors import DataError
 from hcnr_jax.eval.calibration import honesty_samples, task_samples, write_jsonl
-from hcnr_jax.eval.data import BENCHMARKS, example_id, load_benchmark, locate, select
+from hcnr_jax.eval.data import (
+    BENCHMARKS,
+    SHARED_QUESTIONS,
+    example_id,
+    load_benchmark,
+    locate,
+    question_key,
+    raw_rows,
+    select,
+    shared_questions,
+)
 from hcnr_jax.io import atomic_write_text
 
 # Rows shipped per benchmark: (calibration pool, evaluation split).
@@ -65,10 +75,27 @@ def build_default_calibration(data_dir: Path | None, out_dir: Path, n: int = 128
     return len(hon), len(task)
 
 
+def shared_questions_table(data_dir: Path) -> dict:
+    """{"questions": {question_key: [benchmarks]}} for every question held by two or more of the
+    benchmarks found in ``data_dir`` (the split gives such a question one side everywhere)."""
+    holders: dict[str, set[str]] = {}
+    for name in BENCHMARKS:
+        if locate(name, data_dir).root != data_dir and not BENCHMARKS[name].evaluation_only:
+            continue  # only the full files (and our own evaluation-only sets) define the table
+        for r in raw_rows(name, data_dir):
+            holders.setdefault(question_key(r["question"]), set()).add(name)
+    return {"about": "hashes (hcnr_jax.eval.data.question_key) of questions found in several benchmarks; "
+                     "built by `python -m hcnr_jax.eval.bundle --data-dir DIR` from the full files",
+            "questions": {k: sorted(v) for k, v in sorted(holders.items()) if len(v) > 1}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, required=True, help="folder holding the full benchmark files")
     args = ap.parse_args()
+    # First: the split of every row below depends on it.
+    atomic_write_text(SHARED_QUESTIONS, json.dumps(shared_questions_table(args.data_dir), indent=0) + "\n")
+    shared_questions.cache_clear()
     for name in SUBSET:
         print(name, write_subset(name, args.data_dir, BUNDLED_DATA), "rows")
     # Built from the shipped subsets, so anyone can rebuild them without the full data.

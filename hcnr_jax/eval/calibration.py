@@ -20,26 +20,29 @@ from hcnr_jax.io import atomic_write_text
 IDK_RESPONSE = "I'm sorry, but I don't know the answer to that question."
 
 
-def _pool(rows: Iterable[dict], where: str) -> list[dict]:
+def _pool(rows: Iterable[dict], where: str, seed: int = 0) -> list[dict]:
+    """The calibration-pool ``rows`` in the draw order of ``seed`` (seed 0: the fixed order every
+    training set takes its head of); development and evaluation rows are an error."""
     rows = list(rows)
     bad = [r["id"] for r in rows if r.get("split", "calibration") != "calibration"]
     if bad:
         raise DataError(f"{where}: {len(bad)} rows are not in the calibration pool (e.g. {bad[0]}); "
-                        "calibration must never overlap an evaluation split")
-    return sorted(rows, key=lambda r: order_key(r["id"]))
+                        "calibration must never overlap a development or evaluation split")
+    return sorted(rows, key=lambda r: order_key(r["id"], seed))
 
 
 def honesty_samples(rows_by_benchmark: dict[str, Sequence[dict]], n: int = 128,
-                    idk_response: str = IDK_RESPONSE) -> list[dict]:
+                    idk_response: str = IDK_RESPONSE, seed: int = 0) -> list[dict]:
     """``n`` honesty samples, spread evenly over the benchmarks and half unanswerable in each:
-    unanswerable -> ``idk_response``, answerable -> its first gold answer."""
+    unanswerable -> ``idk_response``, answerable -> its first gold answer. ``seed`` picks the draw
+    order within the calibration pool (the split itself never moves)."""
     names = sorted(rows_by_benchmark)
     if not names:
         raise DataError("honesty calibration: no benchmark rows given")
     out: list[dict] = []
     for b_i, name in enumerate(names):
         quota = n // len(names) + (1 if b_i < n % len(names) else 0)
-        pool = _pool(rows_by_benchmark[name], name)
+        pool = _pool(rows_by_benchmark[name], name, seed)
         unans = [r for r in pool if r["unanswerable"] == 1]
         ans = [r for r in pool if r["unanswerable"] == 0 and r["answers"]]
         n_unans = quota - quota // 2
@@ -51,9 +54,26 @@ def honesty_samples(rows_by_benchmark: dict[str, Sequence[dict]], n: int = 128,
     return sorted(out, key=lambda s: order_key(s["id"]))
 
 
-def task_samples(rows: Sequence[dict], n: int = 128, where: str = "task") -> list[dict]:
-    """``n`` task samples: question -> first gold answer (open QA) or the correct option (MCQ)."""
-    pool = [r for r in _pool(rows, where) if r["answers"]]
+def training_rows(rows: Iterable[dict], n: int, where: str = "training") -> list[dict]:
+    """The training questions of a model built from this pool (M0's honesty SFT, M1's task SFT):
+    the first ``n`` calibration-pool rows in the fixed order, half unanswerable where the benchmark
+    labels answerability (``unanswerable`` -1: the first ``n``). Heads of the seed-0 order never
+    reach the development tail while ``n`` stays under the pool's non-development size."""
+    pool = _pool(rows, where)
+    if all(r["unanswerable"] == -1 for r in pool):
+        picked = pool[:n]
+    else:
+        unans = [r for r in pool if r["unanswerable"] == 1][: n // 2]
+        picked = unans + [r for r in pool if r["unanswerable"] == 0][: n - len(unans)]
+    if len(picked) < n:
+        raise DataError(f"{where}: calibration pool has {len(picked)} usable rows, {n} needed")
+    return picked
+
+
+def task_samples(rows: Sequence[dict], n: int = 128, where: str = "task", seed: int = 0) -> list[dict]:
+    """``n`` task samples: question -> first gold answer (open QA) or the correct option (MCQ),
+    drawn in the order of ``seed`` within the calibration pool."""
+    pool = [r for r in _pool(rows, where, seed) if r["answers"]]
     if len(pool) < n:
         raise DataError(f"{where}: calibration pool has {len(pool)} rows with answers, {n} needed")
     return [{"prompt": r["question"], "response": r["answers"][0], "id": r["id"]} for r in pool[:n]]

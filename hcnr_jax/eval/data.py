@@ -21,16 +21,31 @@ where to download them (URL and licence, from the table below). Rows have one sc
     answers       gold answers (aliases) for containment scoring; [] when none
     options       multiple-choice options (MedMCQA); [] otherwise
     gold          index of the correct option; -1 otherwise
-    split         "calibration" or "evaluation"
+    split         "calibration", "development" or "evaluation"
 
-The split is a fixed function of (seed, benchmark, normalised question): a row's side does not
-depend on which other rows are loaded, so the shipped subsets in ``hcnr_jax/bundled/data`` split
-exactly like the full files, and equal questions always land on the same side (pools never overlap).
+The split is a fixed function of (benchmark, normalised question), the same in every command and
+for every seed: a row's side does not depend on which other rows are loaded, so the shipped subsets
+in ``hcnr_jax/bundled/data`` split exactly like the full files, and equal questions always land on
+the same side (pools never overlap). A quarter of the questions form the *calibration pool*; its
+last fifth in the fixed order (`order_key`, seed 0) is the *development* split, kept for choosing
+settings (`hcnr repair --choose`), so that no setting is ever tuned on evaluation labels. Training
+and calibration draws take rows from the head of the remaining pool (seed 0) or a seeded
+permutation of it (other seeds): a seed changes which calibration rows are drawn, never the split.
+Benchmarks marked ``evaluation_only`` (the shipped general questions) have no calibration pool.
+
+Some questions stand in two benchmarks (KUQ and SelfAware share 220). Such a question takes one side
+everywhere: the least held-out of its sides in the benchmarks that hold it (calibration, then
+development, then evaluation; evaluation when an evaluation-only set holds it), so a question drawn
+for calibration or training in one benchmark is never evaluated in another. Which benchmarks share a
+question is read from ``bundled/shared_questions.json`` (hashes of normalised questions, built from
+the full files by ``python -m hcnr_jax.eval.bundle``), so the split stays a function of the row.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -53,9 +68,12 @@ HUB = "hub"  # --data-dir value: load from the Hugging Face Hub (benchmarks with
 SHIPPED = "shipped subset"
 DEFAULT_DEMOS = "default"  # `hcnr eval --demos default`: the shipped in-context demonstrations
 DEMOS_FILE = BUNDLED / "demos.jsonl"
+SHARED_QUESTIONS = BUNDLED / "shared_questions.json"
 
 CALIBRATION_FRACTION = 0.25
+DEVELOPMENT_FRACTION = 0.2  # of the calibration pool: its tail in the seed-0 order
 SEED = 0
+SPLITS = ("calibration", "development", "evaluation")
 
 COLUMNS = ("id", "benchmark", "question", "unanswerable", "answers", "options", "gold")
 
@@ -65,14 +83,41 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).strip(" ?.!\"'")
 
 
+def question_key(question: str) -> str:
+    """The content hash of a normalised question (the suffix of its example id)."""
+    return hashlib.sha1(normalise(question).encode()).hexdigest()[:12]
+
+
 def example_id(benchmark: str, question: str) -> str:
-    return f"{benchmark}-{hashlib.sha1(normalise(question).encode()).hexdigest()[:12]}"
+    return f"{benchmark}-{question_key(question)}"
 
 
-def split_of(benchmark: str, question: str, seed: int = SEED, fraction: float = CALIBRATION_FRACTION) -> str:
-    """``"calibration"`` for a fixed, seeded ``fraction`` of questions, ``"evaluation"`` otherwise."""
-    h = hashlib.sha256(f"{seed}:{benchmark}:{normalise(question)}".encode()).digest()
-    return "calibration" if int.from_bytes(h[:8], "big") / 2**64 < fraction else "evaluation"
+@functools.cache
+def shared_questions() -> dict[str, tuple[str, ...]]:
+    """question_key -> the benchmarks that hold that question (only questions held by two or more)."""
+    raw = json.loads(SHARED_QUESTIONS.read_text(encoding="utf-8"))
+    return {k: tuple(v) for k, v in raw["questions"].items()}
+
+
+def split_of(benchmark: str, question: str, fraction: float = CALIBRATION_FRACTION) -> str:
+    """The fixed side of a question: ``"evaluation"`` for 1 - ``fraction`` of questions; of the
+    calibration pool, the tail of the seed-0 order (`DEVELOPMENT_FRACTION` of it) is
+    ``"development"``, the rest ``"calibration"``. No seed: the split never moves. A question held
+    by several benchmarks takes the least held-out of its sides (module docstring)."""
+    holders = set(shared_questions().get(question_key(question), ())) | {benchmark}
+    if any(BENCHMARKS[b].evaluation_only for b in holders if b in BENCHMARKS):
+        return "evaluation"
+    return min((_own_side(b, question, fraction) for b in sorted(holders)), key=SPLITS.index)
+
+
+def _own_side(benchmark: str, question: str, fraction: float) -> str:
+    h = hashlib.sha256(f"{SEED}:{benchmark}:{normalise(question)}".encode()).digest()
+    if int.from_bytes(h[:8], "big") / 2**64 >= fraction:
+        return "evaluation"
+    # The development rows are the *last* ones in the order every draw of seed 0 takes from the
+    # head of (M0/M1 training, the shipped calibration), so those draws never reach them.
+    tail = int(order_key(example_id(benchmark, question))[:16], 16) / 16**16 >= 1 - DEVELOPMENT_FRACTION
+    return "development" if tail else "calibration"
 
 
 def order_key(example_id: str, seed: int = SEED) -> str:
@@ -148,6 +193,11 @@ def _nonambigqa(raw: Files) -> list[dict]:
     return [_row("nonambigqa", r["question"], 0, r["answers"], where=where) for r in data]
 
 
+def _general(raw: Files) -> list[dict]:
+    data, where = raw["general/general.jsonl"]
+    return [_row("general", r["question"], int(r["unanswerable"]), r["answers"] or [], where=where) for r in data]
+
+
 def _hotpotqa(raw: Files) -> list[dict]:
     data, where = raw["hotpotqa/hotpot_dev_v1_simplified.json"]
     return [_row("hotpotqa", r["question"], -1, [r["answer"]], where=where) for r in data]
@@ -209,6 +259,8 @@ class Benchmark:
     # Alignment-for-Honesty set type: "prior_unknown" (PUQA: prudence = idk rate), "prior_known"
     # (PKQA: over-conservativeness = idk rate), "" (scored relative to a reference model).
     a4h_set: str = ""
+    # Every row is in the evaluation split (no calibration pool): sets written to test a model, never trained on.
+    evaluation_only: bool = False
 
 
 _UB = "https://github.com/genglinliu/UnknownBench/tree/7283e4218b9146275d3069306927c3289fad576a/data"
@@ -230,6 +282,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               url="https://github.com/yinzhangyue/SelfAware/tree/f0bad1ff77bd42fc4eb2360281ed646c7bb7bd0c/data",
               licence="CC BY-SA 4.0, research use (code: Apache-2.0)", rows=3369, shipped=True,
               json_field="example"),
+    Benchmark("general", "refusal", ("general/general.jsonl",), _general,
+              url="hcnr_jax/bundled/data/general (written for this project)", licence="Apache-2.0 (this project)",
+              rows=90, shipped=True, evaluation_only=True),
     Benchmark("puqa", "honesty", ("alignment_for_honesty/puqa.jsonl",), _puqa, url=_A4H, licence=_NO_LICENCE,
               rows=1000, a4h_set="prior_unknown"),
     Benchmark("pkqa", "honesty", ("alignment_for_honesty/pkqa_13b.jsonl",), _pkqa, url=_A4H, licence=_NO_LICENCE,
@@ -350,13 +405,8 @@ def _hub_files(b: Benchmark) -> Files:
     return {b.files[0]: (ds, f"hub:{h.repo}")}
 
 
-def load_benchmark(name: str, data_dir: str | Path | None = None, seed: int = SEED,
-                   fraction: float = CALIBRATION_FRACTION) -> datasets.Dataset:
-    """All rows of benchmark ``name`` in the common schema, with their ``split`` column.
-
-    ``data_dir``: the first folder searched (or "hub"); see the module docstring. Duplicated
-    questions (after normalisation) are kept once: the first occurrence wins.
-    """
+def raw_rows(name: str, data_dir: str | Path | None = None) -> list[dict]:
+    """The rows of benchmark ``name`` in the common schema, before de-duplication and splitting."""
     b = _benchmark(name)
     loc = locate(name, data_dir)
     if loc.root is None:
@@ -366,13 +416,24 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, seed: int = SE
         raw = {f: (_read(loc.root / f, **kwargs), str(loc.root / f)) for f in b.files}
         if loc.source == SHIPPED:
             log.info("%s: using the shipped subset (full files: %s)", name, b.url)
-    rows = b.read(raw)
+    return b.read(raw)
+
+
+def load_benchmark(name: str, data_dir: str | Path | None = None,
+                   fraction: float = CALIBRATION_FRACTION) -> datasets.Dataset:
+    """All rows of benchmark ``name`` in the common schema, with their ``split`` column.
+
+    ``data_dir``: the first folder searched (or "hub"); see the module docstring. Duplicated
+    questions (after normalisation) are kept once: the first occurrence wins.
+    """
+    rows = raw_rows(name, data_dir)
     seen: set[str] = set()
     unique = []
     for r in rows:
         if r["id"] not in seen:
             seen.add(r["id"])
-            unique.append({**r, "split": split_of(name, r["question"], seed, fraction)})
+            split = split_of(name, r["question"], fraction)
+            unique.append({**r, "split": split})
     if not unique:
         raise DataError(f"benchmark {name!r}: no rows")
     features = datasets.Features(

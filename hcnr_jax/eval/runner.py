@@ -412,7 +412,7 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
     models = [("model", model)] + ([("reference", reference)] if reference is not None else [])
     rows_by = {}
     for bench in settings.benchmarks:
-        ds = load_benchmark(bench, settings.data_dir, settings.seed)
+        ds = load_benchmark(bench, settings.data_dir)
         rows_by[bench] = list(select(ds, "evaluation", settings.limit, settings.seed))
     shapes = {tag: generation_shape(m, ([r for r in rows if (tag, r["id"]) not in done] for rows in rows_by.values()),
                                     settings.batch_size, demos_for(settings, tag), instruction_for(settings, tag))

@@ -282,16 +282,16 @@ def balance(records: Sequence[dict], by: str = "known", seed: int = 0) -> list[d
     return [rec for i, rec in enumerate(records) if i in kept]
 
 
-def pools(names: Iterable[str], data_dir: str | Path | None = None, seed: int = 0, limit: int | None = None,
+def pools(names: Iterable[str], data_dir: str | Path | None = None, limit: int | None = None,
           require_gold: bool = True) -> dict[str, list[dict]]:
-    """Calibration-pool rows of each benchmark (`load_benchmark` + split "calibration") in the seeded
+    """Calibration-pool rows of each benchmark (`load_benchmark` + split "calibration") in the fixed
     order; ``require_gold`` first drops answerable rows without gold answers (see `with_gold`);
     ``limit`` then takes the first ``limit``, balanced between answerable and unanswerable."""
     out = {}
     for name in names:
-        ds = load_benchmark(name, data_dir, seed)
+        ds = load_benchmark(name, data_dir)
         if require_gold:
             ds = ds.select([i for i, (u, a) in enumerate(zip(ds["unanswerable"], ds["answers"], strict=True))
                             if u == 1 or a])
-        out[name] = list(select(ds, "calibration", limit, seed))
+        out[name] = list(select(ds, "calibration", limit))
     return out
