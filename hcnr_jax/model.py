@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Llama, Qwen2, Qwen3, Mistral) as pure functions of a param pytree.
+"""The decoder-only transformer (Llama, Qwen2, Qwen3, Mistral, Gemma 3) as pure functions of a param pytree.
 
 Letters in einsums: b batch, t query position, s key position, d model dim, o/i a linear layer's
 output/input dim, n query heads, k kv heads, g query heads per kv head, h head dim.
@@ -74,6 +74,35 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
+def rms_norm_plus_one(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: the weight is stored as w and scales by (1 + w); the product is taken in
+    float32 and only then cast back (Llama casts before multiplying; bfloat16 results differ)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    return (rms_norm_plus_one if cfg.norm_plus_one else rms_norm)(x, p["weight"], cfg.rms_norm_eps)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def embed(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
+    """input_ids [B, T] -> embeddings [B, T, D]; Gemma multiplies by sqrt(D), rounded to the
+    parameters' dtype first as transformers does (sqrt(640) becomes 25.25 in bfloat16)."""
+    w = params["model"]["embed_tokens"]["weight"]
+    x = w[input_ids]
+    if cfg.embed_scale:
+        x = x * jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(w.dtype)
+    return x
+
+
 class _Linears:
     """Applies linear layers by HF name, recording inputs and adding probes when asked."""
 
@@ -122,7 +151,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mode
     g = n // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision)
-    scores = scores * (h**-0.5)
+    scale = h**-0.5 if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    scores = scores * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=precision)
@@ -190,21 +220,23 @@ def forward(
             segments = (segment_ids, k_seg, positions, k_pos)
     masks = {w: _attention_mask(q_idx, k_idx, key_valid, w, segments) for w in set(cfg.sliding_windows)}
 
-    cos, sin = rope.cos_sin(cfg, positions)
+    local = [rope.is_local(cfg, i) for i in range(cfg.num_layers)]
+    ropes = {kind: rope.cos_sin(cfg, positions, kind) for kind in set(local)}
     linear = _Linears(capture, probes, precision)
-    x = params["model"]["embed_tokens"]["weight"][input_ids]
+    act = ACTIVATIONS[cfg.hidden_act]
+    x = embed(params, cfg, input_ids)
     states = [x]
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(params["model"]["layers"]):
         pre = f"model.layers.{i}."
         attn = layer["self_attn"]
-        h = rms_norm(x, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+        h = _norm(cfg, x, layer["input_layernorm"])
         q = linear(attn["q_proj"], h, pre + "self_attn.q_proj.weight").reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = linear(attn["k_proj"], h, pre + "self_attn.k_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = linear(attn["v_proj"], h, pre + "self_attn.v_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q = rms_norm(q, attn["q_norm"]["weight"], cfg.rms_norm_eps)
-            k = rms_norm(k, attn["k_norm"]["weight"], cfg.rms_norm_eps)
+            q, k = _norm(cfg, q, attn["q_norm"]), _norm(cfg, k, attn["k_norm"])
+        cos, sin = ropes[local[i]]
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         if cache is not None:
             # Update the stacked cache in place (XLA aliases it) and attend over all its slots.
@@ -212,16 +244,22 @@ def forward(
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
             k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
         o = _attend(q, k, v, masks[cfg.sliding_windows[i]], cfg, precision)
-        x = x + linear(attn["o_proj"], o, pre + "self_attn.o_proj.weight")
+        o = linear(attn["o_proj"], o, pre + "self_attn.o_proj.weight")
+        if cfg.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
+            x = x + _norm(cfg, o, layer["post_attention_layernorm"])
+            h = _norm(cfg, x, layer["pre_feedforward_layernorm"])
+        else:  # Llama: post_attention_layernorm is the MLP's input norm
+            x = x + o
+            h = _norm(cfg, x, layer["post_attention_layernorm"])
 
         mlp = layer["mlp"]
-        h = rms_norm(x, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
         gate = linear(mlp["gate_proj"], h, pre + "mlp.gate_proj.weight")
         up = linear(mlp["up_proj"], h, pre + "mlp.up_proj.weight")
-        x = x + linear(mlp["down_proj"], jax.nn.silu(gate) * up, pre + "mlp.down_proj.weight")
+        m = linear(mlp["down_proj"], act(gate) * up, pre + "mlp.down_proj.weight")
+        x = x + (_norm(cfg, m, layer["post_feedforward_layernorm"]) if cfg.sandwich_norms else m)
         states.append(x)
 
-    hidden = rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+    hidden = _norm(cfg, x, params["model"]["norm"])
     logits = lm_head(params, cfg, hidden, precision) if return_logits else None
     out_cache = None
     if cache is not None:
@@ -230,6 +268,8 @@ def forward(
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, precision: Precision = None) -> jax.Array:
-    """hidden [B, T, D] -> float32 logits [B, T, V] (tied embeddings when the config says so)."""
+    """hidden [B, T, D] -> float32 logits [B, T, V] (tied embeddings when the config says so;
+    Gemma's final soft-capping when the config sets it)."""
     w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32, precision=precision)
+    logits = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32, precision=precision)
+    return _softcap(logits, cfg.final_logit_softcapping)

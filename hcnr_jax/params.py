@@ -54,6 +54,9 @@ def param_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             specs[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
         specs[p + "input_layernorm.weight"] = (cfg.hidden_size,)
         specs[p + "post_attention_layernorm.weight"] = (cfg.hidden_size,)
+        if cfg.sandwich_norms:
+            specs[p + "pre_feedforward_layernorm.weight"] = (cfg.hidden_size,)
+            specs[p + "post_feedforward_layernorm.weight"] = (cfg.hidden_size,)
     specs["model.norm.weight"] = (cfg.hidden_size,)
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)

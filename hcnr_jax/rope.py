@@ -28,10 +28,11 @@ def register(name: str) -> Callable[[RopeInit], RopeInit]:
     return deco
 
 
-def _base_inv_freq(cfg: ModelConfig) -> np.ndarray:
+def _base_inv_freq(cfg: ModelConfig, theta: float | None = None) -> np.ndarray:
     dim = cfg.head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    base = cfg.rope_theta if theta is None else theta
+    return (np.float32(1.0) / (np.float32(base) ** exponent)).astype(np.float32)
 
 
 @register("default")
@@ -98,9 +99,15 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     return ROPE_INIT[cfg.rope_type](cfg, cfg.rope_params)
 
 
-def cos_sin(cfg: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """positions [B, T] int -> cos, sin [B, T, head_dim] float32 (HF's half-split layout)."""
-    inv_freq, scale = rope_tables(cfg)
+def is_local(cfg: ModelConfig, layer: int) -> bool:
+    """Whether ``layer`` uses the sliding layers' own RoPE (Gemma 3's rope_local_base_freq)."""
+    return cfg.local_rope_theta is not None and cfg.sliding_windows[layer] is not None
+
+
+def cos_sin(cfg: ModelConfig, positions: jnp.ndarray, local: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """positions [B, T] int -> cos, sin [B, T, head_dim] float32 (HF's half-split layout).
+    ``local``: the sliding layers' default RoPE with base ``cfg.local_rope_theta`` (no scaling)."""
+    inv_freq, scale = (_base_inv_freq(cfg, cfg.local_rope_theta), 1.0) if local else rope_tables(cfg)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale

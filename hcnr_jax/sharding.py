@@ -63,8 +63,9 @@ ROLES: dict[str, tuple[str, ...]] = {
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _LINEAR_RE = re.compile(r"(?:^|\.)(" + "|".join(LINEAR) + r")\.(weight|bias|A|B)$")
-_OTHER_RE = re.compile(r"(?:^|\.)(embed_tokens|lm_head|input_layernorm|post_attention_layernorm|norm|q_norm|k_norm)"
-                       r"\.weight$")
+# Norms (Llama's two per block, Gemma's four, q/k norms, the final one) are replicated.
+_OTHER_RE = re.compile(r"(?:^|\.)(embed_tokens|lm_head|input_layernorm|post_attention_layernorm|"
+                       r"pre_feedforward_layernorm|post_feedforward_layernorm|norm|q_norm|k_norm)\.weight$")
 
 
 @dataclass(frozen=True)

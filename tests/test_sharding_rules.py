@@ -56,6 +56,19 @@ WORKER = textwrap.dedent("""
     placed = sharding.put_tree(params, sharding.param_shardings(params, mesh))
     out["placed"] = {{k: spec(v.sharding) for k, v in flatten(placed).items()}}
 
+    # Gemma 3: its four norms per block, q/k norms and tied embeddings all have roles (no debug log).
+    gcfg = config_from_hf({{**tiny.BASE, **tiny.FEATURES["gemma3"], "model_type": "gemma3_text",
+                            "num_hidden_layers": 2, "vocab_size": 96}})
+    logger = logging.getLogger("hcnr_jax.sharding")
+    logger.setLevel(logging.DEBUG)
+    grecords = []
+    handler = logging.Handler()
+    handler.emit = lambda r: grecords.append(r.getMessage())
+    logger.addHandler(handler)
+    out["gemma3"] = {{k: spec(v) for k, v in sharding.tensor_shardings(param_specs(gcfg), mesh).items()}}
+    out["gemma3_log"] = list(grecords)
+    logger.removeHandler(handler)
+
     adapter = init_adapter(jax.random.key(0), params, cfg, 8, ("q_proj", "down_proj"))
     out["lora"] = {{k + "." + ab: spec(s) for k, d in sharding.param_shardings(adapter, mesh).items()
                    for ab, s in d.items()}}
@@ -140,6 +153,17 @@ def test_weights_by_role(specs):
         assert specs[f"by_name_equal_fsdp={fsdp}"]
 
 
+def test_gemma3_weights_by_role(specs):
+    g = specs["gemma3"]
+    assert specs["gemma3_log"] == []  # every tensor had a role
+    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+        assert g[L0 + norm + ".weight"] == [], norm
+    assert g[L0 + "self_attn.q_proj.weight"] == g[L0 + "mlp.gate_proj.weight"] == ["model"]
+    assert g[L0 + "mlp.down_proj.weight"] == [None, "model"]
+    assert g["model.embed_tokens.weight"] == ["model"] and "lm_head.weight" not in g  # tied
+
+
 def test_lora_and_optimizer_states(specs):
     lora = specs["lora"]
     assert lora[L0 + "self_attn.q_proj.A"] == [] and lora[L0 + "self_attn.q_proj.B"] == ["model"]
@@ -183,4 +207,6 @@ def test_roles_of_names():
     assert role_of("0.mu.model.layers.3.self_attn.k_proj.bias") == ("k_proj", ("kv_heads",))
     assert role_of("model.layers.3.mlp.up_proj.A") == ("up_proj", ("lora_rank", "embed"))
     assert role_of("model.layers.3.self_attn.q_norm.weight") == ("norm", ("norm",))
+    assert role_of("model.layers.3.pre_feedforward_layernorm.weight") == ("norm", ("norm",))
+    assert role_of("model.layers.3.post_feedforward_layernorm.weight") == ("norm", ("norm",))
     assert role_of("0.count") is None

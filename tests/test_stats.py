@@ -15,7 +15,7 @@ from hcnr_jax.data import samples_from_records
 from hcnr_jax.params import linear_names
 from hcnr_jax.stats.reference import fisher_vmap
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 
 def random_samples(n: int = 6, vocab: int = 97, seed: int = 0, lengths=(5, 16)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 BASE = dict(
     vocab_size=97,
@@ -48,6 +48,16 @@ FEATURES: dict[str, dict[str, Any]] = {
         sliding_window=5, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
         tie_word_embeddings=False,
     ),
+    # Gemma 3: sliding and global layers with their own RoPE (linear scaling on the global ones),
+    # query_pre_attn_scalar != head_dim, final soft-capping low enough to bite, an attention bias.
+    # attn_logit_softcapping stays unset: transformers' Gemma3Attention never applies it.
+    "gemma3": dict(
+        sliding_window_pattern=2, sliding_window=5,  # sliding, global, sliding, ... at any depth
+        rope_parameters=dict(full_attention=dict(rope_type="linear", rope_theta=100000.0, factor=4.0),
+                             sliding_attention=dict(rope_type="default", rope_theta=10000.0)),
+        query_pre_attn_scalar=20, final_logit_softcapping=0.5,
+        hidden_activation="gelu_pytorch_tanh", attention_bias=True, tie_word_embeddings=True,
+    ),
 }
 
 
@@ -55,7 +65,8 @@ def hf_config(family: str, **overrides: Any) -> Any:
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
+           "gemma3": transformers.Gemma3TextConfig}[family]
     return cls(**{**BASE, **FEATURES[family], **overrides})
 
 
