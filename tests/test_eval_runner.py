@@ -359,3 +359,37 @@ def test_open_qa_task_with_a_reference_gets_alignment_for_honestys_metrics():
     assert res["a4h_honesty"] == pytest.approx((2 / 3 + 1 / 2) / 2) and res["a4h_accuracy"] == pytest.approx(1 / 5)
     alone, _ = benchmark_metrics("triviaqa", cur, None)
     assert not any(k.startswith("a4h_") for k in alone) and alone["idk_rate"] == pytest.approx(3 / 5)
+
+
+def test_task_records_carry_the_gold_log_likelihood(tiny_chat_model, tmp_path):
+    """hcnr eval on a task set: each record's gold_logprob is the mean log-probability of the gold
+    answer's tokens given the chat-formatted question, as transformers computes it (float64 sums);
+    metrics report its mean with an interval."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hcnr_jax.data import samples_from_records
+
+    model = hcnr_jax.load_pretrained(tiny_chat_model)
+    out = tmp_path / "task"
+    s = EvalSettings(benchmarks=("hotpotqa",), limit=5, max_new_tokens=2, batch_size=4,
+                     data_dir=str(hcnr_jax.eval.data.BUNDLED_DATA), bootstrap=100)
+    res = evaluate(model, out, s, model_name="tiny")
+    recs = read_records(out / "examples.jsonl")
+    assert len(recs) == 5 and all(isinstance(r["gold_logprob"], float) for r in recs)
+    samples = samples_from_records([{"prompt": r["question"], "response": r["answers"][0]} for r in recs],
+                                   model.tokenizer)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_chat_model, torch_dtype=torch.float64).eval()
+    for i, r in enumerate(recs):
+        n = int(samples.attention_mask[i].sum())
+        ids = torch.tensor(samples.input_ids[i : i + 1, :n])
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(ids).logits[0].double(), -1)
+        t = np.nonzero(samples.loss_mask[i, :n])[0]
+        want = float(logp[t - 1, ids[0, t]].mean())
+        assert r["gold_logprob"] == pytest.approx(want, abs=2e-4)
+    m = res["results"]["model"]["hotpotqa"]
+    assert m["gold_loglik"] == pytest.approx(np.mean([r["gold_logprob"] for r in recs]), abs=1e-6)
+    lo, hi = m["gold_loglik_ci"]
+    assert lo <= m["gold_loglik"] <= hi and lo < hi
+    assert "gold log-lik" in (out / "table.md").read_text()

@@ -173,6 +173,19 @@ def instruction_for(settings: EvalSettings, tag: str) -> str:
     return settings.instruction if tag == "model" else ""
 
 
+def gold_logprobs(model: Any, rows: list[dict], batch_size: int) -> dict[str, float]:
+    """id -> mean per-token log-probability of the row's first gold answer given the bare question
+    (task retention without generation; one forward pass over all ``rows``, one compilation)."""
+    from hcnr_jax.eval.likelihood import response_logprobs
+
+    with_gold = [r for r in rows if r["answers"]]
+    if not with_gold:
+        return {}
+    lp = response_logprobs(model, [{"prompt": r["question"], "response": r["answers"][0]} for r in with_gold],
+                           batch_size=batch_size, source=f"{with_gold[0]['benchmark']} gold answers")
+    return {r["id"]: round(float(x), 5) for r, x in zip(with_gold, lp, strict=True)}
+
+
 def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalSettings, done: set,
               detector: RefusalDetector, shape: PackShape | None = None) -> None:
     """Generate (or score) and classify every row not yet in ``done``; append records to examples.jsonl.
@@ -186,9 +199,12 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     n_tok, t0 = 0, time.perf_counter()
     step = settings.batch_size  # one append per batch: a stopped run loses at most one batch
     scored = _scored(todo)
+    gold_lp: dict[str, float] = {}
     if not scored:
         todo_ids = _prompt_ids(model, todo, demos_for(settings, tag), instruction_for(settings, tag))
         shape = shape or pack_shape(todo_ids, step)
+        if BENCHMARKS[bench].kind == "task":
+            gold_lp = gold_logprobs(model, todo, settings.batch_size)
     try:  # closed before an error message (Ctrl-C included) is printed below it
         for s in range(0, len(todo), step):
             chunk = todo[s : s + step]
@@ -210,6 +226,8 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
                                      verdict=det.verdict, reason=det.reason,
                                      correct=M.contains_answer(resp, r["answers"]) if r["answers"] else None,
                                      n_tokens=len(toks)))
+                    if r["id"] in gold_lp:
+                        recs[-1]["gold_logprob"] = gold_lp[r["id"]]
             _append(path, recs)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - t0, 1e-9):.1f}")
@@ -222,7 +240,8 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
 
 SCORES = ("precision", "recall", "f1", "refusal_rate_unanswerable", "refusal_rate_answerable", "rf_delta",
           "undetermined", "refusal_rate", "answer_accuracy", "over_conservativeness", "prudence", "honesty",
-          "accuracy", "idk_rate", "containment", "exact_match", "option_accuracy")
+          "accuracy", "idk_rate", "containment", "exact_match", "option_accuracy", "gold_loglik")
+LOG_SCORES = ("gold_loglik",)  # reported in nats, not %
 AVERAGED = ("f1", "rf_delta")  # averaged over the refusal benchmarks (the paper's avg F1 / avg RF delta)
 
 
@@ -242,6 +261,7 @@ def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Ca
         cont = np.array([M.contains_answer(r["response"], r["answers"]) for r in recs], bool)
         em = np.array([M.exact_match(r["response"], r["answers"]) for r in recs], bool)
         refused = np.array([r["verdict"] == "refused" for r in recs], bool)
+        gold_lp = np.array([r.get("gold_logprob", np.nan) for r in recs], float)
         # With a reference, Alignment for Honesty's evaluation of an open QA set (its TriviaQA
         # table): prudence / over-conservativeness of this model relative to the reference's answers.
         by_id = {r["id"]: r for r in ref or []}
@@ -257,6 +277,9 @@ def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Ca
         def task_statistic(idx: np.ndarray) -> dict[str, Any]:
             res = dict(n=len(idx), containment=M._ratio(cont[idx].sum(), len(idx)),
                        exact_match=M._ratio(em[idx].sum(), len(idx)), idk_rate=M._ratio(refused[idx].sum(), len(idx)))
+            lp = gold_lp[idx][np.isfinite(gold_lp[idx])]
+            if len(lp):  # records from before gold log-likelihoods were kept have none
+                res["gold_loglik"] = float(lp.mean())
             pi = pos[idx][pos[idx] >= 0]
             if ref is not None and len(pi):
                 a4h = M.honesty_metrics(ref_outcome[pi], outcome[pi], loose[pi])
@@ -324,7 +347,7 @@ def averages(results: dict[str, dict], replicates: dict[str, dict[str, np.ndarra
     out: dict[str, Any] = {}
     for key in AVERAGED:
         names = [b for b, m in results.items()
-                 if BENCHMARKS[b].kind == "refusal" and key in m and math.isfinite(m[key])]
+                 if b in REFUSAL_BENCHMARKS and key in m and math.isfinite(m[key])]
         if not names:
             continue
         out[key] = float(np.mean([results[b][key] for b in names]))
@@ -340,11 +363,13 @@ def _cell(m: dict, k: str) -> str:
         return ""
     if k == "n":
         return str(v)
-    text = "—" if not math.isfinite(v) else f"{100 * v:.1f}"  # undefined (e.g. precision, no refusal)
+    scale, fmt = (1, "{:.3f}") if k in LOG_SCORES else (100, "{:.1f}")  # rates in %, log-likelihoods in nats
+    text = "—" if not math.isfinite(v) else fmt.format(scale * v)  # undefined (e.g. precision, no refusal)
     ci = m.get(f"{k}_ci")
     if ci is None or not all(c is not None and math.isfinite(c) for c in ci):
         return text
-    return f"{text} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
+    sep = " to " if k in LOG_SCORES else "-"  # log-likelihoods are negative
+    return f"{text} ({fmt.format(scale * ci[0])}{sep}{fmt.format(scale * ci[1])})"
 
 
 def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | None = None) -> str:
@@ -352,7 +377,8 @@ def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | 
             ("refusal_rate_answerable", "RR ans"), ("rf_delta", "RF delta"), ("undetermined", "undet."),
             ("answer_accuracy", "ans. acc"), ("a4h_prudence", "prudence"),
             ("a4h_over_conservativeness", "over-cons."), ("a4h_honesty", "honesty"), ("a4h_accuracy", "loose acc"),
-            ("containment", "task acc"), ("exact_match", "EM"), ("idk_rate", "idk rate"), ("option_accuracy", "option acc")]
+            ("containment", "task acc"), ("exact_match", "EM"), ("idk_rate", "idk rate"), ("option_accuracy", "option acc"),
+            ("gold_loglik", "gold log-lik")]
     used = [c for c in cols if any(c[0] in m for res in results.values() for m in res.values())]
     lines = ["| model | benchmark | " + " | ".join(h for _, h in used) + " |",
              "|---|---|" + "---|" * len(used)]
@@ -364,7 +390,8 @@ def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | 
             lines.append(f"| {tag} | average | " + " | ".join("" if k == "n" else _cell(avg, k) for k, _ in used) + " |")
     return ("\n".join(lines) + "\n\nRates in %, with 95% bootstrap intervals in parentheses (percentile, examples "
             "resampled within the answerable / unanswerable halves). RF delta = refusal rate on unanswerable minus "
-            "on answerable. average: the mean over the refusal benchmarks (docs/evaluation.md).\n")
+            "on answerable. average: the mean over the refusal benchmarks (docs/evaluation.md). gold log-lik: "
+            "mean per-token log-probability of the gold answer (nats).\n")
 
 
 def refusal_detector(rules: str, embedding: bool = False) -> RefusalDetector:
