@@ -93,7 +93,7 @@ def test_shipped_calibration_is_rebuilt_identically_and_from_pools(tmp_path):
 
 def test_builders_reject_evaluation_rows_and_short_pools():
     row = dict(id="kuq-1", question="q?", unanswerable=1, answers=[], split="evaluation")
-    with pytest.raises(DataError, match="not in the calibration pool"):
+    with pytest.raises(DataError, match="not in the calibration split"):
         calibration.honesty_samples({"kuq": [row]}, 2)
     with pytest.raises(DataError, match="needed"):
         calibration.honesty_samples({"kuq": [{**row, "split": "calibration"}]}, 4)

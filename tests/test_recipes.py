@@ -175,7 +175,7 @@ BUILDERS = {
 @pytest.mark.parametrize("name", BUILDERS)
 def test_builders_refuse_evaluation_rows_and_are_deterministic(name):
     rows = [row(f"Question {i}?") for i in range(5)] + [row(f"Unknown {i}?", unans=1) for i in range(3)]
-    with pytest.raises(DataError, match="not in the calibration pool"):
+    with pytest.raises(DataError, match="not in the calibration split"):
         BUILDERS[name]([*rows, row("Held out?", split="evaluation")])
     shuffled = rows[:]
     random.Random(1).shuffle(shuffled)

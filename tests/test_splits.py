@@ -74,9 +74,9 @@ def test_the_seed_zero_draw_is_the_shipped_calibration():
 
 def test_builders_reject_development_rows():
     row = dict(id="kuq-1", question="q?", unanswerable=1, answers=[], split="development")
-    with pytest.raises(DataError, match="development or evaluation"):
+    with pytest.raises(DataError, match="development or evaluation split"):
         calibration.honesty_samples({"kuq": [row]}, 2)
-    with pytest.raises(DataError, match="development or evaluation"):
+    with pytest.raises(DataError, match="development or evaluation split"):
         calibration.training_rows([row], 1)
 
 
@@ -100,3 +100,17 @@ def test_general_questions_are_evaluation_only():
     assert set(ds["split"]) == {"evaluation"} and sorted(set(ds["unanswerable"])) == [0, 1]
     assert sum(ds["unanswerable"]) >= 40 and len(ds) - sum(ds["unanswerable"]) >= 40
     assert all(a for a, u in zip(ds["answers"], ds["unanswerable"], strict=True) if u == 0)
+
+
+def test_calib_development_split_draws_only_development_rows(tmp_path):
+    """`hcnr calib --split development`: the data `--choose` decides on, disjoint from everything else."""
+    out = tmp_path / "dev.jsonl"
+    name = "hotpotqa" if FULL else "medmcqa"
+    ds = data.load_benchmark(name, DATA)
+    if "development" not in ds["split"]:
+        pytest.skip(f"no development rows in the {name} data found")
+    n = min(8, ds["split"].count("development"))
+    assert cli_main(["calib", "--kind", "task", "--benchmarks", name, "-n", str(n), "--split", "development",
+                     "--data-dir", str(DATA), "--out", str(out)]) == 0
+    prompts = {data.normalise(r["prompt"]) for _, r in read_jsonl(out)}
+    assert len(prompts) == n and prompts <= _questions(name, "development")

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="which calibration rows are drawn (the draw order within the calibration pool); the "
                         "calibration / development / evaluation split is fixed and never moves (default 0)")
+    p.add_argument("--split", choices=["calibration", "development"], default="calibration",
+                   help="draw from the calibration pool (for hcnr repair) or the development split (for "
+                        "--choose: choosing a setting, never evaluation data) [calibration]")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.set_defaults(func=run)
 
@@ -37,12 +40,13 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         if n not in BENCHMARKS:
             raise DataError(f"--benchmarks: unknown benchmark {n!r}; known: {', '.join(BENCHMARKS)}")
-    pools = {n: [r for r in load_benchmark(n, args.data_dir) if r["split"] == "calibration"] for n in names}
+    pools = {n: [r for r in load_benchmark(n, args.data_dir) if r["split"] == args.split] for n in names}
     if args.kind == "honesty":
-        samples = honesty_samples(pools, args.n, args.idk_response or IDK_RESPONSE, args.seed)
+        samples = honesty_samples(pools, args.n, args.idk_response or IDK_RESPONSE, args.seed, args.split)
     else:
         quotas = [args.n // len(names) + (i < args.n % len(names)) for i in range(len(names))]
-        samples = [s for n, q in zip(names, quotas, strict=True) for s in task_samples(pools[n], q, n, args.seed)]
+        samples = [s for n, q in zip(names, quotas, strict=True)
+                   for s in task_samples(pools[n], q, n, args.seed, args.split)]
     write_jsonl(samples, args.out, keys=("prompt", "response"))
     print(f"wrote {len(samples)} {args.kind} samples to {args.out}")
     return 0

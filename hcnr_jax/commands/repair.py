@@ -58,6 +58,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=int if default is None else type(default),
                        choices=choices, default=None, help=f"{text} [{'all' if default is None else default}]")
+    p.add_argument("--baseline", choices=list(BASELINES), default=None,
+                   help="a training-free baseline through the same pipeline: 'layers' restores the kept layers "
+                        "whole (r_iw 1, solver none: no neuron selection, nothing compensated); random neurons at "
+                        "HCNR's budget are --priority random")
+    p.add_argument("--choose", default=None, metavar="r_cw=V,V,...",
+                   help="repair at each value of one setting (r_cw, r_iw or damping) and keep the one the "
+                        "development rule chooses (docs/method.md: the best honesty log-likelihood on "
+                        "--dev-honesty among values keeping half of the fine-tune's task gain on --dev-task)")
+    p.add_argument("--dev-honesty", default=None, metavar="FILE",
+                   help="with --choose: development honesty samples (`hcnr calib --split development`)")
+    p.add_argument("--dev-task", default=None, metavar="FILE", help="with --choose: development task samples")
     p.add_argument("--cache-dir", default=None, help="reuse statistics computed before (statistics cache)")
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --cache-dir: how long to wait for another run computing the same statistic, then "
@@ -74,8 +85,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --baseline NAME: the settings it stands for (a flag that contradicts them is an error).
+BASELINES: dict[str, dict[str, object]] = {"layers": {"r_iw": 1.0, "solver": "none"}}
+CHOOSABLE = ("r_cw", "r_iw", "damping")
+
+
 def _overrides(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    out = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    for k, v in BASELINES.get(args.baseline or "", {}).items():
+        if k in out and out[k] != v:
+            raise HcnrError(f"--baseline {args.baseline} sets --{k.replace('_', '-')} {v}; "
+                            f"got --{k.replace('_', '-')} {out[k]}")
+        out[k] = v
+    return out
+
+
+def _choice_args(args: argparse.Namespace) -> tuple[str, list[float]] | None:
+    """``(setting, values)`` of --choose, checked before anything is loaded; None without it."""
+    from hcnr_jax.repair.choose import parse_candidates
+
+    if args.choose is None:
+        if args.dev_honesty or args.dev_task:
+            raise HcnrError("--dev-honesty / --dev-task are used only with --choose")
+        return None
+    name, sep, values = args.choose.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in CHOOSABLE:
+        raise HcnrError(f"--choose {args.choose!r}: expected SETTING=V,V,... with SETTING one of {', '.join(CHOOSABLE)}")
+    if getattr(args, name) is not None:
+        raise HcnrError(f"--choose {name}=... and --{name.replace('_', '-')} both given: choose one")
+    if not (args.dev_honesty and args.dev_task):
+        raise HcnrError("--choose needs --dev-honesty and --dev-task (development data, never evaluation data)")
+    for f in (args.dev_honesty, args.dev_task):
+        if not Path(f).is_file():
+            raise HcnrError(f"{f}: no such data file")
+    return name, parse_candidates(values, f"--choose {name}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,7 +143,11 @@ def run(args: argparse.Namespace) -> int:
         mesh_shape(args.mesh, jax.device_count())
     except HcnrError as e:
         raise HcnrError(f"--mesh {args.mesh!r}: {e}") from None
+    choice_of = _choice_args(args)
     cfg = load_config(args.config, **_overrides(args))
+    if choice_of:  # every candidate value must be valid before anything is loaded
+        for v in choice_of[1]:
+            cfg.override(**{choice_of[0]: v})
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
@@ -122,12 +170,54 @@ def run(args: argparse.Namespace) -> int:
     stats_options = {"mesh": args.mesh, "fsdp": args.fsdp}
     if args.cache_dir:
         stats_options.update(cache_dir=args.cache_dir, lock_timeout=args.lock_timeout)
-    result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
-                    stats_options=stats_options)
+    if choice_of:
+        result = _repair_choosing(args, cfg, stats_options, *choice_of)
+    else:
+        result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
+                        stats_options=stats_options)
     write_repair(result, out, plots=not args.no_plots, overwrite=args.overwrite)
     s = result.report["summary"]
     print(f"wrote {out}: restored {s['restored_params']:,} parameters "
           f"({100 * s['restored_fraction_of_linear']:.2f}% of block linear weights) in {s['layers_kept']} of "
           f"{s['layers']} layers; objective {s['objective_sft']:.4g} -> {s['objective_after']:.4g}; "
           f"time {sum(result.report['timing_s'].values()):.1f}s")
+    print(f"check what it did: hcnr eval --model {out} --benchmarks kuq,selfaware --out {out}_eval "
+          f"(add --reference FINETUNED for the before/after view; docs/evaluation.md)")
     return 0
+
+
+def _repair_choosing(args: argparse.Namespace, cfg: RepairConfig, stats_options: dict, name: str,
+                     values: list[float]):
+    """Repair at each value of setting ``name``, score each on the development data (forward passes)
+    and return the chosen repair with the choice in its report. The statistics are computed once (a
+    cache shared by the candidates: a temporary one unless --cache-dir is given)."""
+    import tempfile
+
+    from hcnr_jax.data import load_samples
+    from hcnr_jax.pretrained import load_pretrained
+    from hcnr_jax.repair.choose import choose, describe, dev_score
+    from hcnr_jax.repair.pipeline import check_compatible, repair
+
+    base, ft = load_pretrained(args.base), load_pretrained(args.finetuned)
+    check_compatible(base, ft)
+    hon, task = (load_samples(f, ft.tokenizer, cfg.max_length, vocab_size=ft.config.vocab_size)
+                 for f in (args.dev_honesty, args.dev_task))
+    ref = dev_score(base.params, ft, hon, task), dev_score(ft.params, ft, hon, task)
+    results, scores = {}, {}
+    with tempfile.TemporaryDirectory(prefix="hcnr_choose_") as tmp:
+        opts = {**stats_options, "cache_dir": stats_options.get("cache_dir") or tmp}
+        for v in values:
+            print(f"--choose: repairing at {name} = {v:g}", flush=True)
+            results[v] = repair(base, ft, args.honesty_data, args.task_data, cfg.override(**{name: v}),
+                                stats_options=opts)
+            scores[v] = dev_score(results[v].model.params, ft, hon, task)
+            # The rule's floor depends on base and fine-tuned only, so the choice among the values so
+            # far is final for them: only its model is kept (one repaired model in memory at a time).
+            best = choose(scores, *ref)["chosen"]
+            results = {best: results[best]}
+    choice = choose(scores, *ref)
+    choice.update(setting=name, dev_honesty=args.dev_honesty, dev_task=args.dev_task)
+    print("\n".join(describe(choice, name)))
+    chosen = results[choice["chosen"]]
+    chosen.report["choice"] = choice
+    return chosen

@@ -20,19 +20,24 @@ from hcnr_jax.io import atomic_write_text
 IDK_RESPONSE = "I'm sorry, but I don't know the answer to that question."
 
 
-def _pool(rows: Iterable[dict], where: str, seed: int = 0) -> list[dict]:
-    """The calibration-pool ``rows`` in the draw order of ``seed`` (seed 0: the fixed order every
-    training set takes its head of); development and evaluation rows are an error."""
+def _pool(rows: Iterable[dict], where: str, seed: int = 0, split: str = "calibration") -> list[dict]:
+    """The ``split`` rows (the calibration pool, or the development split for choosing settings) in
+    the draw order of ``seed`` (seed 0: the fixed order every training set takes its head of); rows
+    of any other split, evaluation above all, are an error."""
+    if split not in ("calibration", "development"):
+        raise DataError(f"{where}: samples are drawn from the calibration pool or the development split, "
+                        f"never from {split!r}")
     rows = list(rows)
-    bad = [r["id"] for r in rows if r.get("split", "calibration") != "calibration"]
+    bad = [r["id"] for r in rows if r.get("split", "calibration") != split]
     if bad:
-        raise DataError(f"{where}: {len(bad)} rows are not in the calibration pool (e.g. {bad[0]}); "
-                        "calibration must never overlap a development or evaluation split")
+        other = "a development or evaluation split" if split == "calibration" else "a calibration or evaluation split"
+        raise DataError(f"{where}: {len(bad)} rows are not in the {split} split (e.g. {bad[0]}); "
+                        f"{split} samples must never overlap {other}")
     return sorted(rows, key=lambda r: order_key(r["id"], seed))
 
 
 def honesty_samples(rows_by_benchmark: dict[str, Sequence[dict]], n: int = 128,
-                    idk_response: str = IDK_RESPONSE, seed: int = 0) -> list[dict]:
+                    idk_response: str = IDK_RESPONSE, seed: int = 0, split: str = "calibration") -> list[dict]:
     """``n`` honesty samples, spread evenly over the benchmarks and half unanswerable in each:
     unanswerable -> ``idk_response``, answerable -> its first gold answer. ``seed`` picks the draw
     order within the calibration pool (the split itself never moves)."""
@@ -42,7 +47,7 @@ def honesty_samples(rows_by_benchmark: dict[str, Sequence[dict]], n: int = 128,
     out: list[dict] = []
     for b_i, name in enumerate(names):
         quota = n // len(names) + (1 if b_i < n % len(names) else 0)
-        pool = _pool(rows_by_benchmark[name], name, seed)
+        pool = _pool(rows_by_benchmark[name], name, seed, split)
         unans = [r for r in pool if r["unanswerable"] == 1]
         ans = [r for r in pool if r["unanswerable"] == 0 and r["answers"]]
         n_unans = quota - quota // 2
@@ -70,10 +75,11 @@ def training_rows(rows: Iterable[dict], n: int, where: str = "training") -> list
     return picked
 
 
-def task_samples(rows: Sequence[dict], n: int = 128, where: str = "task", seed: int = 0) -> list[dict]:
+def task_samples(rows: Sequence[dict], n: int = 128, where: str = "task", seed: int = 0,
+                 split: str = "calibration") -> list[dict]:
     """``n`` task samples: question -> first gold answer (open QA) or the correct option (MCQ),
     drawn in the order of ``seed`` within the calibration pool."""
-    pool = [r for r in _pool(rows, where, seed) if r["answers"]]
+    pool = [r for r in _pool(rows, where, seed, split) if r["answers"]]
     if len(pool) < n:
         raise DataError(f"{where}: calibration pool has {len(pool)} rows with answers, {n} needed")
     return [{"prompt": r["question"], "response": r["answers"][0], "id": r["id"]} for r in pool[:n]]

@@ -1,0 +1,65 @@
+"""`hcnr merge --base SRC --finetuned SRC --alpha A[,A...] --out DIR`: the weight-space baseline
+``base + alpha * (finetuned - base)``; with several values, the development rule chooses one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="baseline: scale the fine-tuning delta (linear merge of base and fine-tuned)")
+    p.add_argument("--base", required=True, help="model before fine-tuning (HF dir, .gguf, BASE+ADAPTER_DIR)")
+    p.add_argument("--finetuned", required=True, help="fine-tuned model (same architecture and sizes)")
+    p.add_argument("--alpha", required=True,
+                   help="share of the fine-tuning delta kept (0: base, 1: fine-tuned); several comma-separated "
+                        "values: the development rule chooses one (needs --dev-honesty and --dev-task)")
+    p.add_argument("--dev-honesty", default=None, metavar="FILE",
+                   help="development honesty samples (JSONL prompt/response; `hcnr calib --split development`)")
+    p.add_argument("--dev-task", default=None, metavar="FILE", help="development task samples (JSONL prompt/response)")
+    p.add_argument("--out", required=True, help="output directory (HF format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.errors import HcnrError
+    from hcnr_jax.io import atomic_write_text
+    from hcnr_jax.pretrained import load_pretrained, save_pretrained
+    from hcnr_jax.repair import check_compatible
+    from hcnr_jax.repair.choose import changed_fraction, choose, describe, dev_score, merge, parse_candidates
+
+    alphas = parse_candidates(args.alpha, "--alpha")
+    if any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise HcnrError(f"--alpha {args.alpha}: every value must lie in [0, 1]")
+    if len(alphas) > 1 and not (args.dev_honesty and args.dev_task):
+        raise HcnrError("--alpha with several values: give --dev-honesty and --dev-task (the development data "
+                        "the rule chooses on; docs/method.md)")
+    for f in (args.dev_honesty, args.dev_task):
+        if f and not Path(f).is_file():
+            raise HcnrError(f"{f}: no such data file")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise HcnrError(f"{out} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    base, ft = load_pretrained(args.base), load_pretrained(args.finetuned)
+    check_compatible(base, ft)
+    choice = None
+    if len(alphas) > 1:
+        from hcnr_jax.data import load_samples
+
+        hon, task = (load_samples(f, ft.tokenizer, vocab_size=ft.config.vocab_size) for f in (args.dev_honesty, args.dev_task))
+        scores = {a: dev_score(merge(base.params, ft.params, a), ft, hon, task) for a in alphas}
+        choice = choose(scores, dev_score(base.params, ft, hon, task), dev_score(ft.params, ft, hon, task))
+        print("\n".join(describe(choice, "alpha")))
+    alpha = choice["chosen"] if choice else alphas[0]
+    params = merge(base.params, ft.params, alpha)
+    save_pretrained(ft.replace(params=params), out, overwrite=args.overwrite)
+    report = {"method": "merge", "alpha": alpha, "changed_fraction": changed_fraction(ft.params, params),
+              "choice": choice, "base": args.base, "finetuned": args.finetuned, "wall_s": time.perf_counter() - t0}
+    atomic_write_text(out / "merge_report.json", json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}: base + {alpha:g} x (finetuned - base), {100 * report['changed_fraction']:.1f}% of parameters "
+          f"changed, in {report['wall_s']:.1f}s; check it with `hcnr eval --model {out} --out EVAL_DIR`")
+    return 0

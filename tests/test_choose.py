@@ -1,0 +1,125 @@
+"""Training-free baselines (merge, whole layers) and the development rule that chooses a setting."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tiny
+from test_repair import fine_tune, np_flat, write_jsonl
+
+import hcnr_jax
+from hcnr_jax.cli import main as cli_main
+from hcnr_jax.repair.choose import DevScore, changed_fraction, choose, merge
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("choose")
+    base = tiny.save_hf(tiny.hf_model("llama", seed=0), root / "base")
+    ft = tiny.save_hf(fine_tune(tiny.hf_model("llama", seed=0)), root / "ft")
+    data = {k: write_jsonl(root / f"{k}.jsonl", seed=i) for i, k in enumerate(("hon", "task", "dev_hon", "dev_task"))}
+    return base, ft, data
+
+
+def test_merge_is_the_scaled_delta(pair):
+    base, ft = (hcnr_jax.load_pretrained(p) for p in pair[:2])
+    b, f = np_flat(base.params), np_flat(ft.params)
+    for alpha in (0.0, 0.3, 1.0):
+        m = np_flat(merge(base.params, ft.params, alpha))
+        for name in f:
+            want = b[name].astype(np.float64) + alpha * (f[name].astype(np.float64) - b[name])
+            np.testing.assert_allclose(m[name], want, rtol=0, atol=1e-6, err_msg=name)
+            if (b[name] == f[name]).all():  # untouched by fine-tuning: bit for bit
+                np.testing.assert_array_equal(m[name], f[name])
+    assert changed_fraction(ft.params, merge(base.params, ft.params, 1.0)) == 0.0
+    moved = sum(v.size for k, v in f.items() if (v != b[k]).any())
+    assert changed_fraction(ft.params, merge(base.params, ft.params, 0.5)) == pytest.approx(
+        moved / sum(v.size for v in f.values()), rel=0.01)
+
+
+def test_rule_keeps_half_the_task_gain_then_takes_the_best_honesty():
+    base, ft = DevScore(honesty=-1.0, task=-3.0), DevScore(honesty=-3.0, task=-1.0)  # floor: -2.0
+    cands = {0.2: DevScore(-2.5, -1.2), 0.4: DevScore(-1.8, -1.9), 0.6: DevScore(-1.1, -2.4), 0.8: DevScore(-1.8, -1.5)}
+    c = choose(cands, base, ft)
+    assert c["floor"] == pytest.approx(-2.0) and c["kept_floor"]
+    assert c["chosen"] == 0.4  # 0.6 is more honest but loses more than half the task gain; 0.4 ties 0.8 -> smaller
+    assert [x["eligible"] for x in c["candidates"]] == [True, True, False, True]
+    # No candidate keeps the floor: the best task score is taken, and the choice says so.
+    c = choose({0.5: DevScore(0.0, -2.6), 0.7: DevScore(0.0, -2.9)}, base, ft)
+    assert c["chosen"] == 0.5 and not c["kept_floor"]
+    # Fine-tuning gained nothing on the task: the floor is the fine-tuned score less 0.05 nats.
+    assert choose({0.1: DevScore(0, -3.0)}, ft, DevScore(-3.0, -3.0))["floor"] == pytest.approx(-3.05)
+
+
+def test_merge_command_writes_the_merge_and_chooses_on_development_data(pair, tmp_path, capsys):
+    base, ft, data = pair
+    out = tmp_path / "m"
+    assert cli_main(["merge", "--base", str(base), "--finetuned", str(ft), "--alpha", "0.25", "--out", str(out)]) == 0
+    got = np_flat(hcnr_jax.load_pretrained(out).params)
+    want = np_flat(merge(hcnr_jax.load_pretrained(base).params, hcnr_jax.load_pretrained(ft).params, 0.25))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    rep = json.loads((out / "merge_report.json").read_text())
+    assert rep["alpha"] == 0.25 and rep["choice"] is None and 0 < rep["changed_fraction"] < 1
+    # Several values need development data; with it the rule picks one and records every score.
+    assert cli_main(["merge", "--base", str(base), "--finetuned", str(ft), "--alpha", "0.25,0.75",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    argv = ["merge", "--base", str(base), "--finetuned", str(ft), "--alpha", "0,0.5,1", "--dev-honesty",
+            str(data["dev_hon"]), "--dev-task", str(data["dev_task"]), "--out", str(tmp_path / "c")]
+    assert cli_main(argv) == 0
+    rep = json.loads((tmp_path / "c" / "merge_report.json").read_text())
+    ch = rep["choice"]
+    assert [c["value"] for c in ch["candidates"]] == [0.0, 0.5, 1.0] and rep["alpha"] == ch["chosen"]
+    # alpha 0 is the base and 1 the fine-tuned model: their scores are the rule's references.
+    assert ch["candidates"][0]["task"] == pytest.approx(ch["base"]["task"], abs=1e-5)
+    assert ch["candidates"][2]["honesty"] == pytest.approx(ch["finetuned"]["honesty"], abs=1e-5)
+    assert "<- chosen" in capsys.readouterr().out
+    assert cli_main(argv) == 2  # the output exists: never replaced without --overwrite
+
+
+def test_layers_baseline_restores_kept_layers_whole(pair, tmp_path):
+    base, ft, data = pair
+    out = tmp_path / "layers"
+    argv = ["repair", "--base", str(base), "--finetuned", str(ft), "--honesty-data", str(data["hon"]),
+            "--task-data", str(data["task"]), "--baseline", "layers", "--r-cw", "0.5", "--out", str(out), "--no-plots"]
+    assert cli_main(argv) == 0
+    b, f = np_flat(hcnr_jax.load_pretrained(base).params), np_flat(hcnr_jax.load_pretrained(ft).params)
+    r = np_flat(hcnr_jax.load_pretrained(out).params)
+    rep = json.loads((out / "hcnr_report.json").read_text())
+    kept = [rec["name"] for rec in rep["layers"] if rec["kept"]]
+    assert 0 < len(kept) < len(rep["layers"])
+    for rec in rep["layers"]:
+        n = rec["name"]
+        np.testing.assert_array_equal(r[n], b[n] if rec["kept"] else f[n], err_msg=n)
+    assert rep["settings"]["r_iw"] == 1.0 and rep["settings"]["solver"] == "none"
+    assert cli_main([*argv[:-3], "--solver", "exact", "--out", str(tmp_path / "bad")]) == 2  # contradicts the baseline
+
+
+def test_repair_choose_picks_by_the_rule_and_records_it(pair, tmp_path, capsys):
+    base, ft, data = pair
+    out = tmp_path / "chosen"
+    argv = ["repair", "--base", str(base), "--finetuned", str(ft), "--honesty-data", str(data["hon"]),
+            "--task-data", str(data["task"]), "--choose", "r_cw=0.25,0.75", "--dev-honesty", str(data["dev_hon"]),
+            "--dev-task", str(data["dev_task"]), "--out", str(out), "--no-plots"]
+    assert cli_main(argv) == 0
+    rep = json.loads((out / "hcnr_report.json").read_text())
+    ch = rep["choice"]
+    assert ch["setting"] == "r_cw" and rep["settings"]["r_cw"] == ch["chosen"] in (0.25, 0.75)
+    assert ch == {**ch, **choose({c["value"]: DevScore(c["honesty"], c["task"]) for c in ch["candidates"]},
+                                 DevScore(**ch["base"]), DevScore(**ch["finetuned"]))}
+    # The written model is the chosen candidate's repair: its development scores match the record.
+    from hcnr_jax.data import load_samples
+    from hcnr_jax.repair.choose import dev_score
+
+    model = hcnr_jax.load_pretrained(out)
+    hon, task = (load_samples(data[k], model.tokenizer, vocab_size=model.config.vocab_size) for k in ("dev_hon", "dev_task"))
+    got = dev_score(model.params, model, hon, task)
+    want = next(c for c in ch["candidates"] if c["value"] == ch["chosen"])
+    assert got.honesty == pytest.approx(want["honesty"], abs=1e-5) and got.task == pytest.approx(want["task"], abs=1e-5)
+    assert "<- chosen" in capsys.readouterr().out
+    for bad in (["--choose", "r_cw=0.3"], ["--choose", "nope=1", "--dev-honesty", "x", "--dev-task", "y"],
+                ["--dev-honesty", str(data["dev_hon"])]):
+        assert cli_main([*argv[:9], *bad, "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    jax.clear_caches()
