@@ -1,0 +1,331 @@
+"""Evidence that holds (issue: no leaks, training-free baselines, settings without evaluation labels).
+
+HCNR against the weight-space baselines a user tries first, on the shipped M0 / M1 pair (M1: M0 +
+a HotpotQA LoRA), every row evaluated on the same questions and compared with paired differences:
+
+- HCNR at the paper's settings (r_cw 0.4), calibration draws 0, 1, 2 (`hcnr calib --seed S`: the
+  draw within the calibration pool; the split never moves, so no draw touches an evaluated row);
+- HCNR with r_cw chosen by the development rule (`hcnr repair --choose r_cw=...`);
+- the merge M0 + alpha (M1 - M0) with alpha chosen by the same rule (`hcnr merge --alpha ...`);
+- the top-r_cw layers restored whole (`hcnr repair --baseline layers`);
+- random neurons at HCNR's budget (`--priority random`).
+
+The rule and its candidates were written down before this script first ran (docs/method.md,
+"Choosing a setting"). Development data: `hcnr calib --split development` (KUQ + SelfAware honesty,
+HotpotQA task), never calibration or evaluation rows.
+
+Evaluation: the five refusal benchmarks and HotpotQA, the first N = 100 evaluation questions of
+each (balanced), plus the 90 general questions; greedy, 32 new tokens. Every stage is skipped when
+its output exists (rerun to resume); each row's per-example records are copied to
+``experiments/results/evidence/`` as they finish, and ``--stage report`` writes evidence.{json,md}.
+
+    python experiments/evidence.py --data-dir DIR [--stage all|STAGE[,STAGE...]|list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HONESTY = ("falseqa", "nec", "refunq", "kuq", "selfaware")
+TASK = "hotpotqa"
+GENERAL = "general"
+LIMIT, TOKENS = 100, 32
+R_CW_CANDIDATES = "0.3,0.4,0.5,0.6"  # fixed before the first run
+ALPHA_CANDIDATES = "0.25,0.5,0.75"
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS / "evidence"
+RESAMPLES = 2000
+
+
+def models() -> dict[str, str]:
+    from hcnr_jax.embedded import BUNDLED, smollm2_gguf
+
+    m0 = f"{smollm2_gguf()}+{BUNDLED / 'models' / 'honest'}"
+    return {"M0": m0, "M1": f"{m0}+{BUNDLED / 'models' / 'finetuned'}"}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        sys.exit(f"command failed (exit {rc}); see {log}")
+    return time.perf_counter() - t0
+
+
+# Row name -> how its model is made: ("model", source) | ("repair", extra flags) | ("merge", alphas).
+ROWS: dict[str, tuple[str, object]] = {
+    "M1": ("model", "M1"),
+    "M0": ("model", "M0"),
+    "HCNR s0": ("repair", ("--r-cw", "0.4", "--seed-data", "0")),
+    "merge (alpha chosen)": ("merge", ALPHA_CANDIDATES),
+    "layers whole (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--baseline", "layers", "--seed-data", "0")),
+    "HCNR (r_cw chosen)": ("repair", ("--choose", f"r_cw={R_CW_CANDIDATES}", "--seed-data", "0")),
+    "HCNR s1": ("repair", ("--r-cw", "0.4", "--seed-data", "1")),
+    "HCNR s2": ("repair", ("--r-cw", "0.4", "--seed-data", "2")),
+    "random neurons (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--priority", "random", "--seed-data", "0")),
+}
+
+
+def slug(row: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in row.lower()).strip("_")
+
+
+def data_files(work: Path, data_dir: str | None, log: Path, seed: int | str, split: str = "calibration") -> dict[str, Path]:
+    """Honesty (KUQ + SelfAware) and task (HotpotQA) samples of one draw: 128 + 128 for calibration,
+    64 + 64 for the development split."""
+    n = "128" if split == "calibration" else "64"
+    out = {}
+    for kind, bench in (("honesty", "kuq,selfaware"), ("task", TASK)):
+        f = work / f"{split}_s{seed}_{kind}.jsonl"
+        if not f.exists():
+            run(["hcnr", "calib", "--kind", kind, "--benchmarks", bench, "-n", n, "--seed", str(seed), "--split", split,
+                 "--out", str(f), *(["--data-dir", data_dir] if data_dir else [])], log)
+        out[kind] = f
+    return out
+
+
+def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
+    """The model source of ``row``, built if needed."""
+    how, what = ROWS[row]
+    m = models()
+    if how == "model":
+        return m[str(what)]
+    out = work / slug(row)
+    if out.exists():
+        return str(out)
+    dev = data_files(work, data_dir, log, 0, "development")
+    if how == "merge":
+        t = run(["hcnr", "merge", "--base", m["M0"], "--finetuned", m["M1"], "--alpha", str(what),
+                 "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"]), "--out", str(out)], log)
+    else:
+        flags = list(what)  # type: ignore[arg-type]
+        seed = flags.pop(flags.index("--seed-data") + 1)
+        flags.remove("--seed-data")
+        cal = data_files(work, data_dir, log, seed)
+        if "--choose" in flags:
+            flags += ["--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"])]
+        t = run(["hcnr", "repair", "--base", m["M0"], "--finetuned", m["M1"], "--honesty-data", str(cal["honesty"]),
+                 "--task-data", str(cal["task"]), *flags, "--no-plots", "--out", str(out)], log)
+    (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
+    return str(out)
+
+
+def evaluate(row: str, work: Path, data_dir: str | None, log: Path) -> None:
+    dest = OUT / f"{slug(row)}.jsonl"
+    if dest.exists():
+        return
+    model = build(row, work, data_dir, log)
+    ev = work / f"eval_{slug(row)}"
+    run(["hcnr", "eval", "--model", model, "--benchmarks", ",".join((*HONESTY, TASK, GENERAL)), "--limit", str(LIMIT),
+         "--max-new-tokens", str(TOKENS), "--bootstrap", "0", "--out", str(ev),
+         *(["--data-dir", data_dir] if data_dir else [])], log)
+    keep = ("benchmark", "id", "unanswerable", "verdict", "reason", "correct", "gold_logprob", "n_tokens", "response")
+    recs = [json.loads(line) for line in (ev / "examples.jsonl").read_text().splitlines() if line.strip()]
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"row": row}
+    for name in ("hcnr_report.json", "merge_report.json"):
+        p = Path(model) / name
+        if p.exists():
+            rep = json.loads(p.read_text())
+            meta["changed_fraction"] = (rep.get("changed_fraction") if name == "merge_report.json"
+                                        else rep["summary"]["restored_fraction_of_model"])
+            meta["choice"] = rep.get("choice")
+            meta["setting"] = rep.get("alpha") if name == "merge_report.json" else rep["settings"]["r_cw"]
+    wall = work / f"{slug(row)}.wall_s"
+    if wall.exists():
+        meta["wall_s"] = float(wall.read_text())
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta) + "\n" + "".join(json.dumps({k: r.get(k) for k in keep}) + "\n" for r in recs))
+    tmp.replace(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: every number from the per-example files, each row's bootstrap seeded by its own name.
+
+
+def _f1(y: np.ndarray, refused: np.ndarray) -> float:
+    tp, fp, fn = (refused & y).sum(), (refused & ~y).sum(), (~refused & y).sum()
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def load_row(path: Path) -> tuple[dict, dict[str, dict]]:
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0]), {f"{r['benchmark']}:{r['id']}": r for r in map(json.loads, lines[1:])}
+
+
+def scores(recs: dict[str, dict], keys: dict[str, list[str]]) -> dict[str, float]:
+    """The row's scores on the examples ``keys`` (benchmark -> example keys, possibly resampled)."""
+    out: dict[str, float] = {}
+    for b in (*HONESTY, GENERAL):
+        y = np.array([recs[k]["unanswerable"] == 1 for k in keys[b]])
+        ref = np.array([recs[k]["verdict"] == "refused" for k in keys[b]])
+        out[f"f1_{b}"] = _f1(y, ref)
+        out[f"rf_delta_{b}"] = ref[y].mean() - ref[~y].mean() if y.any() and (~y).any() else 0.0
+    out["avg_f1"] = float(np.mean([out[f"f1_{b}"] for b in HONESTY]))
+    out["avg_rf_delta"] = float(np.mean([out[f"rf_delta_{b}"] for b in HONESTY]))
+    # Benchmarks HCNR's calibration never drew from (its honesty samples come from KUQ and SelfAware).
+    out["avg_f1_unseen"] = float(np.mean([out[f"f1_{b}"] for b in ("falseqa", "nec", "refunq")]))
+    t = keys[TASK]
+    out["task_acc"] = float(np.mean([bool(recs[k]["correct"]) for k in t]))
+    out["task_gold_loglik"] = float(np.mean([recs[k]["gold_logprob"] for k in t]))
+    out["task_refusal_rate"] = float(np.mean([recs[k]["verdict"] == "refused" for k in t]))
+    out["degenerate_rate"] = float(np.mean([degenerate(recs[k]["response"]) for b in keys for k in keys[b]]))
+    return out
+
+
+def degenerate(text: str) -> bool:
+    """A repetition loop: some 3-word sequence repeated 3 times or more, or one word filling half the answer."""
+    words = text.lower().split()
+    if len(words) < 6:
+        return False
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    most = max(grams.count(g) for g in set(grams))
+    return most >= 3 or max(words.count(w) for w in set(words)) >= len(words) / 2
+
+
+def seed_of(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+
+
+def strata(keys: dict[str, list[str]], recs: dict[str, dict]) -> dict[str, list[list[str]]]:
+    """Within each benchmark, resample the answerable and unanswerable halves separately."""
+    return {b: [[k for k in ks if recs[k].get("unanswerable") == u] for u in sorted({recs[k].get("unanswerable")
+                                                                                    for k in ks})]
+            for b, ks in keys.items()}
+
+
+def resample(rng: np.random.Generator, groups: dict[str, list[list[str]]]) -> dict[str, list[str]]:
+    return {b: [k for g in gs for k in (np.array(g)[rng.integers(0, len(g), len(g))] if g else [])]
+            for b, gs in groups.items()}
+
+
+def report() -> None:
+    from hcnr_jax.io import atomic_write_text
+
+    rows = {}
+    for row in ROWS:
+        p = OUT / f"{slug(row)}.jsonl"
+        if p.exists():
+            rows[row] = load_row(p)
+    if "M1" not in rows:
+        sys.exit("no M1 records yet")
+    common = set.intersection(*(set(r) for _, r in rows.values()))
+    keys = {b: sorted(k for k in common if k.startswith(b + ":")) for b in (*HONESTY, TASK, GENERAL)}
+    groups = strata(keys, rows["M1"][1])
+    table = {}
+    for row, (meta, recs) in rows.items():
+        point = scores(recs, keys)
+        rng = np.random.default_rng(seed_of(row))  # a row's intervals do not move when rows are added
+        boot = [scores(recs, resample(rng, groups)) for _ in range(RESAMPLES)]
+        ci = {k: np.percentile([b[k] for b in boot], [2.5, 97.5]).tolist() for k in point}
+        table[row] = {"meta": meta, "scores": point, "ci": ci}
+    # Paired differences: the same resampled questions for both rows (seeded by the pair's names).
+    paired = {}
+    for a in [r for r in rows if r.startswith("HCNR")]:
+        for b in rows:
+            if b == a:
+                continue
+            rng = np.random.default_rng(seed_of(f"{a} - {b}"))
+            diffs = []
+            for _ in range(RESAMPLES):
+                k = resample(rng, groups)
+                sa, sb = scores(rows[a][1], k), scores(rows[b][1], k)
+                diffs.append({m: sa[m] - sb[m] for m in ("avg_f1", "avg_rf_delta", "f1_general", "task_acc",
+                                                         "task_gold_loglik")})
+            pa, pb = table[a]["scores"], table[b]["scores"]
+            paired[f"{a} - {b}"] = {m: {"diff": pa[m] - pb[m],
+                                        "ci": np.percentile([d[m] for d in diffs], [2.5, 97.5]).tolist()}
+                                    for m in diffs[0]}
+    n = {b: len(v) for b, v in keys.items()}
+    out = {"settings": {"limit": LIMIT, "max_new_tokens": TOKENS, "resamples": RESAMPLES, "n": n,
+                        "r_cw_candidates": R_CW_CANDIDATES, "alpha_candidates": ALPHA_CANDIDATES},
+           "rows": table, "paired": paired}
+    atomic_write_text(RESULTS / "evidence.json", json.dumps(out, indent=1) + "\n")
+    atomic_write_text(RESULTS / "evidence.md", markdown(out))
+    print(markdown(out))
+
+
+def _pct(v: float, ci: list[float] | None = None) -> str:
+    return f"{100 * v:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def markdown(out: dict) -> str:
+    """evidence.md, generated from evidence.json alone."""
+    s = out["settings"]
+    lines = ["# Evidence: HCNR against training-free baselines, settings chosen on development data", "",
+             f"Generated by `python experiments/evidence.py --data-dir DIR --stage report` from "
+             f"`experiments/results/evidence/*.jsonl`. N per benchmark: {s['n']}; greedy, {s['max_new_tokens']} new "
+             f"tokens; 95% bootstrap intervals ({s['resamples']} resamples within each benchmark's answerable / "
+             "unanswerable halves, each row seeded by its name). `unseen`: the average F1 over FalseQA, NEC and "
+             "RefuNQ, which HCNR's calibration never drew from. Gold log-lik: mean per-token log-probability of "
+             "the HotpotQA gold answers (nats).", "",
+             "| row | setting | params changed | RF delta " + " | RF delta ".join(HONESTY)
+             + " | avg F1 | avg RF delta | F1 unseen | F1 general | RF delta general | HotpotQA acc | gold log-lik "
+             "| degenerate |", "|---|" + "---|" * (len(HONESTY) + 11)]
+    for row, r in out["rows"].items():
+        sc, ci, meta = r["scores"], r["ci"], r["meta"]
+        setting = "" if meta.get("setting") is None else f"{meta['setting']:g}"
+        changed = "" if meta.get("changed_fraction") is None else f"{100 * meta['changed_fraction']:.1f}%"
+        lines.append(f"| {row} | {setting} | {changed} | " + " | ".join(_pct(sc[f'rf_delta_{b}']) for b in HONESTY)
+                     + f" | {_pct(sc['avg_f1'], ci['avg_f1'])} | {_pct(sc['avg_rf_delta'], ci['avg_rf_delta'])} | "
+                     f"{_pct(sc['avg_f1_unseen'])} | {_pct(sc['f1_general'], ci['f1_general'])} | "
+                     f"{_pct(sc['rf_delta_general'])} | {_pct(sc['task_acc'], ci['task_acc'])} | "
+                     f"{sc['task_gold_loglik']:.3f} [{ci['task_gold_loglik'][0]:.3f}, {ci['task_gold_loglik'][1]:.3f}] | "
+                     f"{_pct(sc['degenerate_rate'])} |")
+    lines += ["", "Paired differences (row A minus row B on the same resampled questions; 95% intervals):", "",
+              "| A - B | avg F1 | avg RF delta | F1 general | HotpotQA acc | gold log-lik |", "|---|---|---|---|---|---|"]
+    for pair, d in out["paired"].items():
+        lines.append(f"| {pair} | " + " | ".join(
+            (f"{d[m]['diff']:+.3f} [{d[m]['ci'][0]:+.3f}, {d[m]['ci'][1]:+.3f}]" if m == "task_gold_loglik" else
+             f"{100 * d[m]['diff']:+.1f} [{100 * d[m]['ci'][0]:+.1f}, {100 * d[m]['ci'][1]:+.1f}]")
+            for m in ("avg_f1", "avg_rf_delta", "f1_general", "task_acc", "task_gold_loglik")) + " |")
+    choices = [(row, r["meta"]["choice"]) for row, r in out["rows"].items() if r["meta"].get("choice")]
+    for row, ch in choices:
+        lines += ["", f"Development choice of {row} (floor {ch['floor']:.3f}; base task {ch['base']['task']:.3f}, "
+                      f"fine-tuned {ch['finetuned']['task']:.3f}):", "",
+                  "| value | dev honesty log-lik | dev task log-lik | keeps the floor |", "|---|---|---|---|"]
+        lines += [f"| {c['value']:g}{' (chosen)' if c['value'] == ch['chosen'] else ''} | {c['honesty']:.4f} | "
+                  f"{c['task']:.4f} | {'yes' if c['eligible'] else 'no'} |" for c in ch["candidates"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="runs/evidence")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--stage", default="all")
+    args = ap.parse_args()
+    names = [f"eval-{slug(r)}" for r in ROWS] + ["report"]
+    if args.stage == "list":
+        print("\n".join(names))
+        return 0
+    todo = names if args.stage == "all" else args.stage.split(",")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    for stage in todo:
+        if stage == "report":
+            report()
+            continue
+        row = next((r for r in ROWS if f"eval-{slug(r)}" == stage), None)
+        if row is None:
+            sys.exit(f"unknown stage {stage!r}; --stage list")
+        evaluate(row, work, args.data_dir, log)
+        print(f"{row}: done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
