@@ -1,7 +1,15 @@
 """Evidence that holds (issue: no leaks, training-free baselines, settings without evaluation labels).
 
-HCNR against the weight-space baselines a user tries first, on the shipped M0 / M1 pair (M1: M0 +
-a HotpotQA LoRA), every row evaluated on the same questions and compared with paired differences:
+HCNR against the weight-space baselines a user tries first, every row evaluated on the same
+questions and compared with paired differences, for two fine-tunes of the shipped honest M0:
+
+- ``--task hotpotqa``: the shipped M1 (M0 + a HotpotQA LoRA), the paper's setting; its task
+  accuracy is 5-9% at this scale, so it cannot show a task being lost;
+- ``--task catalog``: M1 = M0 + a LoRA trained here (stage ``m1-train``) on 400 listings of the
+  generated catalogue task (hcnr_jax/eval/catalog.py: a house record format no base model knows),
+  a task M1 learns and a repair could visibly lose.
+
+Rows:
 
 - HCNR at the paper's settings (r_cw 0.4), calibration draws 0, 1, 2 (`hcnr calib --seed S`: the
   draw within the calibration pool; the split never moves, so no draw touches an evaluated row);
@@ -12,14 +20,16 @@ a HotpotQA LoRA), every row evaluated on the same questions and compared with pa
 
 The rule and its candidates were written down before this script first ran (docs/method.md,
 "Choosing a setting"). Development data: `hcnr calib --split development` (KUQ + SelfAware honesty,
-HotpotQA task), never calibration or evaluation rows.
+the task's own development rows), never calibration or evaluation rows; calibration: 128 + 128 from
+the KUQ + SelfAware and task calibration pools.
 
-Evaluation: the five refusal benchmarks and HotpotQA, the first N = 100 evaluation questions of
+Evaluation: the five refusal benchmarks and the task, the first N = 100 evaluation questions of
 each (balanced), plus the 90 general questions; greedy, 32 new tokens. Every stage is skipped when
 its output exists (rerun to resume); each row's per-example records are copied to
-``experiments/results/evidence/`` as they finish, and ``--stage report`` writes evidence.{json,md}.
+``experiments/results/evidence/<task>/`` as they finish, and ``--stage report`` writes
+``experiments/results/evidence_<task>.{json,md}``.
 
-    python experiments/evidence.py --data-dir DIR [--stage all|STAGE[,STAGE...]|list]
+    python experiments/evidence.py --data-dir DIR [--task hotpotqa|catalog] [--stage all|STAGE[,STAGE...]|list]
 """
 
 from __future__ import annotations
@@ -35,21 +45,43 @@ from pathlib import Path
 import numpy as np
 
 HONESTY = ("falseqa", "nec", "refunq", "kuq", "selfaware")
-TASK = "hotpotqa"
+TASKS = ("hotpotqa", "catalog")
+TASK = "hotpotqa"  # set by --task
 GENERAL = "general"
 LIMIT, TOKENS = 100, 32
 R_CW_CANDIDATES = "0.3,0.4,0.5,0.6"  # fixed before the first run
 ALPHA_CANDIDATES = "0.25,0.5,0.75"
 RESULTS = Path(__file__).resolve().parent / "results"
-OUT = RESULTS / "evidence"
+OUT = RESULTS / "evidence" / TASK  # set by --task
 RESAMPLES = 2000
+CATALOG_TRAIN = 400  # listings M1 is fine-tuned on (the head of the catalogue's calibration pool)
+WORK = Path("runs/evidence")  # set by --work
 
 
 def models() -> dict[str, str]:
     from hcnr_jax.embedded import BUNDLED, smollm2_gguf
 
     m0 = f"{smollm2_gguf()}+{BUNDLED / 'models' / 'honest'}"
-    return {"M0": m0, "M1": f"{m0}+{BUNDLED / 'models' / 'finetuned'}"}
+    ft = BUNDLED / "models" / "finetuned" if TASK == "hotpotqa" else WORK / "catalog_finetuned"
+    return {"M0": m0, "M1": f"{m0}+{ft}"}
+
+
+def train_catalog_m1(data_dir: str | None, log: Path) -> None:
+    """M1 for the catalogue task: M0 + a LoRA (configs/train_task.yaml, 2 epochs) on 400 listings."""
+    from hcnr_jax.eval.calibration import training_rows, write_jsonl
+    from hcnr_jax.eval.data import load_benchmark
+
+    data = WORK / "catalog_train.jsonl"
+    if not data.exists():
+        pool = [r for r in load_benchmark("catalog", data_dir) if r["split"] == "calibration"]
+        write_jsonl([{"prompt": r["question"], "response": r["answers"][0]}
+                     for r in training_rows(pool, CATALOG_TRAIN, "catalog")], data)
+    out = WORK / "catalog_finetuned"
+    if not out.exists():
+        m0 = models()["M0"]
+        t = run(["hcnr", "train", "--model", m0, "--data", str(data), "--config", "configs/train_task.yaml",
+                 "--epochs", "2", "--out", str(out), "--checkpoint-dir", str(WORK / "catalog_finetuned.ckpt")], log)
+        (WORK / "catalog_finetuned.wall_s").write_text(f"{t:.1f}\n")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -87,7 +119,7 @@ def data_files(work: Path, data_dir: str | None, log: Path, seed: int | str, spl
     64 + 64 for the development split."""
     n = "128" if split == "calibration" else "64"
     out = {}
-    for kind, bench in (("honesty", "kuq,selfaware"), ("task", TASK)):
+    for kind, bench in (("honesty", "kuq,selfaware"), ("task", TASK)):  # one folder per task: names may repeat
         f = work / f"{split}_s{seed}_{kind}.jsonl"
         if not f.exists():
             run(["hcnr", "calib", "--kind", kind, "--benchmarks", bench, "-n", n, "--seed", str(seed), "--split", split,
@@ -251,9 +283,9 @@ def report() -> None:
     n = {b: len(v) for b, v in keys.items()}
     out = {"settings": {"limit": LIMIT, "max_new_tokens": TOKENS, "resamples": RESAMPLES, "n": n,
                         "r_cw_candidates": R_CW_CANDIDATES, "alpha_candidates": ALPHA_CANDIDATES},
-           "rows": table, "paired": paired}
-    atomic_write_text(RESULTS / "evidence.json", json.dumps(out, indent=1) + "\n")
-    atomic_write_text(RESULTS / "evidence.md", markdown(out))
+           "rows": table, "paired": paired, "task": TASK}
+    atomic_write_text(RESULTS / f"evidence_{TASK}.json", json.dumps(out, indent=1) + "\n")
+    atomic_write_text(RESULTS / f"evidence_{TASK}.md", markdown(out))
     print(markdown(out))
 
 
@@ -263,16 +295,16 @@ def _pct(v: float, ci: list[float] | None = None) -> str:
 
 def markdown(out: dict) -> str:
     """evidence.md, generated from evidence.json alone."""
-    s = out["settings"]
-    lines = ["# Evidence: HCNR against training-free baselines, settings chosen on development data", "",
-             f"Generated by `python experiments/evidence.py --data-dir DIR --stage report` from "
-             f"`experiments/results/evidence/*.jsonl`. N per benchmark: {s['n']}; greedy, {s['max_new_tokens']} new "
+    s, task = out["settings"], out["task"]
+    lines = [f"# Evidence ({task}): HCNR against training-free baselines, settings chosen on development data", "",
+             f"Generated by `python experiments/evidence.py --data-dir DIR --task {task} --stage report` from "
+             f"`experiments/results/evidence/{task}/*.jsonl`. N per benchmark: {s['n']}; greedy, {s['max_new_tokens']} new "
              f"tokens; 95% bootstrap intervals ({s['resamples']} resamples within each benchmark's answerable / "
              "unanswerable halves, each row seeded by its name). `unseen`: the average F1 over FalseQA, NEC and "
-             "RefuNQ, which HCNR's calibration never drew from. Gold log-lik: mean per-token log-probability of "
-             "the HotpotQA gold answers (nats).", "",
+             f"RefuNQ, which HCNR's calibration never drew from. Task: {task}; gold log-lik: mean per-token "
+             "log-probability of its gold answers (nats).", "",
              "| row | setting | params changed | RF delta " + " | RF delta ".join(HONESTY)
-             + " | avg F1 | avg RF delta | F1 unseen | F1 general | RF delta general | HotpotQA acc | gold log-lik "
+             + " | avg F1 | avg RF delta | F1 unseen | F1 general | RF delta general | task acc | gold log-lik "
              "| degenerate |", "|---|" + "---|" * (len(HONESTY) + 11)]
     for row, r in out["rows"].items():
         sc, ci, meta = r["scores"], r["ci"], r["meta"]
@@ -285,7 +317,7 @@ def markdown(out: dict) -> str:
                      f"{sc['task_gold_loglik']:.3f} [{ci['task_gold_loglik'][0]:.3f}, {ci['task_gold_loglik'][1]:.3f}] | "
                      f"{_pct(sc['degenerate_rate'])} |")
     lines += ["", "Paired differences (row A minus row B on the same resampled questions; 95% intervals):", "",
-              "| A - B | avg F1 | avg RF delta | F1 general | HotpotQA acc | gold log-lik |", "|---|---|---|---|---|---|"]
+              "| A - B | avg F1 | avg RF delta | F1 general | task acc | gold log-lik |", "|---|---|---|---|---|---|"]
     for pair, d in out["paired"].items():
         lines.append(f"| {pair} | " + " | ".join(
             (f"{d[m]['diff']:+.3f} [{d[m]['ci'][0]:+.3f}, {d[m]['ci'][1]:+.3f}]" if m == "task_gold_loglik" else
@@ -305,19 +337,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/evidence")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--task", choices=TASKS, default="hotpotqa")
     ap.add_argument("--stage", default="all")
     args = ap.parse_args()
-    names = [f"eval-{slug(r)}" for r in ROWS] + ["report"]
+    global TASK, OUT, WORK
+    TASK, OUT = args.task, RESULTS / "evidence" / args.task
+    WORK = Path(args.work) / args.task
+    names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in ROWS] + ["report"]
     if args.stage == "list":
         print("\n".join(names))
         return 0
     todo = names if args.stage == "all" else args.stage.split(",")
-    work = Path(args.work)
+    work = WORK
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     for stage in todo:
         if stage == "report":
             report()
+            continue
+        if stage == "m1-train" and TASK == "catalog":
+            train_catalog_m1(args.data_dir, log)
             continue
         row = next((r for r in ROWS if f"eval-{slug(r)}" == stage), None)
         if row is None:

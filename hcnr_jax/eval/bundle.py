@@ -89,6 +89,16 @@ def shared_questions_table(data_dir: Path) -> dict:
             "questions": {k: sorted(v) for k, v in sorted(holders.items()) if len(v) > 1}}
 
 
+def write_catalog(out_dir: Path) -> int:
+    """The generated catalogue task (hcnr_jax/eval/catalog.py) as ``catalog/catalog.jsonl``."""
+    from hcnr_jax.eval.catalog import generate
+
+    rows = generate()
+    atomic_write_text(out_dir / "catalog" / "catalog.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, required=True, help="folder holding the full benchmark files")
@@ -96,6 +106,7 @@ def main() -> None:
     # First: the split of every row below depends on it.
     atomic_write_text(SHARED_QUESTIONS, json.dumps(shared_questions_table(args.data_dir), indent=0) + "\n")
     shared_questions.cache_clear()
+    print("catalog", write_catalog(BUNDLED_DATA), "rows")
     for name in SUBSET:
         print(name, write_subset(name, args.data_dir, BUNDLED_DATA), "rows")
     # Built from the shipped subsets, so anyone can rebuild them without the full data.

@@ -198,6 +198,11 @@ def _general(raw: Files) -> list[dict]:
     return [_row("general", r["question"], int(r["unanswerable"]), r["answers"] or [], where=where) for r in data]
 
 
+def _catalog(raw: Files) -> list[dict]:
+    data, where = raw["catalog/catalog.jsonl"]
+    return [_row("catalog", r["question"], -1, [r["answer"]], where=where) for r in data]
+
+
 def _hotpotqa(raw: Files) -> list[dict]:
     data, where = raw["hotpotqa/hotpot_dev_v1_simplified.json"]
     return [_row("hotpotqa", r["question"], -1, [r["answer"]], where=where) for r in data]
@@ -298,6 +303,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("medmcqa", "task", ("medmcqa/dev.json",), _medmcqa,
               url="https://github.com/medmcqa/medmcqa (dev.json of the official release)",
               licence="MIT (the Hub card says Apache-2.0)", rows=4183, shipped=True),
+    Benchmark("catalog", "task", ("catalog/catalog.jsonl",), _catalog,
+              url="hcnr_jax/bundled/data/catalog (generated for this project: hcnr_jax/eval/catalog.py)",
+              licence="Apache-2.0 (this project)", rows=3000, shipped=True),
     Benchmark("triviaqa", "task", ("triviaqa/triviaqa_sm_sub.jsonl",), _triviaqa,
               url="https://github.com/mosaicml/llm-foundry/tree/8c8dd48f72168c5d51e2f7b151595892a8fba43d/"
                   "scripts/eval/local_data/world_knowledge",
