@@ -107,6 +107,10 @@ ROWS: dict[str, tuple[str, object]] = {
     "HCNR s1": ("repair", ("--r-cw", "0.4", "--seed-data", "1")),
     "HCNR s2": ("repair", ("--r-cw", "0.4", "--seed-data", "2")),
     "random neurons (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--priority", "random", "--seed-data", "0")),
+    # Training baselines of experiments/reproduce.py (HotpotQA's M1 only), rebuilt there and evaluated here
+    # on the same questions: RAIT's SFT with benchmark labels, and DPO on M1-labelled pairs (untuned).
+    "RAIT-GOLD (510)": ("reproduce", "rait-gold"),
+    "DPO (510)": ("reproduce", "dpo"),
 }
 
 
@@ -137,6 +141,15 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
     out = work / slug(row)
     if out.exists():
         return str(out)
+    if how == "reproduce":
+        if TASK != "hotpotqa":
+            sys.exit(f"{row}: trained on HotpotQA's M1 only")
+        rep_work = WORK.parent.parent / "reproduce"  # --work's parent: runs/reproduce by default
+        run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
+             "--stage", f"{what}-data,{what}-train", *(["--data-dir", data_dir] if data_dir else [])], log)
+        wall = json.loads((rep_work / f"{what}_wall_s.json").read_text())["wall_s"]
+        (work / f"{slug(row)}.wall_s").write_text(f"{wall:.1f}\n")
+        return f"{m['M1']}+{rep_work / str(what)}"
     dev = data_files(work, data_dir, log, 0, "development")
     if how == "merge":
         t = run(["hcnr", "merge", "--base", m["M0"], "--finetuned", m["M1"], "--alpha", str(what),
@@ -343,7 +356,8 @@ def main() -> int:
     global TASK, OUT, WORK
     TASK, OUT = args.task, RESULTS / "evidence" / args.task
     WORK = Path(args.work) / args.task
-    names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in ROWS] + ["report"]
+    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] != "reproduce"]
+    names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report"]
     if args.stage == "list":
         print("\n".join(names))
         return 0
