@@ -1,14 +1,21 @@
 """llama.cpp GGUF files -> params (HF names, HF layouts), config, tokenizer.
 
-Only the ``llama`` architecture is supported (SmolLM2, Llama 1/2/3 without RoPE scaling
-tensors, Mistral exported as llama). Every tensor is dequantised with ``gguf.quants`` to float32
-(then cast to ``dtype``), one at a time, so loading never holds two copies of the model.
+Architectures (``general.architecture``): ``llama`` (Llama 1/2/3 without RoPE-scaling tensors,
+SmolLM2, and Mistral, which llama.cpp's converter writes as ``llama``), ``qwen2``, ``qwen3`` and
+``gemma3``. Each is one `Arch` entry in `ARCHS`: its tensor-name table and the transforms llama.cpp's
+``convert_hf_to_gguf.py`` applied, which we undo:
 
-Conversion is a rename plus one transform: llama.cpp's converter permutes the rows of the Q and K
-projections (``convert_hf_to_gguf.py``: ``LlamaModel.permute``) so that its RoPE can rotate
-adjacent pairs; we undo it exactly as transformers' GGUF loader does
-(``LlamaTensorProcessor._reverse_permute_weights``), which brings the weights back to HF's
-rotate-half layout.
+- ``llama``: the rows of the Q and K projections are permuted (``LlamaModel.permute``) so that its
+  RoPE can rotate adjacent pairs; we undo it as transformers' GGUF loader does
+  (``LlamaTensorProcessor._reverse_permute_weights``), back to HF's rotate-half layout. The other
+  architectures use llama.cpp's NEOX RoPE (halves), so their weights are stored unpermuted.
+- ``gemma3``: every RMSNorm weight is stored as ``1 + w`` (``Gemma3Model.modify_tensors``); we
+  subtract 1, as transformers' ``Gemma2TensorProcessor`` does.
+
+Every tensor is dequantised with ``gguf.quants`` (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K,
+...) to float32 (then cast to ``dtype``), one at a time, so loading never holds two copies of the
+model. The file is read with `GGUFFile` (``gguf_reader.py``), which parses the header in well under a
+second even for a 262k-token vocabulary and leaves tensor data in the memory map.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +38,7 @@ from hcnr_jax.params import param_specs, unflatten
 log = logging.getLogger(__name__)
 
 # GGUF tensor name -> HF tensor name. ``{i}`` is the block index.
-TENSOR_TABLE: dict[str, str] = {
+_COMMON_TENSORS: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -42,13 +50,22 @@ TENSOR_TABLE: dict[str, str] = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
     "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
-_PATTERNS = [
-    (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in TENSOR_TABLE.items()
-]
+# Llama's second norm is the MLP's input norm; llama.cpp calls it ffn_norm.
+TENSOR_TABLE: dict[str, str] = {**_COMMON_TENSORS,
+                                "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight"}
+_QK_NORMS = {"blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+             "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight"}
+_QKV_BIASES = {f"blk.{{i}}.attn_{x}.bias": f"model.layers.{{i}}.self_attn.{x}_proj.bias" for x in "qkv"}
+# Gemma 3: ffn_norm is the pre-MLP norm; post_attention_norm and post_ffw_norm follow the sublayers.
+_GEMMA3_TENSORS = {
+    **_COMMON_TENSORS, **_QK_NORMS,
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
 
-# GGUF metadata key (after ``llama.``) -> HF config key.
+# GGUF metadata key (after ``<arch>.``) -> HF config key; the same for every architecture here.
 CONFIG_TABLE: dict[str, str] = {
     "context_length": "max_position_embeddings",
     "block_count": "num_hidden_layers",
@@ -62,13 +79,63 @@ CONFIG_TABLE: dict[str, str] = {
     "vocab_size": "vocab_size",
 }
 
+
+def _gemma3_config(get: Callable[[str], Any], hf: dict[str, Any]) -> None:
+    """What llama.cpp's Gemma 3 hparams (``llama-model.cpp``) assume beyond the metadata: every 6th
+    layer global, sliding layers with RoPE base 10000, attention scale 1/sqrt(head_dim)
+    (1/sqrt(hidden/heads) for the 62-layer 27B), no soft-capping. The gguf package's newer keys
+    (``attention.sliding_window_pattern``, ``rope.freq_base_swa``) override the first two when present."""
+    window = get("attention.sliding_window")
+    if window is None:
+        raise CheckpointError("missing metadata field gemma3.attention.sliding_window")
+    hf["sliding_window"] = int(window)
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # newer files: one flag per layer, True = sliding
+        hf["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        hf["sliding_window_pattern"] = int(pattern or 6)
+    hf["rope_local_base_freq"] = _f32(get("rope.freq_base_swa") or 10000.0)
+    layers, heads = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
+    hf["query_pre_attn_scalar"] = int(hf["hidden_size"]) // heads if layers == 62 else int(hf["head_dim"])
+    hf["final_logit_softcapping"] = None  # Gemma 3 has none; llama.cpp reads none for it
+
+
+@dataclass(frozen=True)
+class Arch:
+    """llama.cpp's conventions for one ``general.architecture``."""
+
+    model_type: str  # the HF model_type it loads as
+    hf_class: str
+    tensors: Mapping[str, str]  # GGUF name -> HF name (``{i}``: block index)
+    permute_qk: bool = False  # undo LlamaModel.permute on the Q/K rows
+    norm_offset: float = 0.0  # the converter added this to every RMSNorm weight
+    hf_fixed: Mapping[str, Any] = field(default_factory=dict)  # config fields the metadata does not hold
+    config: Callable[[Callable[[str], Any], dict[str, Any]], None] | None = None  # more metadata -> config
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", "LlamaForCausalLM", TENSOR_TABLE, permute_qk=True,
+                  hf_fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}),
+    "qwen2": Arch("qwen2", "Qwen2ForCausalLM", {**TENSOR_TABLE, **_QKV_BIASES},
+                  hf_fixed={"hidden_act": "silu", "use_sliding_window": False}),
+    "qwen3": Arch("qwen3", "Qwen3ForCausalLM", {**TENSOR_TABLE, **_QK_NORMS},
+                  hf_fixed={"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False}),
+    "gemma3": Arch("gemma3_text", "Gemma3ForCausalLM", _GEMMA3_TENSORS, norm_offset=1.0,
+                   hf_fixed={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+                   config=_gemma3_config),
+}
+
 # Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Phi, Gemma).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def _patterns(table: Mapping[str, str]) -> list[tuple[re.Pattern[str], str]]:
+    return [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in table.items()]
+
+
+def hf_name(gguf_name: str, table: Mapping[str, str] = TENSOR_TABLE) -> str | None:
     """HF tensor name of a GGUF tensor name, None when it is not in the table."""
-    for pattern, target in _PATTERNS:
+    for pattern, target in _patterns(table):
         m = pattern.match(gguf_name)
         if m:
             return target.format(i=m.group(1)) if m.groups() else target
@@ -83,11 +150,11 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _value(reader: Any, key: str, path: Path, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+    entry = reader.fields.get(key)
+    if entry is None:
         return default
     try:
-        return field.contents()
+        return entry.contents()
     except Exception as e:  # gguf raises plain ValueError/IndexError on corrupt fields
         raise CheckpointError(f"{path}: cannot read metadata field {key} ({e})") from e
 
@@ -97,43 +164,63 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+def gguf_arch(reader: Any, path: Path) -> tuple[str, Arch]:
+    """(``general.architecture``, its `Arch`); an unsupported one is an error naming it."""
+    name = _value(reader, "general.architecture", path)
+    if name not in ARCHS:
+        raise CheckpointError(f"{path}: unsupported GGUF architecture general.architecture={name!r}; "
+                              f"supported: {sorted(ARCHS)}")
+    return name, ARCHS[name]
+
+
+def _rope_scaling(get: Callable[[str], Any], name: str, path: Path) -> dict[str, Any]:
+    scaling = get("rope.scaling.type")
+    if scaling in (None, "none"):
+        return {"rope_type": "default"}
+    if scaling == "linear":
+        return {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+    raise CheckpointError(f"{path}: unsupported RoPE scaling {name}.rope.scaling.type={scaling!r}")
+
+
 def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
-    """A LlamaConfig-compatible config.json dict from the GGUF metadata; unsupported settings
-    (other architectures, RoPE scaling, partial rotary) are rejected."""
-    arch = _value(reader, "general.architecture", path)
-    if arch != "llama":
-        raise CheckpointError(
-            f"{path}: unsupported GGUF architecture general.architecture={arch!r}; only 'llama' is supported"
-        )
-    hf: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
+    """A config.json dict of the architecture's HF model from the GGUF metadata; unsupported settings
+    (other architectures, RoPE scaling but linear, partial rotary) are rejected."""
+    name, arch = gguf_arch(reader, path)
+
+    def get(key: str) -> Any:
+        return _value(reader, f"{name}.{key}", path)
+
+    hf: dict[str, Any] = {"architectures": [arch.hf_class], "model_type": arch.model_type, **arch.hf_fixed}
     for key, target in CONFIG_TABLE.items():
-        value = _value(reader, f"llama.{key}", path)
-        if value is not None:
+        if (value := get(key)) is not None:
             hf[target] = value
     for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
         if CONFIG_TABLE[key] not in hf:
-            raise CheckpointError(f"{path}: missing metadata field llama.{key}")
+            raise CheckpointError(f"{path}: missing metadata field {name}.{key}")
     heads = int(hf["num_attention_heads"])
     hf.setdefault("num_key_value_heads", heads)
     hf.setdefault("head_dim", int(hf["hidden_size"]) // heads)
-    rot = _value(reader, "llama.rope.dimension_count", path, hf["head_dim"])
-    if int(rot) != int(hf["head_dim"]):
-        raise CheckpointError(f"{path}: partial rotary (llama.rope.dimension_count={rot}, head_dim="
+    rot = get("rope.dimension_count")
+    if rot is not None and int(rot) != int(hf["head_dim"]):
+        raise CheckpointError(f"{path}: partial rotary ({name}.rope.dimension_count={rot}, head_dim="
                               f"{hf['head_dim']}) is not supported")
-    scaling = _value(reader, "llama.rope.scaling.type", path)
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"{path}: unsupported RoPE scaling llama.rope.scaling.type={scaling!r}")
-    if "vocab_size" not in hf:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise CheckpointError(f"{path}: no llama.vocab_size and no tokenizer.ggml.tokens")
-        hf["vocab_size"] = len(tokens.data)
-    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": _f32(hf.pop("rope_theta", 10000.0))}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is not None:  # the embedding's rows are the vocabulary the model has, whatever the metadata says
+        hf["vocab_size"] = int(embd.data.shape[0])  # rows, for GGUFReader's tensors and ours alike
+    elif "vocab_size" not in hf:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor and no {name}.vocab_size")
+    hf["rope_parameters"] = {**_rope_scaling(get, name, path), "rope_theta": _f32(hf.pop("rope_theta", 10000.0))}
     hf["rms_norm_eps"] = _f32(hf.get("rms_norm_eps", 1e-5))
-    names = {t.name for t in reader.tensors}
-    hf["tie_word_embeddings"] = "output.weight" not in names
-    hf["attention_bias"] = False
-    hf["mlp_bias"] = False
+    hf["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    if arch.config is not None:
+        try:
+            arch.config(get, hf)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    if "sliding_window_pattern" in hf or "layer_types" in hf:  # the global layers take rope_parameters
+        hf["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+        scaling = {k: v for k, v in hf.pop("rope_parameters").items() if k != "rope_theta"}
+        hf["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
     for key, target in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
         value = _value(reader, f"tokenizer.ggml.{key}_token_id", path)
         if value is not None:
@@ -142,16 +229,20 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
 
 
 def _read_reader(path: Path) -> Any:
+    """The file's header (`GGUFFile`); tensor data stays in the memory map."""
     try:
-        import gguf
+        import gguf  # noqa: F401  (dequantisation and the GGML type table)
     except ImportError as e:
         raise missing_package_error(path, "reading a GGUF file", e) from e
+    from hcnr_jax.conversion.gguf_reader import GGUFFile
 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # truncated or corrupt files surface as ValueError/struct/IndexError
+        return GGUFFile(path)
+    except CheckpointError:
+        raise
+    except OSError as e:
         raise CheckpointError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
 
 
@@ -165,12 +256,14 @@ def read_gguf_tensors(
     names (each GGUF tensor maps to exactly one expected HF tensor) and shapes."""
     from gguf.quants import dequantize
 
+    arch_name, arch = gguf_arch(reader, path)
+    patterns = arch.tensors
     specs = param_specs(cfg)
     mapping: dict[str, Any] = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, patterns)
         if name is None or name not in specs:
-            raise CheckpointError(f"{path}: unexpected tensor {t.name} (not a llama tensor this config has)")
+            raise CheckpointError(f"{path}: unexpected tensor {t.name} (not a {arch_name} tensor this config has)")
         if name in mapping:
             raise CheckpointError(f"{path}: tensor {t.name} appears twice")
         mapping[name] = t
@@ -186,14 +279,17 @@ def read_gguf_tensors(
             w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
         except Exception as e:
             raise CheckpointError(f"{path}: cannot dequantise tensor {t.name} ({t.tensor_type.name}: {e})") from e
+        w = w.reshape(-1) if len(specs[name]) == 1 else w.reshape(w.shape[0], -1)
         if tuple(w.shape) != tuple(specs[name]):
             raise CheckpointError(
                 f"{path}: tensor {t.name} has shape {tuple(w.shape)}, the metadata implies {tuple(specs[name])}"
             )
-        if name.endswith("q_proj.weight"):
+        if arch.permute_qk and name.endswith("q_proj.weight"):
             w = unpermute_rope_rows(w, cfg.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch.permute_qk and name.endswith("k_proj.weight"):
             w = unpermute_rope_rows(w, cfg.num_kv_heads)
+        elif arch.norm_offset and name.endswith("norm.weight"):
+            w = w - np.float32(arch.norm_offset)
         out[name] = convert(name, w)
         del w
     return out
@@ -208,7 +304,7 @@ def read_gguf_tensors(
 # special tokens and chat template; tests/test_gguf.py compares the two), cached in the user's cache
 # folder (hcnr_jax.cache) under a hash of the metadata it is built from.
 
-TOKENIZER_FORMAT = 1  # bump whenever the built tokenizer changes: it is part of the cache key
+TOKENIZER_FORMAT = 2  # bump whenever the built tokenizer changes: it is part of the cache key
 TOKENIZER_CACHE = "tokenizers"
 
 # GGUF metadata key -> name (transformers' GGUF_TOKENIZER_MAPPING names).
@@ -418,6 +514,12 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> Any:
     for name in ("bos", "eos", "unk", "pad"):
         token_id = meta.get(f"{name}_token_id")
         kwargs[f"{name}_token"] = meta["tokens"][int(token_id)] if token_id is not None else None
+    if str(meta.get("architecture", "")).startswith("gemma") and kind == "llama":
+        # transformers builds Gemma vocabularies as a GemmaTokenizer: its defaults (mask token "<mask>",
+        # left padding) and class name go with it into tokenizer_config.json.
+        from transformers import GemmaTokenizer
+
+        return GemmaTokenizer(tokenizer_object=backend, **kwargs)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 

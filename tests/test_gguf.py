@@ -128,7 +128,7 @@ def test_tiny_gguf_strict(tiny_llama, tmp_path, case):
     model, state = tiny_llama
     kwargs: dict = {}
     match = {"unexpected": "rope_freqs.weight", "missing": "model.layers.1.mlp.up_proj.weight",
-             "shape": "blk.0.ffn_up.weight", "arch": "qwen2"}[case]
+             "shape": "blk.0.ffn_up.weight", "arch": "phi3"}[case]
     if case == "unexpected":
         kwargs["extra"] = {"rope_freqs.weight": np.ones(6, np.float32)}
     elif case == "missing":
@@ -137,7 +137,7 @@ def test_tiny_gguf_strict(tiny_llama, tmp_path, case):
         state = dict(state)
         state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:-1]
     else:
-        kwargs["arch"] = "qwen2"
+        kwargs["arch"] = "phi3"
     path = write_tiny_gguf(tmp_path / f"{case}.gguf", state, model.config, **kwargs)
     with pytest.raises(CheckpointError, match=match) as e:
         load_gguf(path)
