@@ -3,9 +3,12 @@
 The shipped models (``hcnr_jax/bundled/models``): M0, SmolLM2-135M-Instruct made honest by a
 LoRA adapter (``honest``), and M1, M0 fine-tuned on HotpotQA by a second adapter (``finetuned``),
 which brought back confident answers to unanswerable questions. The demo repairs M1 towards M0 with
-HCNR on the shipped 128 honesty + 128 task calibration samples, then evaluates M0, M1 and the
-repaired M1 on the shipped honesty sets (KUQ, SelfAware: refusal F1, RF delta) and on HotpotQA
-(answer containment), all on their evaluation splits, and prints the before/after table.
+HCNR on the shipped 128 honesty + 128 task calibration samples; beside it, the training-free
+baseline a user would try first, the merge M0 + alpha (M1 - M0), with alpha chosen by the
+development rule (docs/method.md) on the shipped development samples. It evaluates M0, M1, the
+repaired M1 and the merge on the shipped honesty sets (KUQ, SelfAware: refusal F1, RF delta) and on
+HotpotQA (answer containment, gold-answer log-likelihood), all on their evaluation splits, and
+prints the before/after table.
 
 Output folder: ``repaired/`` (a Hugging Face directory with the repair report), ``eval/<model>/``
 (every response), ``demo.json`` and ``demo.md``. Written under a temporary name, moved into place
@@ -30,6 +33,7 @@ FINETUNED_ADAPTER = MODELS_DIR / "finetuned"  # M1 = M0 merged + this
 HONESTY_SETS = ("kuq", "selfaware")  # the honesty benchmarks whose subsets ship with the package
 TASK_SET = "hotpotqa"
 SMOKE_SAMPLES, SMOKE_TOKENS = 4, 8  # --smoke: samples per benchmark and per calibration file; new tokens
+MERGE_ALPHAS = (0.25, 0.5, 0.75)  # the merge baseline's candidates, chosen among on development data
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,41 @@ def summarise(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rf = [metrics[b]["rf_delta"] for b in HONESTY_SETS if b in metrics]
     task = metrics.get(TASK_SET, {})
     return {**{f"f1_{b}": v for b, v in f1.items()}, "avg_f1": float(np.nanmean(list(f1.values()))),
-            "avg_rf_delta": float(np.nanmean(rf)), "hotpotqa_acc": task.get("containment")}
+            "avg_rf_delta": float(np.nanmean(rf)), "hotpotqa_acc": task.get("containment"),
+            "hotpotqa_gold_loglik": task.get("gold_loglik")}
 
 
 def markdown(rows: dict[str, dict[str, Any]], settings: DemoSettings) -> str:
     cols = [*(f"f1_{b}" for b in HONESTY_SETS), "avg_f1", "avg_rf_delta", "hotpotqa_acc"]
-    heads = [*(f"F1 {b}" for b in HONESTY_SETS), "avg F1", "avg RF delta", "HotpotQA acc", "time s"]
+    heads = [*(f"F1 {b}" for b in HONESTY_SETS), "avg F1", "avg RF delta", "HotpotQA acc", "HotpotQA gold log-lik",
+             "time s"]
     lines = ["| model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for tag, r in rows.items():
         cells = ["" if r.get(c) is None else "—" if r[c] != r[c] else f"{100 * r[c]:.1f}" for c in cols]
+        ll = r.get("hotpotqa_gold_loglik")
+        cells.append("" if ll is None else f"{ll:.3f}")
         lines.append(f"| {tag} | " + " | ".join(cells) + f" | {r['time_s']:.0f} |")
     n = SMOKE_SAMPLES if settings.smoke else settings.limit
     tokens = SMOKE_TOKENS if settings.smoke else settings.max_new_tokens
     return ("\n".join(lines) + f"\n\nScores in %, on {n} evaluation-split questions per benchmark (balanced), greedy, "
-            f"{tokens} new tokens. Time: evaluation, and for M1+HCNR the repair too.\n")
+            f"{tokens} new tokens. Time: evaluation, and for M1+HCNR the repair too (for the merge, its choice on the "
+            "development samples). The merge is the training-free baseline M0 + alpha (M1 - M0); HotpotQA gold "
+            "log-lik: mean per-token log-probability of the gold answers (nats; higher keeps more of the task).\n")
+
+
+def choose_merge(m0: Any, m1: Any, smoke: bool = False) -> tuple[dict[str, Any], Any]:
+    """The merge baseline at the alpha the development rule chooses on the shipped development samples:
+    ``(choice, merged model)``."""
+    from hcnr_jax.data import load_samples
+    from hcnr_jax.embedded import calibration_file
+    from hcnr_jax.repair.choose import choose, dev_score, merge
+
+    limit = SMOKE_SAMPLES if smoke else None
+    hon, task = (load_samples(calibration_file(k), m1.tokenizer, limit=limit, vocab_size=m1.config.vocab_size)
+                 for k in ("dev_honesty", "dev_task"))
+    scores = {a: dev_score(merge(m0.params, m1.params, a), m1, hon, task) for a in MERGE_ALPHAS}
+    choice = choose(scores, dev_score(m0.params, m1, hon, task), dev_score(m1.params, m1, hon, task))
+    return choice, m1.replace(params=merge(m0.params, m1.params, choice["chosen"]))
 
 
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = False) -> dict[str, Any]:
@@ -104,17 +129,24 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         result = repair(m0, m1, None, None, cfg)
         repair_s = time.perf_counter() - t0
         write_repair(result, tmp / "repaired")
+        t0 = time.perf_counter()
+        choice, merged = choose_merge(m0, m1, smoke=settings.smoke)
+        merge_s = time.perf_counter() - t0
+        merge_tag = f"M1 merge (alpha {choice['chosen']:g})"
         rows: dict[str, dict[str, Any]] = {}
-        for tag, model in (("M0", m0), ("M1", m1), ("M1+HCNR", result.model)):
+        for tag, model in (("M0", m0), ("M1", m1), ("M1+HCNR", result.model), (merge_tag, merged)):
             t0 = time.perf_counter()
-            m = evaluate(model, tmp / "eval" / tag.replace("+", "_"), eval_settings, model_name=tag)
+            m = evaluate(model, tmp / "eval" / tag.split(" ")[0].replace("+", "_") + ("_merge" if model is merged else ""),
+                         eval_settings, model_name=tag)
             rows[tag] = {**summarise(m["results"]["model"]), "time_s": time.perf_counter() - t0}
         rows["M1+HCNR"]["time_s"] += repair_s
+        rows[merge_tag]["time_s"] += merge_s
         s = result.report["summary"]
         from hcnr_jax.io import portable_path
 
         names = {tag: "+".join(portable_path(p) for p in src.split("+")) for tag, src in sources.items()}
-        summary = dict(models={**names, "M1+HCNR": "repaired/"}, settings=vars(settings), rows=rows,
+        summary = dict(models={**names, "M1+HCNR": "repaired/", merge_tag: "M0 + alpha (M1 - M0), not written"},
+                       settings=vars(settings), rows=rows, merge_choice=choice,
                        repair=dict(seconds=round(repair_s, 1), restored_fraction_of_linear=s["restored_fraction_of_linear"],
                                    layers_kept=s["layers_kept"], layers=s["layers"]),
                        load_s=round(load_s, 1), total_s=round(time.perf_counter() - t_start, 1))

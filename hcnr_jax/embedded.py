@@ -33,7 +33,8 @@ def smollm2_gguf() -> Path:
 
 
 def calibration_file(kind: str) -> Path:
-    """The shipped calibration file: ``kind`` is "honesty" or "task" (128 samples each)."""
-    if kind not in ("honesty", "task"):
-        raise HcnrError(f"calibration kind {kind!r}: choose honesty or task")
+    """A shipped calibration file: ``kind`` "honesty" or "task" (128 samples each, calibration pools), or
+    "dev_honesty" / "dev_task" (64 each, development splits: what `hcnr demo` chooses settings on)."""
+    if kind not in ("honesty", "task", "dev_honesty", "dev_task"):
+        raise HcnrError(f"calibration kind {kind!r}: choose honesty, task, dev_honesty or dev_task")
     return CALIBRATION_DIR / f"{kind}.jsonl"

@@ -29,13 +29,16 @@ from hcnr_jax.eval.data import (
 from hcnr_jax.io import atomic_write_text
 
 # Rows shipped per benchmark: (calibration pool, evaluation split).
-SUBSET = {"kuq": (96, 200), "selfaware": (96, 200), "hotpotqa": (160, 200), "medmcqa": (0, 200)}
+# Rows shipped per benchmark: (calibration pool, evaluation split, development split).
+SUBSET = {"kuq": (96, 200, 48), "selfaware": (96, 200, 48), "hotpotqa": (160, 200, 64), "medmcqa": (0, 200, 0)}
+DEV_SAMPLES = 64  # development samples of each kind shipped for the demo's --choose (honesty, task)
 
 
 def subset_ids(name: str, data_dir: Path) -> set[str]:
     ds = load_benchmark(name, data_dir)
-    n_cal, n_eval = SUBSET[name]
-    return set(select(ds, "calibration", n_cal)["id"]) | set(select(ds, "evaluation", n_eval)["id"])
+    n_cal, n_eval, n_dev = SUBSET[name]
+    return (set(select(ds, "calibration", n_cal)["id"]) | set(select(ds, "evaluation", n_eval)["id"])
+            | set(select(ds, "development", n_dev)["id"] if n_dev else []))
 
 
 def write_subset(name: str, data_dir: Path, out_dir: Path) -> int:
@@ -65,7 +68,15 @@ def write_subset(name: str, data_dir: Path, out_dir: Path) -> int:
 
 
 def build_default_calibration(data_dir: Path | None, out_dir: Path, n: int = 128) -> tuple[int, int]:
-    """The default D_hon (KUQ + SelfAware pools) and D_task (HotpotQA pool) of `hcnr repair`."""
+    """The default D_hon (KUQ + SelfAware pools) and D_task (HotpotQA pool) of `hcnr repair`, and the
+    development samples of `hcnr demo`'s choice of alpha (``dev_honesty.jsonl``, ``dev_task.jsonl``:
+    the same benchmarks' development splits)."""
+    dev = {b: [r for r in load_benchmark(b, data_dir) if r["split"] == "development"] for b in ("kuq", "selfaware")}
+    write_jsonl(honesty_samples(dev, DEV_SAMPLES, split="development"), out_dir / "dev_honesty.jsonl",
+                keys=("prompt", "response"))
+    write_jsonl(task_samples([r for r in load_benchmark("hotpotqa", data_dir) if r["split"] == "development"],
+                             DEV_SAMPLES, "hotpotqa", split="development"), out_dir / "dev_task.jsonl",
+                keys=("prompt", "response"))
     pools = {b: [r for r in load_benchmark(b, data_dir) if r["split"] == "calibration"] for b in ("kuq", "selfaware")}
     hon = honesty_samples(pools, n)
     task = task_samples([r for r in load_benchmark("hotpotqa", data_dir) if r["split"] == "calibration"], n,
