@@ -37,7 +37,8 @@ LABELS = LABELS_FILE
 SPLIT_SEED = 20240611  # fixed: changing it would let rule changes have seen the held-out half
 HALVES = ("development", "held_out")
 # Source models, ``source_model`` field (absent: "smollm2", the SmolLM2-135M-Instruct responses).
-MODELS = ("smollm2", "m0", "m1", "hcnr", "rait")
+# The last five: the evidence rows of experiments/evidence.py (experiments/label_evidence.py).
+MODELS = ("smollm2", "m0", "m1", "hcnr", "rait", "hcnr_chosen", "merge", "rait_gold", "dpo", "layers")
 TRAINED = MODELS[1:]
 REQUIRED = ("benchmark", "id", "question", "response", "label")
 RULE_SETS = ("default", "selfaware", "alignment_for_honesty", "unknownbench")
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     preds = {name: verdicts(rows, d) for name, d in dets.items()}
     hand = [r["label"] for r in rows]
     counts = {v: sum(h == v for h in hand) for v in VERDICTS}
-    per_model = {m: sum(model_of(r) == m for r in rows) for m in MODELS}
+    per_model = {m: n for m in MODELS if (n := sum(model_of(r) == m for r in rows))}
     print(f"{len(rows)} hand-labelled responses:", json.dumps(counts), "by source model:", json.dumps(per_model))
     print("| rules | precision | recall | F1 | 3-way accuracy |\n|---|---|---|---|---|")
     summary = {}
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_pr_table(table))
     print("default confusion (hand -> detector):", json.dumps(summary["default"]["confusion"]))
     idx = {f"half={h}": [i for i, r in enumerate(rows) if half_of(r) == h] for h in HALVES}
-    idx |= {f"model={m}": [i for i, r in enumerate(rows) if model_of(r) == m] for m in MODELS if per_model[m]}
+    idx |= {f"model={m}": [i for i, r in enumerate(rows) if model_of(r) == m] for m in per_model}
     smol = [i for i, r in enumerate(rows) if model_of(r) == "smollm2"]
     idx |= {f"system={s}": [i for i in smol if source_of(rows[i]) == s]
             for s in sorted({source_of(rows[i]) for i in smol})}

@@ -1,0 +1,111 @@
+"""Blind hand labels of the evidence rows' responses (issue: the detector on the new outputs).
+
+Two steps, with the labelling by a person in between:
+
+    python experiments/label_evidence.py blind --out runs/labels/blind.jsonl [--per-row 75]
+    (label every line: add "label": refused | answered | undetermined, by the rules of
+     hcnr_jax/bundled/labels/README.md, reading only the question and the response)
+    python experiments/label_evidence.py merge --blind runs/labels/blind.jsonl --labelled runs/labels/labelled.jsonl
+
+``blind`` draws, per evidence row (HotpotQA task; experiments/results/evidence/hotpotqa/), a seeded
+sample of responses to the five refusal benchmarks, the general questions and HotpotQA that no
+earlier label covers, and writes only ``{"key", "question", "response"}``, shuffled across rows: no
+verdict, benchmark or model is shown. ``merge`` appends the labelled records to
+``hcnr_jax/bundled/labels/refusal_labels.jsonl`` with their ``source_model`` (the row) and then, never
+before, the detector can be run on them (``python -m hcnr_jax.eval.labels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ROOT / "experiments" / "results" / "evidence" / "hotpotqa"
+# Evidence row file -> source_model in the labels file (hcnr_jax.eval.labels.MODELS).
+ROWS = {"hcnr__r_cw_chosen": "hcnr_chosen", "merge__alpha_chosen": "merge", "rait_gold__510": "rait_gold",
+        "dpo__510": "dpo", "layers_whole__r_cw_0_4": "layers"}
+
+
+def _records(stem: str) -> list[dict]:
+    lines = (EVIDENCE / f"{stem}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines[1:]]
+
+
+def blind(out: Path, per_row: int) -> None:
+    from hcnr_jax.eval.labels import load_labels
+
+    done = {(r["benchmark"], r["id"], r.get("source_model")) for r in load_labels()}
+    items = []
+    for stem, model in ROWS.items():
+        if not (EVIDENCE / f"{stem}.jsonl").exists():
+            print(f"skipping {stem}: no records yet", file=sys.stderr)
+            continue
+        recs = [r for r in _records(stem) if (r["benchmark"], r["id"], model) not in done]
+        rng = random.Random(f"hcnr-labels-3:{model}")
+        for r in rng.sample(recs, min(per_row, len(recs))):
+            items.append({"key": f"{model}|{r['benchmark']}|{r['id']}", "question": _question(r), "response": r["response"]})
+    random.Random("hcnr-labels-3:shuffle").shuffle(items)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+    print(f"wrote {len(items)} blind items to {out}")
+
+
+def _question(rec: dict) -> str:
+    from hcnr_jax.eval.data import load_benchmark
+
+    if not hasattr(_question, "cache"):
+        _question.cache = {}  # type: ignore[attr-defined]
+    cache = _question.cache  # type: ignore[attr-defined]
+    if rec["benchmark"] not in cache:
+        cache[rec["benchmark"]] = {r["id"]: r["question"] for r in load_benchmark(rec["benchmark"])}
+    return cache[rec["benchmark"]][rec["id"]]
+
+
+def merge(blind_file: Path, labelled: Path) -> None:
+    from hcnr_jax.embedded import LABELS_FILE
+    from hcnr_jax.eval.refusal import VERDICTS
+    from hcnr_jax.io import atomic_write_text
+
+    keys = [json.loads(line)["key"] for line in blind_file.read_text().splitlines()]
+    got = {r["key"]: r for r in map(json.loads, labelled.read_text().splitlines())}
+    if set(got) != set(keys):
+        sys.exit(f"{labelled}: {len(set(keys) - set(got))} items unlabelled, {len(set(got) - set(keys))} unknown")
+    rows = []
+    for key in keys:
+        model, bench, rid = key.split("|")
+        stem = next(s for s, m in ROWS.items() if m == model)
+        rec = next(r for r in _records(stem) if r["benchmark"] == bench and r["id"] == rid)
+        label = got[key]["label"]
+        if label not in VERDICTS:
+            sys.exit(f"{labelled}: {key}: label {label!r} is not one of {VERDICTS}")
+        rows.append({"benchmark": bench, "id": rid, "question": got[key]["question"],
+                     "unanswerable": rec["unanswerable"], "response": rec["response"], "label": label,
+                     "source_model": model})
+    text = LABELS_FILE.read_text() + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(LABELS_FILE, text)
+    print(f"appended {len(rows)} labels to {LABELS_FILE}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("blind")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--per-row", type=int, default=75)
+    m = sub.add_parser("merge")
+    m.add_argument("--blind", type=Path, required=True)
+    m.add_argument("--labelled", type=Path, required=True)
+    a = ap.parse_args()
+    if a.cmd == "blind":
+        blind(a.out, a.per_row)
+    else:
+        merge(a.blind, a.labelled)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
