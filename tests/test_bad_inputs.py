@@ -283,6 +283,58 @@ def _(w):
     return _repair(w, "--honesty-data", str(w.root / "hon.jsonl")), ["hon.jsonl", "no such data file"]
 
 
+@case("repair/choose-without-development-data")
+def _(w):
+    return _repair(w, "--choose", "r_cw=0.3,0.5"), ["--choose needs --dev-honesty and --dev-task"]
+
+
+@case("repair/choose-unknown-setting")
+def _(w):
+    return _repair(w, "--choose", "colour=1,2", "--dev-honesty", str(w.data), "--dev-task", str(w.data)), [
+        "--choose 'colour=1,2'", "r_cw, r_iw, damping"]
+
+
+@case("repair/choose-bad-value")
+def _(w):
+    return _repair(w, "--choose", "r_cw=0.3,1.7", "--dev-honesty", str(w.data), "--dev-task", str(w.data)), ["r_cw"]
+
+
+@case("repair/baseline-contradicted")
+def _(w):
+    return _repair(w, "--baseline", "layers", "--r-iw", "0.5"), ["--baseline layers sets --r-iw 1.0", "--r-iw 0.5"]
+
+
+def _merge(w: Workspace, *flags: str) -> list[str]:
+    return ["merge", "--base", str(w.m), "--finetuned", str(w.m), "--out", str(w.out), *flags]
+
+
+@case("merge/alpha-out-of-range")
+def _(w):
+    return _merge(w, "--alpha", "1.5"), ["--alpha 1.5", "[0, 1]"]
+
+
+@case("merge/alpha-not-a-number")
+def _(w):
+    return _merge(w, "--alpha", "half"), ["--alpha 'half'", "comma-separated numbers"]
+
+
+@case("merge/several-alphas-without-development-data")
+def _(w):
+    return _merge(w, "--alpha", "0.25,0.5"), ["--dev-honesty and --dev-task"]
+
+
+@case("merge/dev-data-missing")
+def _(w):
+    return _merge(w, "--alpha", "0.25,0.5", "--dev-honesty", str(w.root / "dev.jsonl"), "--dev-task", str(w.data)), [
+        "dev.jsonl", "no such data file"]
+
+
+@case("merge/output-exists")
+def _(w):
+    w.out.mkdir()
+    return _merge(w, "--alpha", "0.5"), [str(w.out), "--overwrite"]
+
+
 def _repair_out(w: Workspace, which: str) -> tuple[list[str], list[str]]:
     """--out (with --overwrite, which would replace it) equal to, inside or containing an input."""
     base, ft, adapter = w.fake_model("base"), w.fake_model("ft"), w.fake_model("adapter")
