@@ -1,8 +1,6 @@
 """Gemma 3 specifics beyond the per-family parity tests (test_model, test_roundtrip, test_stats):
 the functions it adds, checked against transformers' modules, and HCNR repair end to end."""
 
-import json
-
 import numpy as np
 import pytest
 import tiny
@@ -61,33 +59,16 @@ def test_local_and_global_layers_use_their_own_rope(tmp_path):
     assert np.abs(other - base).max() > 1e-3 * np.abs(base).max()
 
 
-def _fine_tune(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i, (n, p) in enumerate(model.named_parameters()):
-            if n.endswith("proj.weight"):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (1 + i % 5))
-    return model
-
-
-def _jsonl(path, seed, n=6):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            t = int(rng.integers(6, 14))
-            f.write(json.dumps({"input_ids": rng.integers(3, 97, t).tolist(),
-                                "loss_mask": [0] * (t // 2) + [1] * (t - t // 2)}) + "\n")
-    return path
-
-
 def test_repair_end_to_end_loads_in_transformers(tmp_path):
     """HCNR on a tiny Gemma 3 pair: the written model loads in transformers (Gemma3ForCausalLM) with
     our logits; layers not kept stay bit-identical to the fine-tuned model; kept ones moved."""
     import transformers
+    from test_repair import fine_tune, write_jsonl
 
     base = tiny.save_hf(tiny.hf_model("gemma3", seed=0), tmp_path / "base")
-    ft = tiny.save_hf(_fine_tune(tiny.hf_model("gemma3", seed=0)), tmp_path / "ft")
-    res = hcnr_jax.repair(base, ft, _jsonl(tmp_path / "h.jsonl", 0), _jsonl(tmp_path / "t.jsonl", 1), progress=False)
+    ft = tiny.save_hf(fine_tune(tiny.hf_model("gemma3", seed=0)), tmp_path / "ft")
+    hon, task = write_jsonl(tmp_path / "h.jsonl", seed=0), write_jsonl(tmp_path / "t.jsonl", seed=1)
+    res = hcnr_jax.repair(base, ft, hon, task, progress=False)
     out = write_repair(res, tmp_path / "out")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(hf).__name__ == "Gemma3ForCausalLM"
