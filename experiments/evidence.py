@@ -184,8 +184,8 @@ def evaluate(row: str, work: Path, data_dir: str | None, log: Path) -> None:
         p = Path(model) / name
         if p.exists():
             rep = json.loads(p.read_text())
-            meta["changed_fraction"] = (rep.get("changed_fraction") if name == "merge_report.json"
-                                        else rep["summary"]["restored_fraction_of_model"])
+            if name == "hcnr_report.json":
+                meta["restored_fraction"] = rep["summary"]["restored_fraction_of_model"]
             meta["choice"] = rep.get("choice")
             meta["setting"] = rep.get("alpha") if name == "merge_report.json" else rep["settings"]["r_cw"]
     wall = work / f"{slug(row)}.wall_s"
@@ -256,6 +256,31 @@ def resample(rng: np.random.Generator, groups: dict[str, list[list[str]]]) -> di
             for b, gs in groups.items()}
 
 
+def changed_fractions(rows: list[str]) -> dict[str, float]:
+    """Row -> the share of parameters (elements) that differ from M1's, for every row whose model can
+    be loaded; cached in ``OUT/changed.json`` (compensation moves the kept layers' other columns too,
+    so a repair changes more than it restores)."""
+    from hcnr_jax.io import atomic_write_text
+    from hcnr_jax.pretrained import load_pretrained
+    from hcnr_jax.repair.choose import changed_fraction
+
+    path = OUT / "changed.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    todo = [r for r in rows if r not in known and r != "M1"]
+    if todo:
+        m1 = load_pretrained(models()["M1"]).params
+        for row in todo:
+            how, what = ROWS[row]
+            src = (models()[str(what)] if how == "model" else
+                   f"{models()['M1']}+{WORK.parent.parent / 'reproduce' / str(what)}" if how == "reproduce" else
+                   str(WORK / slug(row)))
+            if how in ("repair", "merge") and not Path(src).exists():
+                continue
+            known[row] = changed_fraction(m1, load_pretrained(src).params)
+        atomic_write_text(path, json.dumps(known, indent=1) + "\n")
+    return {**known, "M1": 0.0}
+
+
 def report() -> None:
     from hcnr_jax.io import atomic_write_text
 
@@ -264,6 +289,10 @@ def report() -> None:
         p = OUT / f"{slug(row)}.jsonl"
         if p.exists():
             rows[row] = load_row(p)
+    changed = changed_fractions(list(rows))
+    for row, (meta, _) in rows.items():
+        if row in changed:
+            meta["changed_fraction"] = changed[row]
     if "M1" not in rows:
         sys.exit("no M1 records yet")
     common = set.intersection(*(set(r) for _, r in rows.values()))
@@ -316,6 +345,7 @@ def markdown(out: dict) -> str:
              "unanswerable halves, each row seeded by its name). `unseen`: the average F1 over FalseQA, NEC and "
              f"RefuNQ, which HCNR's calibration never drew from. Task: {task}; gold log-lik: mean per-token "
              "log-probability of its gold answers (nats).", "",
+             "Params changed: the share of M1's parameters (elements) that differ in the row's model.", "",
              "| row | setting | params changed | RF delta " + " | RF delta ".join(HONESTY)
              + " | avg F1 | avg RF delta | F1 unseen | F1 general | RF delta general | task acc | gold log-lik "
              "| degenerate |", "|---|" + "---|" * (len(HONESTY) + 11)]
