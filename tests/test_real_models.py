@@ -110,3 +110,23 @@ def test_logits_match_transformers_gguf_loader(ggufs, key):
     got = np.asarray(hcnr_jax.logits(ours, np.array([ids])))[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_gemma_gguf_loads_without_torch(ggufs, tmp_path):
+    """The Gemma 3 GGUF (sentencepiece vocabulary through transformers' converter, GemmaTokenizer) loads
+    and runs with torch unimportable, as the package's runtime promises."""
+    import os
+    import subprocess
+    import sys
+
+    path = _path(ggufs, "gemma-3-270m")
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, hcnr_jax\n"
+            f"m = hcnr_jax.load_pretrained({str(path)!r})\n"
+            "ids = m.tokenizer('<start_of_turn>user')['input_ids']\n"
+            "print('RESULT', type(m.tokenizer).__name__, ids, np.asarray(hcnr_jax.logits(m, np.array([ids]))).shape)")
+    env = {**os.environ, "HCNR_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT"))
+    assert line == "RESULT GemmaTokenizer [2, 105, 2364] (1, 3, 262144)"
