@@ -587,7 +587,7 @@ def generation_config(hf: dict[str, Any], reader: Any, tokenizer: Any, path: Pat
 
 
 def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> Any:
-    """Load a llama GGUF file -> ``Pretrained`` (float32 unless ``dtype``).
+    """Load a GGUF file of any `ARCHS` architecture -> ``Pretrained`` (float32 unless ``dtype``).
 
     The config, tokenizer (with the chat template) and generation config come from the GGUF
     metadata; ``save_pretrained`` of the result writes a directory that transformers loads.
