@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from hcnr_jax.config import config_from_hf
+from hcnr_jax.config import ModelConfig, config_from_hf
+from hcnr_jax.conversion.gguf_reader import GGUFFile
 from hcnr_jax.conversion.hf import DTYPES, cast_checked
 from hcnr_jax.errors import CheckpointError
-from hcnr_jax.params import param_specs, unflatten
+from hcnr_jax.params import Params, param_specs, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +236,6 @@ def _read_reader(path: Path) -> Any:
         import gguf  # noqa: F401  (dequantisation and the GGML type table)
     except ImportError as e:
         raise missing_package_error(path, "reading a GGUF file", e) from e
-    from hcnr_jax.conversion.gguf_reader import GGUFFile
-
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
@@ -586,18 +586,32 @@ def generation_config(hf: dict[str, Any], reader: Any, tokenizer: Any, path: Pat
     return gen
 
 
-def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> Any:
-    """Load a GGUF file of any `ARCHS` architecture -> ``Pretrained`` (float32 unless ``dtype``).
+@dataclass(frozen=True)
+class GGUFModel:
+    """What a GGUF file holds, as `hcnr_jax.pretrained.load_pretrained` builds a model from it: the
+    resolved config, parameters (HF names and layouts), tokenizer (None when not asked for), the HF
+    config.json dict and the generation config."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Any | None
+    hf_config: dict[str, Any]
+    generation_config: dict[str, Any]
+
+
+def read_gguf_config(path: Path) -> dict[str, Any]:
+    """The HF config.json dict of the GGUF file at ``path``, from its header alone."""
+    return hf_config_from_gguf(_read_reader(path), path)
+
+
+def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> GGUFModel:
+    """Read a GGUF file of any `ARCHS` architecture -> `GGUFModel` (float32 unless ``dtype``).
 
     The config, tokenizer (with the chat template) and generation config come from the GGUF
-    metadata; ``save_pretrained`` of the result writes a directory that transformers loads.
-    ``tokenizer=False`` skips the tokenizer. It is built without torch and cached in the user's cache
-    folder (``hcnr_jax.cache``), keyed by a hash of the tokenizer metadata.
+    metadata; ``save_pretrained`` of the model built from it writes a directory that transformers
+    loads. ``tokenizer=False`` skips the tokenizer. It is built without torch and cached in the
+    user's cache folder (``hcnr_jax.cache``), keyed by a hash of the tokenizer metadata.
     """
-    import jax.numpy as jnp
-
-    from hcnr_jax.pretrained import Pretrained
-
     path = Path(path)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {list(DTYPES)}")
@@ -609,4 +623,4 @@ def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> A
     target = DTYPES[dtype or "float32"]
     flat = read_gguf_tensors(reader, path, cfg, lambda name, w: jnp.asarray(cast_checked(w, target, name, str(path))))
     gen = generation_config(hf, reader, tok, path)
-    return Pretrained(cfg, unflatten(flat, cfg.num_layers), tok, hf, str(path), {}, gen)
+    return GGUFModel(cfg, unflatten(flat, cfg.num_layers), tok, hf, gen)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hcnr_jax.errors import HcnrError
+from hcnr_jax.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -362,16 +363,9 @@ def portable_path(path: str | os.PathLike) -> str:
 # --- outputs that would overwrite their inputs --------------------------------------------------------
 
 def model_source_paths(src: str | os.PathLike) -> list[Path]:
-    """The local files and directories a model source reads, as `load_pretrained` splits it: ``src``
-    itself when it exists, else each existing part of a ``BASE+ADAPTER`` chain (split from the
-    right). Parts that do not exist locally (Hub ids, typos) are left out."""
-    src = str(src)
-    if Path(src).exists():
-        return [Path(src)]
-    if "+" in src:
-        base, adapter = src.rsplit("+", 1)
-        return model_source_paths(base) + ([Path(adapter)] if adapter and Path(adapter).exists() else [])
-    return []
+    """The local files and directories a model source reads (`hcnr_jax.source.ModelSource`, parsed
+    as `load_pretrained` parses it). Parts that do not exist locally (hub ids, typos) are left out."""
+    return ModelSource.parse(src).local_paths()
 
 
 def check_output_apart(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],

@@ -116,9 +116,9 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     as a dict."""
     p = Path(path)
     if p.suffix == ".gguf":
-        from hcnr_jax.conversion.gguf import _read_reader, hf_config_from_gguf
+        from hcnr_jax.conversion.gguf import read_gguf_config
 
-        return hf_config_from_gguf(_read_reader(p), p)
+        return read_gguf_config(p)
     if p.is_dir():
         p = p / "config.json"
     try:

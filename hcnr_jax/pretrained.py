@@ -1,7 +1,8 @@
 """Loading and saving whole models: ``load_pretrained``, ``save_pretrained``, ``logits``.
 
-``src`` may be a Hugging Face directory, a ``.gguf`` file, or ``BASE+ADAPTER_DIR`` (a PEFT LoRA
-adapter merged onto BASE, itself a directory or a GGUF file).
+``src`` is a model source (`hcnr_jax.source.ModelSource`): a Hugging Face directory, a ``.gguf``
+file, a hub id ``org/name[@revision]``, or any of these followed by ``+ADAPTER_DIR`` (PEFT LoRA
+adapters merged onto the base in order).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hcnr_jax.errors import CheckpointError, HcnrError
 from hcnr_jax.io import atomic_output_dir
 from hcnr_jax.model import forward
 from hcnr_jax.params import Params, flatten, param_specs
+from hcnr_jax.source import ModelSource, hub_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def _placed(model: Pretrained, mesh: Any, fsdp: bool) -> Pretrained:
 
 
 def load_pretrained(src: str | Path, dtype: str | None = None, *, mesh: Any = None, fsdp: bool = False) -> Pretrained:
-    """Load a model from a HF directory, a ``.gguf`` file or ``BASE+ADAPTER_DIR``.
+    """Load a model from a HF directory, a ``.gguf`` file, a hub id or ``BASE+ADAPTER_DIR[+...]``.
 
     ``dtype`` ("float32", "bfloat16", "float16") casts the parameters; None keeps the stored
     dtype (GGUF tensors are dequantised to float32 unless told otherwise).
@@ -103,6 +105,9 @@ def load_pretrained(src: str | Path, dtype: str | None = None, *, mesh: Any = No
     the ``embed`` dimension over ``data``), the sharding the statistics, repair and training steps
     use, so that they need no resharding. A HF directory is streamed tensor by tensor straight
     into that placement; a GGUF file or a merged adapter is placed once built.
+
+    ``src`` is parsed once (`ModelSource.parse`; a parsed source is accepted too): an existing
+    local path always wins over a hub id or a ``+`` split.
     """
     if dtype is not None and dtype not in hf_io.DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {list(hf_io.DTYPES)}")
@@ -110,36 +115,49 @@ def load_pretrained(src: str | Path, dtype: str | None = None, *, mesh: Any = No
         from hcnr_jax.sharding import make_mesh
 
         mesh = make_mesh(mesh)
-    src = str(src)
-    if "+" in src and not Path(src).exists():
-        base, adapter = src.rsplit("+", 1)
-        from hcnr_jax.conversion.lora import merge_lora
+    source = ModelSource.parse(src)
+    model = _load_base(source, dtype, mesh, fsdp)
+    if not source.adapters:
+        return model
+    from hcnr_jax.conversion.lora import merge_lora
 
-        return _placed(merge_lora(load_pretrained(base, dtype=dtype, mesh=mesh, fsdp=fsdp), Path(adapter)), mesh, fsdp)
-    path = Path(src)
-    if path.suffix == ".gguf":
+    for adapter in source.adapters:
+        model = merge_lora(model, Path(adapter))  # its source becomes BASE+ADAPTER
+    return _placed(model, mesh, fsdp)
+
+
+def _base_path(source: ModelSource) -> Path:
+    """The local path of ``source``'s base (a hub id: its snapshot folder)."""
+    return hub_snapshot(source.base, source.revision) if source.hub else Path(source.base)
+
+
+def _load_base(source: ModelSource, dtype: str | None, mesh: Any, fsdp: bool) -> Pretrained:
+    path = _base_path(source)
+    if source.is_gguf:
         from hcnr_jax.conversion.gguf import load_gguf
 
-        return _placed(load_gguf(path, dtype=dtype), mesh, fsdp)
+        parts = load_gguf(path, dtype=dtype)
+        model = Pretrained(parts.config, parts.params, parts.tokenizer, parts.hf_config, str(path), {},
+                           parts.generation_config)
+        return _placed(model, mesh, fsdp)
     if path.is_dir():
-        return _load_dir(path, dtype, mesh, fsdp)
-    raise CheckpointError(f"{src}: not a model directory, a .gguf file or BASE+ADAPTER_DIR")
+        model = _load_dir(path, dtype, mesh, fsdp)
+        return model.replace(source=str(source.base_source)) if source.hub else model
+    raise CheckpointError(f"{source.base}: not a model directory, a .gguf file, BASE+ADAPTER_DIR or a hub id org/name")
 
 
-def model_max_positions(src: str | Path) -> int | None:
-    """The ``max_position_embeddings`` of the model at ``src`` (HF directory, ``.gguf`` file or
-    ``BASE+ADAPTER_DIR``), read from its config alone, without loading weights; None when ``src``
-    is none of these (loading it reports why)."""
+def model_max_positions(src: str | Path | ModelSource) -> int | None:
+    """The ``max_position_embeddings`` of the model at ``src`` (any `ModelSource`; adapters do not
+    change it), read from its config alone, without loading weights; None when ``src`` is none of
+    these (loading it reports why). A hub id is resolved (from the cache, or downloaded) here."""
     from hcnr_jax.config import config_from_hf
 
-    src = str(src)
-    if "+" in src and not Path(src).exists():
-        return model_max_positions(src.rsplit("+", 1)[0])  # the base, as load_pretrained reads it
-    path = Path(src)
-    if path.suffix == ".gguf" and path.is_file():
-        from hcnr_jax.conversion.gguf import _read_reader, hf_config_from_gguf
+    source = ModelSource.parse(src)
+    path = _base_path(source)
+    if source.is_gguf and path.is_file():
+        from hcnr_jax.conversion.gguf import read_gguf_config
 
-        hf = hf_config_from_gguf(_read_reader(path), path)
+        hf = read_gguf_config(path)
     elif path.is_dir() and (path / "config.json").is_file():
         hf = hf_io.read_config(path)
     else:

@@ -9,8 +9,10 @@ from hcnr_jax.conversion.hf import DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a HF dir, .gguf file or BASE+ADAPTER_DIR to a HF dir")
-    p.add_argument("src", help="HF model directory, .gguf file, or BASE+ADAPTER_DIR (PEFT LoRA)")
+    p = sub.add_parser("convert", help="convert a HF dir, .gguf file, hub id or BASE+ADAPTER_DIR to a HF dir")
+    p.add_argument("src", help="HF model directory, .gguf file, hub id org/name[@revision] (the local hub cache "
+                   "first; HF_HUB_OFFLINE=1: only it), or BASE+ADAPTER_DIR[+ADAPTER_DIR...] (PEFT LoRA); "
+                   "an existing local path wins over a hub id")
     p.add_argument("out", help="output directory (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast parameters (default: keep)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard (default 5)")

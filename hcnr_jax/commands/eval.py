@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.eval.runner import EvalSettings, evaluate, refusal_detector
     from hcnr_jax.io import check_output_apart, portable_path
     from hcnr_jax.pretrained import load_pretrained
+    from hcnr_jax.source import ModelSource
 
     if args.bootstrap < 0:
         raise HcnrError(f"--bootstrap must be >= 0, got {args.bootstrap}")
@@ -112,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
                             instruction=instruction)
     model = load_pretrained(args.model)
     reference = load_pretrained(args.reference) if args.reference else None
-    def name(src: str) -> str:  # BASE+ADAPTER: each part
-        return "+".join(portable_path(part) for part in str(src).split("+"))
+    def name(src: str) -> str:
+        return ModelSource.parse(src).describe(portable_path)
 
     evaluate(model, args.out, settings, reference, name(args.model), name(args.reference) if args.reference else "")
     print(Path(args.out, "table.md").read_text())

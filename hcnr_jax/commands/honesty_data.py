@@ -174,9 +174,10 @@ class AnswerCache:
 
         from hcnr_jax.errors import DataError
         from hcnr_jax.io import portable_path
+        from hcnr_jax.source import ModelSource
 
         self.path = Path(args.answers) if args.answers else None
-        self.settings = dict(model="+".join(portable_path(part) for part in str(args.model).split("+")), samples=args.samples, temperature=args.temperature,
+        self.settings = dict(model=ModelSource.parse(args.model).describe(portable_path), samples=args.samples, temperature=args.temperature,
                              seed=args.seed, max_new_tokens=args.max_new_tokens)
         self.greedy: dict[str, str] = {}
         self.sampled: dict[str, list[str]] = {}

@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
     data = loop.load_training_data(args.data, model, tc)
     result = loop.train(model, data, tc, checkpoint_dir=args.checkpoint_dir, mesh=args.mesh)
     from hcnr_jax.io import portable_path
+    from hcnr_jax.source import ModelSource
 
-    result.report.update(model="+".join(portable_path(p) for p in args.model.split("+")), data=portable_path(args.data))
+    result.report.update(model=ModelSource.parse(args.model).describe(portable_path), data=portable_path(args.data))
     write_result(result, model, out, tc, overwrite=args.overwrite)
     r = result.report
     print(f"wrote {out}: {tc.method} {tc.objective}, {r['steps']} steps on {r['samples']} samples, final loss "

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from hcnr_jax.io import portable_path
+from hcnr_jax.source import ModelSource
 from hcnr_jax.train.config import TrainConfig
 
 REPORT_NAME = "train_report.json"
@@ -30,4 +31,4 @@ def write_result(result: Any, model: Any, out: str | Path, tc: TrainConfig, over
 
     lora = {m: (np.asarray(ab["A"]), np.asarray(ab["B"])) for m, ab in result.trainable.items()}
     return write_adapter(out, lora, r=tc.lora_rank, alpha=tc.lora_alpha,
-                         base_model=portable_path(model.source.split("+")[0]), overwrite=overwrite, extra_files=extra)
+                         base_model=ModelSource.parse(model.source).base_source.describe(portable_path), overwrite=overwrite, extra_files=extra)
