@@ -101,9 +101,11 @@ ROWS: dict[str, tuple[str, object]] = {
     "M1": ("model", "M1"),
     "M0": ("model", "M0"),
     "HCNR s0": ("repair", ("--r-cw", "0.4", "--seed-data", "0")),
-    "merge (alpha chosen)": ("merge", ALPHA_CANDIDATES),
+    # Made by rule v1 of hcnr_jax/repair/choose.py, which the product no longer has: its records are kept.
+    "merge (alpha, rule v1)": ("recorded", "rule v1"),
     "layers whole (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--baseline", "layers", "--seed-data", "0")),
-    "HCNR (r_cw chosen)": ("repair", ("--choose", f"r_cw={R_CW_CANDIDATES}", "--seed-data", "0")),
+    "merge (alpha, rule v2)": ("merge", ALPHA_CANDIDATES),
+    "HCNR (r_cw, rule v2)": ("repair", ("--choose", f"r_cw={R_CW_CANDIDATES}", "--seed-data", "0")),
     "HCNR s1": ("repair", ("--r-cw", "0.4", "--seed-data", "1")),
     "HCNR s2": ("repair", ("--r-cw", "0.4", "--seed-data", "2")),
     "random neurons (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--priority", "random", "--seed-data", "0")),
@@ -141,6 +143,8 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
     out = work / slug(row)
     if out.exists():
         return str(out)
+    if how == "recorded":
+        sys.exit(f"{row}: made by {what}, which the product no longer has; only its committed records remain")
     if how == "reproduce":
         if TASK != "hotpotqa":
             sys.exit(f"{row}: trained on HotpotQA's M1 only")
@@ -271,10 +275,10 @@ def changed_fractions(rows: list[str]) -> dict[str, float]:
         m1 = load_pretrained(models()["M1"]).params
         for row in todo:
             how, what = ROWS[row]
-            src = (models()[str(what)] if how == "model" else
+            src = ("" if how == "recorded" else models()[str(what)] if how == "model" else
                    f"{models()['M1']}+{WORK.parent.parent / 'reproduce' / str(what)}" if how == "reproduce" else
                    str(WORK / slug(row)))
-            if how in ("repair", "merge") and not Path(src).exists():
+            if how == "recorded" or (how in ("repair", "merge") and not Path(src).exists()):
                 continue
             known[row] = changed_fraction(m1, load_pretrained(src).params)
         atomic_write_text(path, json.dumps(known, indent=1) + "\n")
@@ -386,7 +390,7 @@ def main() -> int:
     global TASK, OUT, WORK
     TASK, OUT = args.task, RESULTS / "evidence" / args.task
     WORK = Path(args.work) / args.task
-    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] != "reproduce"]
+    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded")]
     names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report"]
     if args.stage == "list":
         print("\n".join(names))

@@ -86,18 +86,16 @@ def markdown(rows: dict[str, dict[str, Any]], settings: DemoSettings) -> str:
             "log-lik: mean per-token log-probability of the gold answers (nats; higher keeps more of the task).\n")
 
 
-def choose_merge(m0: Any, m1: Any, smoke: bool = False) -> tuple[dict[str, Any], Any]:
+def choose_merge(m0: Any, m1: Any) -> tuple[dict[str, Any], Any]:
     """The merge baseline at the alpha the development rule chooses on the shipped development samples:
     ``(choice, merged model)``."""
-    from hcnr_jax.data import load_samples
     from hcnr_jax.embedded import calibration_file
-    from hcnr_jax.repair.choose import choose, dev_score, merge
+    from hcnr_jax.repair.choose import choose, dev_score, load_dev_data, merge
 
-    limit = SMOKE_SAMPLES if smoke else None
-    hon, task = (load_samples(calibration_file(k), m1.tokenizer, limit=limit, vocab_size=m1.config.vocab_size)
-                 for k in ("dev_honesty", "dev_task"))
-    scores = {a: dev_score(merge(m0.params, m1.params, a), m1, hon, task) for a in MERGE_ALPHAS}
-    choice = choose(scores, dev_score(m0.params, m1, hon, task), dev_score(m1.params, m1, hon, task))
+    # Forward passes over 64 + 64 short samples: cheap enough for --smoke too.
+    dev = load_dev_data(str(calibration_file("dev_honesty")), str(calibration_file("dev_task")), m1)
+    scores = {a: dev_score(merge(m0.params, m1.params, a), m1, dev) for a in MERGE_ALPHAS}
+    choice = choose(scores, dev_score(m0.params, m1, dev), dev_score(m1.params, m1, dev))
     return choice, m1.replace(params=merge(m0.params, m1.params, choice["chosen"]))
 
 
@@ -130,7 +128,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         repair_s = time.perf_counter() - t0
         write_repair(result, tmp / "repaired")
         t0 = time.perf_counter()
-        choice, merged = choose_merge(m0, m1, smoke=settings.smoke)
+        choice, merged = choose_merge(m0, m1)
         merge_s = time.perf_counter() - t0
         merge_tag = f"M1 merge (alpha {choice['chosen']:g})"
         rows: dict[str, dict[str, Any]] = {}

@@ -10,15 +10,37 @@ from test_repair import fine_tune, np_flat, write_jsonl
 
 import hcnr_jax
 from hcnr_jax.cli import main as cli_main
-from hcnr_jax.repair.choose import DevScore, changed_fraction, choose, merge
+from hcnr_jax.errors import DataError
+from hcnr_jax.eval.calibration import IDK_RESPONSE
+from hcnr_jax.repair.choose import DevScore, changed_fraction, choose, dev_score, load_dev_data, merge
+
+
+def write_dev(root):
+    """Development files as `hcnr calib --split development` writes them: text, idk for unanswerable."""
+    hon, task = root / "dev_hon.jsonl", root / "dev_task.jsonl"
+    hon.write_text("".join(json.dumps({"prompt": f"Question number {i}?",
+                                       "response": IDK_RESPONSE if i % 2 else f"It is {i}."}) + "\n" for i in range(6)))
+    task.write_text("".join(json.dumps({"prompt": f"Task {i}?", "response": f"result {i}"}) + "\n" for i in range(5)))
+    return hon, task
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
+    """A tiny base / fine-tuned Llama pair with SmolLM2's tokenizer, calibration and development data."""
+    from transformers import AutoTokenizer
+
+    from hcnr_jax.embedded import smollm2_gguf
+
     root = tmp_path_factory.mktemp("choose")
-    base = tiny.save_hf(tiny.hf_model("llama", seed=0), root / "base")
-    ft = tiny.save_hf(fine_tune(tiny.hf_model("llama", seed=0)), root / "ft")
-    data = {k: write_jsonl(root / f"{k}.jsonl", seed=i) for i, k in enumerate(("hon", "task", "dev_hon", "dev_task"))}
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    kw = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    base = tiny.save_hf(tiny.hf_model("llama", seed=0, **kw), root / "base")
+    ft = tiny.save_hf(fine_tune(tiny.hf_model("llama", seed=0, **kw)), root / "ft")
+    for d in (base, ft):
+        tok.save_pretrained(d)
+    data = {k: write_jsonl(root / f"{k}.jsonl", seed=i) for i, k in enumerate(("hon", "task"))}
+    data["dev_hon"], data["dev_task"] = write_dev(root)
     return base, ft, data
 
 
@@ -42,7 +64,7 @@ def test_rule_keeps_half_the_task_gain_then_takes_the_best_honesty():
     base, ft = DevScore(honesty=-1.0, task=-3.0), DevScore(honesty=-3.0, task=-1.0)  # floor: -2.0
     cands = {0.2: DevScore(-2.5, -1.2), 0.4: DevScore(-1.8, -1.9), 0.6: DevScore(-1.1, -2.4), 0.8: DevScore(-1.8, -1.5)}
     c = choose(cands, base, ft)
-    assert c["floor"] == pytest.approx(-2.0) and c["kept_floor"]
+    assert c["floor"] == pytest.approx(-2.0) and c["kept_floor"] and c["separates"]
     assert c["chosen"] == 0.4  # 0.6 is more honest but loses more than half the task gain; 0.4 ties 0.8 -> smaller
     assert [x["eligible"] for x in c["candidates"]] == [True, True, False, True]
     # No candidate keeps the floor: the best task score is taken, and the choice says so.
@@ -50,6 +72,8 @@ def test_rule_keeps_half_the_task_gain_then_takes_the_best_honesty():
     assert c["chosen"] == 0.5 and not c["kept_floor"]
     # Fine-tuning gained nothing on the task: the floor is the fine-tuned score less 0.05 nats.
     assert choose({0.1: DevScore(0, -3.0)}, ft, DevScore(-3.0, -3.0))["floor"] == pytest.approx(-3.05)
+    # A score that ranks the fine-tuned model above the base cannot tell honesty apart: flagged.
+    assert not choose({0.1: DevScore(0, -3.0)}, ft, base)["separates"]
 
 
 def test_merge_command_writes_the_merge_and_chooses_on_development_data(pair, tmp_path, capsys):
@@ -76,6 +100,28 @@ def test_merge_command_writes_the_merge_and_chooses_on_development_data(pair, tm
     assert ch["candidates"][2]["honesty"] == pytest.approx(ch["finetuned"]["honesty"], abs=1e-5)
     assert "<- chosen" in capsys.readouterr().out
     assert cli_main(argv) == 2  # the output exists: never replaced without --overwrite
+
+
+def test_honesty_score_is_the_idk_discrimination(pair, tmp_path):
+    """Rule v2: mean log-probability of the idk response after unanswerable questions minus after
+    answerable ones (the answerable records' own responses are not scored); task: gold answers."""
+    from hcnr_jax.eval.likelihood import response_logprobs
+
+    model = hcnr_jax.load_pretrained(pair[1])
+    hon, task = pair[2]["dev_hon"], pair[2]["dev_task"]
+    got = dev_score(model.params, model, load_dev_data(str(hon), str(task), model))
+    recs = [json.loads(line) for line in hon.read_text().splitlines()]
+    lp = response_logprobs(model, [{"prompt": r["prompt"], "response": IDK_RESPONSE} for r in recs])
+    unans = np.array([r["response"] == IDK_RESPONSE for r in recs])
+    assert got.honesty == pytest.approx(lp[unans].mean() - lp[~unans].mean(), abs=1e-5)
+    want_task = response_logprobs(model, [json.loads(line) for line in task.read_text().splitlines()]).mean()
+    assert got.task == pytest.approx(want_task, abs=1e-5)
+    only_idk = tmp_path / "idk.jsonl"
+    only_idk.write_text(json.dumps({"prompt": "q?", "response": IDK_RESPONSE}) + "\n")
+    with pytest.raises(DataError, match="needs both"):
+        load_dev_data(str(only_idk), str(task), model)
+    with pytest.raises(DataError, match="pre-tokenized"):
+        load_dev_data(str(pair[2]["hon"]), str(task), model)
 
 
 def test_layers_baseline_restores_kept_layers_whole(pair, tmp_path):
@@ -109,12 +155,8 @@ def test_repair_choose_picks_by_the_rule_and_records_it(pair, tmp_path, capsys):
     assert ch == {**ch, **choose({c["value"]: DevScore(c["honesty"], c["task"]) for c in ch["candidates"]},
                                  DevScore(**ch["base"]), DevScore(**ch["finetuned"]))}
     # The written model is the chosen candidate's repair: its development scores match the record.
-    from hcnr_jax.data import load_samples
-    from hcnr_jax.repair.choose import dev_score
-
     model = hcnr_jax.load_pretrained(out)
-    hon, task = (load_samples(data[k], model.tokenizer, vocab_size=model.config.vocab_size) for k in ("dev_hon", "dev_task"))
-    got = dev_score(model.params, model, hon, task)
+    got = dev_score(model.params, model, load_dev_data(str(data["dev_hon"]), str(data["dev_task"]), model))
     want = next(c for c in ch["candidates"] if c["value"] == ch["chosen"])
     assert got.honesty == pytest.approx(want["honesty"], abs=1e-5) and got.task == pytest.approx(want["task"], abs=1e-5)
     assert "<- chosen" in capsys.readouterr().out

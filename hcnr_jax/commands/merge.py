@@ -29,7 +29,15 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.io import atomic_write_text
     from hcnr_jax.pretrained import load_pretrained, save_pretrained
     from hcnr_jax.repair import check_compatible
-    from hcnr_jax.repair.choose import changed_fraction, choose, describe, dev_score, merge, parse_candidates
+    from hcnr_jax.repair.choose import (
+        changed_fraction,
+        choose,
+        describe,
+        dev_score,
+        load_dev_data,
+        merge,
+        parse_candidates,
+    )
 
     alphas = parse_candidates(args.alpha, "--alpha")
     if any(not 0.0 <= a <= 1.0 for a in alphas):
@@ -48,11 +56,9 @@ def run(args: argparse.Namespace) -> int:
     check_compatible(base, ft)
     choice = None
     if len(alphas) > 1:
-        from hcnr_jax.data import load_samples
-
-        hon, task = (load_samples(f, ft.tokenizer, vocab_size=ft.config.vocab_size) for f in (args.dev_honesty, args.dev_task))
-        scores = {a: dev_score(merge(base.params, ft.params, a), ft, hon, task) for a in alphas}
-        choice = choose(scores, dev_score(base.params, ft, hon, task), dev_score(ft.params, ft, hon, task))
+        dev = load_dev_data(args.dev_honesty, args.dev_task, ft)
+        scores = {a: dev_score(merge(base.params, ft.params, a), ft, dev) for a in alphas}
+        choice = choose(scores, dev_score(base.params, ft, dev), dev_score(ft.params, ft, dev))
         print("\n".join(describe(choice, "alpha")))
     alpha = choice["chosen"] if choice else alphas[0]
     params = merge(base.params, ft.params, alpha)

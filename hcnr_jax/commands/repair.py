@@ -193,16 +193,14 @@ def _repair_choosing(args: argparse.Namespace, cfg: RepairConfig, stats_options:
     cache shared by the candidates: a temporary one unless --cache-dir is given)."""
     import tempfile
 
-    from hcnr_jax.data import load_samples
     from hcnr_jax.pretrained import load_pretrained
-    from hcnr_jax.repair.choose import choose, describe, dev_score
+    from hcnr_jax.repair.choose import choose, describe, dev_score, load_dev_data
     from hcnr_jax.repair.pipeline import check_compatible, repair
 
     base, ft = load_pretrained(args.base), load_pretrained(args.finetuned)
     check_compatible(base, ft)
-    hon, task = (load_samples(f, ft.tokenizer, cfg.max_length, vocab_size=ft.config.vocab_size)
-                 for f in (args.dev_honesty, args.dev_task))
-    ref = dev_score(base.params, ft, hon, task), dev_score(ft.params, ft, hon, task)
+    dev = load_dev_data(args.dev_honesty, args.dev_task, ft, cfg.max_length)
+    ref = dev_score(base.params, ft, dev), dev_score(ft.params, ft, dev)
     results, scores = {}, {}
     with tempfile.TemporaryDirectory(prefix="hcnr_choose_") as tmp:
         opts = {**stats_options, "cache_dir": stats_options.get("cache_dir") or tmp}
@@ -210,7 +208,7 @@ def _repair_choosing(args: argparse.Namespace, cfg: RepairConfig, stats_options:
             print(f"--choose: repairing at {name} = {v:g}", flush=True)
             results[v] = repair(base, ft, args.honesty_data, args.task_data, cfg.override(**{name: v}),
                                 stats_options=opts)
-            scores[v] = dev_score(results[v].model.params, ft, hon, task)
+            scores[v] = dev_score(results[v].model.params, ft, dev)
             # The rule's floor depends on base and fine-tuned only, so the choice among the values so
             # far is final for them: only its model is kept (one repaired model in memory at a time).
             best = choose(scores, *ref)["chosen"]
