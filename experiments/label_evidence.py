@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EVIDENCE = ROOT / "experiments" / "results" / "evidence" / "hotpotqa"
 # Evidence row file -> source_model in the labels file (hcnr_jax.eval.labels.MODELS).
-ROWS = {"hcnr__r_cw_chosen": "hcnr_chosen", "merge__alpha_chosen": "merge", "rait_gold__510": "rait_gold",
+ROWS = {"hcnr__r_cw__rule_v2": "hcnr_chosen", "merge__alpha__rule_v2": "merge", "rait_gold__510": "rait_gold",
         "dpo__510": "dpo", "layers_whole__r_cw_0_4": "layers"}
 
 
