@@ -30,6 +30,8 @@ its output exists (rerun to resume); each row's per-example records are copied t
 ``experiments/results/evidence_<task>.{json,md}``.
 
     python experiments/evidence.py --data-dir DIR [--task hotpotqa|catalog] [--stage all|STAGE[,STAGE...]|list]
+
+``--stage report,docs`` regenerates the JSON/markdown and the tables in experiments/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -380,6 +382,22 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def docs() -> None:
+    """Put the generated table (evidence_<task>.md without its title) between the markers
+    ``<!-- evidence:<task> -->`` and ``<!-- /evidence:<task> -->`` of experiments/RESULTS.md."""
+    from hcnr_jax.io import atomic_write_text
+
+    path = RESULTS.parent / "RESULTS.md"
+    text = path.read_text()
+    begin, end = f"<!-- evidence:{TASK} -->\n", f"<!-- /evidence:{TASK} -->"
+    if begin not in text or end not in text:
+        sys.exit(f"{path}: no {begin.strip()} ... {end} block")
+    table = markdown(json.loads((RESULTS / f"evidence_{TASK}.json").read_text())).split("\n", 2)[2]
+    head, rest = text.split(begin, 1)
+    atomic_write_text(path, head + begin + table + end + rest.split(end, 1)[1])
+    print(f"updated the {TASK} block of {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/evidence")
@@ -391,7 +409,7 @@ def main() -> int:
     TASK, OUT = args.task, RESULTS / "evidence" / args.task
     WORK = Path(args.work) / args.task
     rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded")]
-    names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report"]
+    names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report", "docs"]
     if args.stage == "list":
         print("\n".join(names))
         return 0
@@ -402,6 +420,9 @@ def main() -> int:
     for stage in todo:
         if stage == "report":
             report()
+            continue
+        if stage == "docs":
+            docs()
             continue
         if stage == "m1-train" and TASK == "catalog":
             train_catalog_m1(args.data_dir, log)
