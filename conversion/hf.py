@@ -408,6 +408,30 @@ def write_weights(
     return names
 
 
+def with_legacy_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json contents that transformers 4.x reads as 5.x does. transformers 5 spells RoPE
+    settings ``rope_parameters`` (per layer type for Gemma 3), which 4.57 ignores, silently falling
+    back to its default base; so the 4.x keys are added beside it: ``rope_theta``, ``rope_scaling``
+    (when not the default RoPE) and, for per-layer-type parameters, ``rope_local_base_freq`` of the
+    sliding layers. Keys already set are kept; transformers 5 and `config_from_hf` read
+    ``rope_parameters`` first."""
+    out = dict(hf)
+    params = out.get("rope_parameters")
+    if not isinstance(params, Mapping) or not params:
+        return out
+    if all(isinstance(v, Mapping) for v in params.values()):
+        local = params.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            out.setdefault("rope_local_base_freq", local["rope_theta"])
+        params = params.get("full_attention") or {}
+    if "rope_theta" in params:
+        out.setdefault("rope_theta", params["rope_theta"])
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if (scaling.get("rope_type") or scaling.get("type") or "default") != "default" and out.get("rope_scaling") is None:
+        out["rope_scaling"] = scaling
+    return out
+
+
 def config_with_dtype(hf: Mapping[str, Any], dtype: str) -> dict[str, Any]:
     """config.json contents with the stored dtype set (both spellings transformers reads)."""
     out = dict(hf)

@@ -213,7 +213,7 @@ def save_pretrained(
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         # allow_nonfinite: checked above, without a second pass over the host copies.
         hf_io.write_weights({n: flat[n] for n in specs}, tmp, max_shard_bytes, allow_nonfinite=True)
-        config = hf_io.config_with_dtype(model.hf_config, dtypes.pop())
+        config = hf_io.config_with_dtype(hf_io.with_legacy_rope(model.hf_config), dtypes.pop())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, path in model.carried.items():
             shutil.copyfile(path, tmp / name)
@@ -221,9 +221,26 @@ def save_pretrained(
             (tmp / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")
         if model.tokenizer is not None and not any(n.startswith("tokenizer") for n in model.carried):
             model.tokenizer.save_pretrained(str(tmp))
+            _name_tokenizer_for_both(tmp / "tokenizer_config.json")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)
+
+
+# Tokenizer classes transformers 5 writes that 4.x does not know -> the class both load the same
+# tokenizer.json with (5.x keeps PreTrainedTokenizerFast as a name of its TokenizersBackend).
+_TOKENIZER_CLASS_FOR_BOTH = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _name_tokenizer_for_both(path: Path) -> None:
+    """Rewrite ``tokenizer_class`` in the tokenizer_config.json at ``path`` so that transformers 4.57
+    and 5.x both load the tokenizer (only a class name 4.x lacks is changed)."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") in _TOKENIZER_CLASS_FOR_BOTH:
+        cfg["tokenizer_class"] = _TOKENIZER_CLASS_FOR_BOTH[cfg["tokenizer_class"]]
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @partial(jax.jit, static_argnums=1)

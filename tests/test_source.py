@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import tiny
+
 from hcnr_jax.errors import CheckpointError, HcnrError
 from hcnr_jax.source import ModelSource
 
