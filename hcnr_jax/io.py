@@ -94,9 +94,40 @@ def clean_stale_temps(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no other way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def user_mode(path_or_fd: str | os.PathLike | int, directory: bool) -> None:
+    """Give a path made by `tempfile` (always 0600 files / 0700 folders, for its own safety) the
+    mode any other file or folder the user creates gets: 0666 / 0777 less the umask."""
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if isinstance(path_or_fd, int):
+        os.fchmod(path_or_fd, mode)
+    else:
+        os.chmod(path_or_fd, mode)
+
+
+def user_modes_under(root: Path) -> None:
+    """`user_mode` for ``root`` and everything under it (symlinks left alone): writers such as
+    safetensors' create their files 0600 whatever the umask."""
+    user_mode(root, directory=True)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            if not os.path.islink(p := os.path.join(dirpath, name)):
+                user_mode(p, directory=True)
+        for name in filenames:
+            if not os.path.islink(p := os.path.join(dirpath, name)):
+                user_mode(p, directory=False)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; on success it is renamed to ``out_dir``.
+    """Yield a temporary directory beside ``out_dir``; on success it is renamed to ``out_dir``,
+    its folders and files given the user's umask (0755/0644 under the usual 022).
 
     An existing ``out_dir`` is an error unless ``overwrite`` (then it is replaced only after the
     new one is complete). On any exception the temporary directory is removed and nothing else
@@ -111,6 +142,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name, "tmp"), dir=out.parent))
     try:
         yield tmp
+        user_modes_under(tmp)  # the output gets the modes of the user's other files, not tempfile's 0700
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name, "old"), dir=out.parent))
             os.replace(out, old / out.name)
@@ -124,11 +156,14 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` under a temporary name, then rename: readers see the old file or
+    the whole new one. The file gets the user's umask (0644 under 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name, "tmp"), dir=path.parent)
     try:
+        user_mode(fd, directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
