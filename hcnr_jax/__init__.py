@@ -7,12 +7,14 @@ from hcnr_jax.errors import CheckpointError, DataError, HcnrError
 from hcnr_jax.generation import generate
 from hcnr_jax.pretrained import Pretrained, load_pretrained, logits, save_pretrained
 from hcnr_jax.repair import RepairConfig
+from hcnr_jax.source import ModelSource
 
 __all__ = [
     "CheckpointError",
     "DataError",
     "HcnrError",
     "ModelConfig",
+    "ModelSource",
     "Pretrained",
     "RepairConfig",
     "config_from_hf",

@@ -112,9 +112,12 @@ def parse_bytes(text: str | int | float | None) -> int | None:
 
 
 def load_hf_config(path: str | Path) -> dict[str, Any]:
-    """A HF ``config.json`` (a file, a model directory holding one, or a ``.gguf`` file's metadata)
-    as a dict."""
-    p = Path(path)
+    """A HF ``config.json`` (a file, a model directory holding one, a ``.gguf`` file's metadata, or
+    a hub id's, from the hub cache or the hub; the base's for ``BASE+ADAPTER``) as a dict."""
+    from hcnr_jax.source import ModelSource, hub_snapshot
+
+    source = ModelSource.parse(path)
+    p = hub_snapshot(source.base, source.revision) if source.hub else Path(source.base)
     if p.suffix == ".gguf":
         from hcnr_jax.conversion.gguf import read_gguf_config
 

@@ -124,3 +124,42 @@ def test_hub_id_cli(hub_cache, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Org/not-cached: not a local path" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_hub_config_for_plan(hub_cache, monkeypatch, tmp_path):
+    from hcnr_jax.plan import load_hf_config
+
+    cache, ref = hub_cache
+    _offline(monkeypatch, cache)
+    monkeypatch.chdir(tmp_path)
+    assert load_hf_config(f"Org/tiny-llama@{COMMIT}")["num_hidden_layers"] == ref.config.num_hidden_layers == 2
+
+
+def test_hub_cache_first_then_hub(monkeypatch, tmp_path):
+    """Online: the cache is asked first (local_files_only), the hub only when it lacks the id; a hub
+    failure is one line naming the id and the cause (snapshot_download stubbed: no network)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from hcnr_jax.source import hub_snapshot
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def fake(repo_id, revision=None, local_files_only=False):
+        calls.append((repo_id, revision, local_files_only))
+        if repo_id == "Org/cached" and local_files_only:
+            return str(tmp_path)
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in cache")
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert hub_snapshot("Org/cached") == tmp_path and calls == [("Org/cached", None, True)]
+    with pytest.raises(HcnrError) as e:
+        hub_snapshot("Org/x", "v2")
+    assert str(e.value) == ("Org/x@v2: not a local path, not in the Hugging Face hub cache, and the hub could not "
+                            "provide it (ConnectionError: Failed to resolve 'huggingface.co')")
+    assert calls[1:] == [("Org/x", "v2", True), ("Org/x", "v2", False)]

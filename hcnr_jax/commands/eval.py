@@ -23,7 +23,7 @@ def _benchmarks(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate refusals / honesty / task accuracy; writes JSON, markdown, JSONL")
-    p.add_argument("--model", required=True, help="model to evaluate (HF dir, .gguf, BASE+ADAPTER_DIR)")
+    p.add_argument("--model", required=True, help="model to evaluate (HF dir, .gguf, hub id, BASE+ADAPTER_DIR)")
     p.add_argument("--reference", help="reference model for prudence / over-conservativeness / honesty")
     p.add_argument("--benchmarks", type=_benchmarks, default=None,
                    help=f"comma-separated, or 'all' (every available one). Default: the available ones of "

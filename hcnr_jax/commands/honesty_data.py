@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="label: gold answer / idk; rait: the model's greedy answer if correct, else idk; "
                         "absolute, confidence-num, confidence-verb, multisample: Alignment for Honesty from "
                         "--samples answers per question; dpo-pairs: chosen/rejected from greedy answers")
-    p.add_argument("--model", help="model whose answers label the data (HF dir, .gguf, BASE+ADAPTER_DIR); "
+    p.add_argument("--model", help="model whose answers label the data (HF dir, .gguf, hub id, BASE+ADAPTER_DIR); "
                                    "every recipe but label")
     p.add_argument("--benchmarks", default=None,
                    help=f"comma-separated (default: those of {','.join(DEFAULT_BENCHMARKS)} that are available)")

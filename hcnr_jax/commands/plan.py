@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Compile the Fisher update, the Hessian update (all kept layers) and one layer's solve "
                     "for a model given by its HF config.json, on a mesh of simulated devices, and print "
                     "XLA's per-device memory and FLOPs and the expected time. Nothing runs, no weights are read.")
-    p.add_argument("--config", required=True, help="HF config.json (or a model directory, or a .gguf file)")
+    p.add_argument("--config", required=True, help="HF config.json (or a model directory, a .gguf file or a hub id org/name[@revision])")
     p.add_argument("--mesh", default=None, help="mesh axes, e.g. data=2,model=4 [every device on data]")
     p.add_argument("--devices", type=int, default=None,
                    help="number of devices [the mesh's size, else 1]; simulated when this process has fewer")

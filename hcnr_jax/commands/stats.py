@@ -35,7 +35,7 @@ hessian: [in, in] per weight, sum of x x^T of the layer's input over every non-p
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="Fisher importance or layer-input Hessians of a model on JSONL samples",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF model directory, .gguf file, or BASE+ADAPTER_DIR (PEFT LoRA)")
+    p.add_argument("--model", required=True, help="HF model directory, .gguf file, hub id org/name[@revision], or BASE+ADAPTER_DIR (PEFT LoRA)")
     p.add_argument("--data", required=True, help="JSONL samples: prompt/response or input_ids/loss_mask")
     p.add_argument("--kind", required=True, choices=KINDS, help="which statistic")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")

@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="fine-tune a model (SFT, DPO, ORPO; LoRA or full) in JAX",
         description="Train MODEL on DATA. Settings: defaults <- --config YAML <- flags. LoRA runs write a PEFT "
                     "adapter directory (load it as MODEL+OUT); full runs write a HF directory.")
-    p.add_argument("--model", required=True, help="starting model: HF dir, .gguf, or BASE+ADAPTER[+ADAPTER]")
+    p.add_argument("--model", required=True, help="starting model: HF dir, .gguf, hub id, or BASE+ADAPTER[+ADAPTER]")
     p.add_argument("--data", required=True,
                    help="JSONL: {prompt, response} for sft, {prompt, chosen, rejected} for dpo/orpo")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
