@@ -96,17 +96,15 @@ def test_logits_match_transformers_gguf_loader(ggufs, key):
     import torch
     import transformers
 
-    from hcnr_jax.conversion.gguf import load_gguf
+    import hcnr_jax
 
     path = _path(ggufs, key)
-    ours = load_gguf(path)
+    ours = hcnr_jax.load_pretrained(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     ids = RM.prompt_ids(ours.tokenizer, RM.MODELS[key]["chat"])[1]
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
-    import hcnr_jax
-
     got = np.asarray(hcnr_jax.logits(ours, np.array([ids])))[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).all()
