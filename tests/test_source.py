@@ -163,3 +163,27 @@ def test_hub_cache_first_then_hub(monkeypatch, tmp_path):
     assert str(e.value) == ("Org/x@v2: not a local path, not in the Hugging Face hub cache, and the hub could not "
                             "provide it (ConnectionError: Failed to resolve 'huggingface.co')")
     assert calls[1:] == [("Org/x", "v2", True), ("Org/x", "v2", False)]
+
+
+def test_hub_base_with_adapters(hub_cache, monkeypatch, tmp_path):
+    """``org/name+A1+A2`` merges the adapters onto the cached snapshot, in order, exactly as the
+    snapshot's local path does; the source is recorded as written."""
+    from test_lora_write import random_lora
+
+    from hcnr_jax.conversion.lora import write_adapter
+    from hcnr_jax.params import flatten
+    from hcnr_jax.pretrained import load_pretrained
+
+    cache, _ = hub_cache
+    _offline(monkeypatch, cache)
+    monkeypatch.chdir(tmp_path)
+    base = load_pretrained("Org/tiny-llama")
+    write_adapter("a1", random_lora(base.config, 2, seed=1), r=2, alpha=4)
+    write_adapter("a2", random_lora(base.config, 2, seed=2, layers=[1]), r=2, alpha=2)
+    hub = load_pretrained("Org/tiny-llama+a1+a2")
+    local = load_pretrained(f"{cache}/models--Org--tiny-llama/snapshots/{COMMIT}+a1+a2")
+    assert hub.source == "Org/tiny-llama+a1+a2"
+    got, want, orig = flatten(hub.params), flatten(local.params), flatten(base.params)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert not np.array_equal(got["model.layers.1.self_attn.q_proj.weight"],
+                              orig["model.layers.1.self_attn.q_proj.weight"])
