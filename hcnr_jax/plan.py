@@ -118,7 +118,7 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
 
     source = ModelSource.parse(path)
     p = hub_snapshot(source.base, source.revision) if source.hub else Path(source.base)
-    if p.suffix == ".gguf":
+    if source.is_gguf:
         from hcnr_jax.conversion.gguf import read_gguf_config
 
         return read_gguf_config(p)
