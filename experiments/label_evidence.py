@@ -3,14 +3,15 @@
 Two steps, with the labelling by a person in between:
 
     python experiments/label_evidence.py blind --out runs/labels/blind.jsonl [--per-row 75]
-    (label every line: add "label": refused | answered | undetermined, by the rules of
-     hcnr_jax/bundled/labels/README.md, reading only the question and the response)
+    (label every line of blind.jsonl, writing {"n": ..., "label": refused | answered | undetermined} to
+     labelled.jsonl, by the rules of hcnr_jax/bundled/labels/README.md, reading only the question and
+     the response; the model and benchmark of each line are in blind.jsonl.keys, not to be opened)
     python experiments/label_evidence.py merge --blind runs/labels/blind.jsonl --labelled runs/labels/labelled.jsonl
 
 ``blind`` draws, per evidence row (HotpotQA task; experiments/results/evidence/hotpotqa/), a seeded
 sample of responses to the five refusal benchmarks, the general questions and HotpotQA that no
-earlier label covers, and writes only ``{"key", "question", "response"}``, shuffled across rows: no
-verdict, benchmark or model is shown. ``merge`` appends the labelled records to
+earlier label covers, and writes only ``{"n", "question", "response"}``, shuffled across rows: no
+verdict, benchmark or model is shown (the keys go to a separate ``.keys`` file). ``merge`` appends the labelled records to
 ``hcnr_jax/bundled/labels/refusal_labels.jsonl`` with their ``source_model`` (the row) and then, never
 before, the detector can be run on them (``python -m hcnr_jax.eval.labels``).
 """
@@ -26,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EVIDENCE = ROOT / "experiments" / "results" / "evidence" / "hotpotqa"
 # Evidence row file -> source_model in the labels file (hcnr_jax.eval.labels.MODELS).
-ROWS = {"hcnr__r_cw__rule_v2": "hcnr_chosen", "merge__alpha__rule_v2": "merge", "rait_gold__510": "rait_gold",
-        "dpo__510": "dpo", "layers_whole__r_cw_0_4": "layers"}
+# (The merge at alpha 0.75 is the same model under rules v1 and v2: its v1 records are labelled.)
+ROWS = {"hcnr_s0": "hcnr_s0", "merge__alpha__rule_v1": "merge", "layers_whole__r_cw_0_4": "layers",
+        "hcnr__r_cw__rule_v2": "hcnr_chosen", "rait_gold__510": "rait_gold", "dpo__510": "dpo"}
 
 
 def _records(stem: str) -> list[dict]:
@@ -50,7 +52,9 @@ def blind(out: Path, per_row: int) -> None:
             items.append({"key": f"{model}|{r['benchmark']}|{r['id']}", "question": _question(r), "response": r["response"]})
     random.Random("hcnr-labels-3:shuffle").shuffle(items)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+    out.write_text("".join(json.dumps({"n": n, "question": i["question"], "response": i["response"]},
+                                      ensure_ascii=False) + "\n" for n, i in enumerate(items)))
+    Path(f"{out}.keys").write_text("".join(json.dumps({"n": n, "key": i["key"]}) + "\n" for n, i in enumerate(items)))
     print(f"wrote {len(items)} blind items to {out}")
 
 
@@ -70,19 +74,20 @@ def merge(blind_file: Path, labelled: Path) -> None:
     from hcnr_jax.eval.refusal import VERDICTS
     from hcnr_jax.io import atomic_write_text
 
-    keys = [json.loads(line)["key"] for line in blind_file.read_text().splitlines()]
-    got = {r["key"]: r for r in map(json.loads, labelled.read_text().splitlines())}
+    keys = {r["n"]: r["key"] for r in map(json.loads, Path(f"{blind_file}").with_suffix(".jsonl.keys").read_text().splitlines())}
+    items = {r["n"]: r for r in map(json.loads, blind_file.read_text().splitlines())}
+    got = {r["n"]: {**items[r["n"]], **r} for r in map(json.loads, labelled.read_text().splitlines()) if r["n"] in items}
     if set(got) != set(keys):
-        sys.exit(f"{labelled}: {len(set(keys) - set(got))} items unlabelled, {len(set(got) - set(keys))} unknown")
+        sys.exit(f"{labelled}: {len(set(keys) - set(got))} items unlabelled")
     rows = []
-    for key in keys:
+    for n, key in sorted(keys.items()):
         model, bench, rid = key.split("|")
         stem = next(s for s, m in ROWS.items() if m == model)
         rec = next(r for r in _records(stem) if r["benchmark"] == bench and r["id"] == rid)
-        label = got[key]["label"]
+        label = got[n]["label"]
         if label not in VERDICTS:
-            sys.exit(f"{labelled}: {key}: label {label!r} is not one of {VERDICTS}")
-        rows.append({"benchmark": bench, "id": rid, "question": got[key]["question"],
+            sys.exit(f"{labelled}: item {n}: label {label!r} is not one of {VERDICTS}")
+        rows.append({"benchmark": bench, "id": rid, "question": got[n]["question"],
                      "unanswerable": rec["unanswerable"], "response": rec["response"], "label": label,
                      "source_model": model})
     text = LABELS_FILE.read_text() + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

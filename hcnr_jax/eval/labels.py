@@ -37,8 +37,8 @@ LABELS = LABELS_FILE
 SPLIT_SEED = 20240611  # fixed: changing it would let rule changes have seen the held-out half
 HALVES = ("development", "held_out")
 # Source models, ``source_model`` field (absent: "smollm2", the SmolLM2-135M-Instruct responses).
-# The last five: the evidence rows of experiments/evidence.py (experiments/label_evidence.py).
-MODELS = ("smollm2", "m0", "m1", "hcnr", "rait", "hcnr_chosen", "merge", "rait_gold", "dpo", "layers")
+# The last six: the evidence rows of experiments/evidence.py (experiments/label_evidence.py).
+MODELS = ("smollm2", "m0", "m1", "hcnr", "rait", "hcnr_s0", "hcnr_chosen", "merge", "rait_gold", "dpo", "layers")
 TRAINED = MODELS[1:]
 REQUIRED = ("benchmark", "id", "question", "response", "label")
 RULE_SETS = ("default", "selfaware", "alignment_for_honesty", "unknownbench")
