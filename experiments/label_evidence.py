@@ -7,6 +7,7 @@ Two steps, with the labelling by a person in between:
      labelled.jsonl, by the rules of hcnr_jax/bundled/labels/README.md, reading only the question and
      the response; the model and benchmark of each line are in blind.jsonl.keys, not to be opened)
     python experiments/label_evidence.py merge --blind runs/labels/blind.jsonl --labelled runs/labels/labelled.jsonl
+    python experiments/label_evidence.py report    # -> experiments/results/labels_evidence.json
 
 ``blind`` draws, per evidence row (HotpotQA task; experiments/results/evidence/hotpotqa/), a seeded
 sample of responses to the five refusal benchmarks, the general questions and HotpotQA that no
@@ -89,10 +90,49 @@ def merge(blind_file: Path, labelled: Path) -> None:
             sys.exit(f"{labelled}: item {n}: label {label!r} is not one of {VERDICTS}")
         rows.append({"benchmark": bench, "id": rid, "question": got[n]["question"],
                      "unanswerable": rec["unanswerable"], "response": rec["response"], "label": label,
-                     "source_model": model})
+                     "source_model": model, **({"degenerate": bool(got[n]["degenerate"])} if "degenerate" in got[n] else {})})
     text = LABELS_FILE.read_text() + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(LABELS_FILE, text)
     print(f"appended {len(rows)} labels to {LABELS_FILE}")
+
+
+def report(out: Path) -> None:
+    """Per evidence row: the hand labels, the hand-flagged degenerate responses, the default detector's
+    precision / recall of "refused" (95% Wilson intervals) and 3-way accuracy, and how many of the
+    hand-flagged degenerate responses evidence.py's repetition heuristic catches."""
+    import importlib.util
+
+    from hcnr_jax.eval.labels import load_labels, wilson
+    from hcnr_jax.eval.refusal import RefusalDetector
+    from hcnr_jax.io import atomic_write_text
+
+    spec = importlib.util.spec_from_file_location("evidence", Path(__file__).with_name("evidence.py"))
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    det = RefusalDetector()
+    table = {}
+    for model in ROWS.values():
+        rows = [r for r in load_labels() if r.get("source_model") == model]
+        if not rows:
+            continue
+        pred = [d.verdict for d in det.detect_all([r["response"] for r in rows], [r["question"] for r in rows])]
+        hand = [r["label"] for r in rows]
+        tp = sum(h == p == "refused" for h, p in zip(hand, pred, strict=True))
+        n_pred, n_hand = pred.count("refused"), hand.count("refused")
+        flagged = [r.get("degenerate", False) for r in rows]
+        heur = [ev.degenerate(r["response"]) for r in rows]
+        table[model] = {
+            "n": len(rows), "hand": {v: hand.count(v) for v in ("refused", "answered", "undetermined")},
+            "precision": tp / n_pred if n_pred else None, "precision_ci": wilson(tp, n_pred),
+            "recall": tp / n_hand if n_hand else None, "recall_ci": wilson(tp, n_hand),
+            "accuracy_3way": sum(h == p for h, p in zip(hand, pred, strict=True)) / len(rows),
+            "degenerate_hand": sum(flagged), "degenerate_rate_hand": sum(flagged) / len(rows),
+            "degenerate_rate_hand_ci": wilson(sum(flagged), len(rows)),
+            "heuristic_flags": sum(heur), "heuristic_catches": sum(f and h for f, h in zip(flagged, heur, strict=True)),
+        }
+    atomic_write_text(out, json.dumps(table, indent=1) + "\n")
+    for m, t in table.items():
+        print(m, json.dumps(t))
 
 
 def main() -> int:
@@ -104,11 +144,15 @@ def main() -> int:
     m = sub.add_parser("merge")
     m.add_argument("--blind", type=Path, required=True)
     m.add_argument("--labelled", type=Path, required=True)
+    r = sub.add_parser("report")
+    r.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "labels_evidence.json")
     a = ap.parse_args()
     if a.cmd == "blind":
         blind(a.out, a.per_row)
-    else:
+    elif a.cmd == "merge":
         merge(a.blind, a.labelled)
+    else:
+        report(a.out)
     return 0
 
 
