@@ -141,8 +141,9 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         rows[merge_tag]["time_s"] += merge_s
         s = result.report["summary"]
         from hcnr_jax.io import portable_path
+        from hcnr_jax.source import ModelSource
 
-        names = {tag: "+".join(portable_path(p) for p in src.split("+")) for tag, src in sources.items()}
+        names = {tag: ModelSource.parse(src).describe(portable_path) for tag, src in sources.items()}
         summary = dict(models={**names, "M1+HCNR": "repaired/", merge_tag: "M0 + alpha (M1 - M0), not written"},
                        settings=vars(settings), rows=rows, merge_choice=choice,
                        repair=dict(seconds=round(repair_s, 1), restored_fraction_of_linear=s["restored_fraction_of_linear"],
