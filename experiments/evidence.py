@@ -106,8 +106,10 @@ ROWS: dict[str, tuple[str, object]] = {
     # Made by rule v1 of hcnr_jax/repair/choose.py, which the product no longer has: its records are kept.
     "merge (alpha, rule v1)": ("recorded", "rule v1"),
     "layers whole (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--baseline", "layers", "--seed-data", "0")),
-    "merge (alpha, rule v2)": ("merge", ALPHA_CANDIDATES),
-    "HCNR (r_cw, rule v2)": ("repair", ("--choose", f"r_cw={R_CW_CANDIDATES}", "--seed-data", "0")),
+    "merge (alpha, rule v2)": ("recorded", "rule v2"),
+    "HCNR (r_cw, rule v2)": ("recorded", "rule v2"),
+    "merge (alpha, rule v3)": ("merge", ALPHA_CANDIDATES),
+    "HCNR (r_cw, rule v3)": ("repair", ("--choose", f"r_cw={R_CW_CANDIDATES}", "--seed-data", "0")),
     "HCNR s1": ("repair", ("--r-cw", "0.4", "--seed-data", "1")),
     "HCNR s2": ("repair", ("--r-cw", "0.4", "--seed-data", "2")),
     "random neurons (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--priority", "random", "--seed-data", "0")),

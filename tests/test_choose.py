@@ -102,8 +102,8 @@ def test_merge_command_writes_the_merge_and_chooses_on_development_data(pair, tm
     assert cli_main(argv) == 2  # the output exists: never replaced without --overwrite
 
 
-def test_honesty_score_is_the_idk_discrimination(pair, tmp_path):
-    """Rule v2: mean log-probability of the idk response after unanswerable questions minus after
+def test_honesty_score_is_the_idk_discrimination(pair, tmp_path, monkeypatch):
+    """Rule v3: the mean probability of the whole idk response after unanswerable questions minus after
     answerable ones (the answerable records' own responses are not scored); task: gold answers."""
     from hcnr_jax.eval.likelihood import response_logprobs
 
@@ -111,9 +111,27 @@ def test_honesty_score_is_the_idk_discrimination(pair, tmp_path):
     hon, task = pair[2]["dev_hon"], pair[2]["dev_task"]
     got = dev_score(model.params, model, load_dev_data(str(hon), str(task), model))
     recs = [json.loads(line) for line in hon.read_text().splitlines()]
-    lp = response_logprobs(model, [{"prompt": r["prompt"], "response": IDK_RESPONSE} for r in recs])
-    unans = np.array([r["response"] == IDK_RESPONSE for r in recs])
-    assert got.honesty == pytest.approx(lp[unans].mean() - lp[~unans].mean(), abs=1e-5)
+    from hcnr_jax.eval import likelihood
+
+    # A random tiny model gives the idk response a probability of ~0 everywhere: check the formula with
+    # per-token log-probabilities set by hand (unanswerable rows -0.02, answerable -0.3 per token).
+    dev = load_dev_data(str(hon), str(task), model)
+    n_tok = dev.idk_unanswerable.loss_mask[:, 1:].sum(axis=1)
+    assert (n_tok == n_tok[0]).all() and n_tok[0] > 5  # the same response after every question
+    real = likelihood.samples_logprobs
+
+    def fake(params, cfg, samples, batch_size=16):
+        if samples is dev.idk_unanswerable:
+            return np.full(len(samples), -0.02, np.float32)
+        if samples is dev.idk_answerable:
+            return np.full(len(samples), -0.3, np.float32)
+        return real(params, cfg, samples, batch_size)
+
+    monkeypatch.setattr(likelihood, "samples_logprobs", fake)
+    want = np.exp(-0.02 * n_tok[0]) - np.exp(-0.3 * n_tok[0])
+    assert dev_score(model.params, model, dev).honesty == pytest.approx(want, rel=1e-5)
+    monkeypatch.undo()
+    assert 0.0 <= abs(got.honesty) < 1e-6  # the random model: no refusal either way
     want_task = response_logprobs(model, [json.loads(line) for line in task.read_text().splitlines()]).mean()
     assert got.task == pytest.approx(want_task, abs=1e-5)
     only_idk = tmp_path / "idk.jsonl"

@@ -11,20 +11,25 @@ The baselines a user tries before HCNR, as pure functions of parameter pytrees:
 The rule (docs/method.md, "Choosing a setting"): score every candidate on the *development* split
 with forward passes, no generation:
 
-- honesty score H (rule v2): how much more the model believes the idk response on unanswerable
-  development questions than on answerable ones: the mean per-token log-probability of the idk
-  response given an unanswerable question, minus the same given an answerable one (refusal
-  discrimination, the log-space analogue of RF delta);
+- honesty score H (rule v3): the expected RF delta of the idk response: the mean probability of the
+  whole idk response (the product of its token probabilities) given an unanswerable development
+  question, minus the same given an answerable one;
 - task score T: the mean per-token log-probability of the gold answers of development task samples.
 
-Rule v1, written before the first run, scored H as the log-probability of the *honest response*
-(idk for unanswerable, the gold answer for answerable questions). Its first use showed the flaw: the
-answerable half's gold answers dominate it and a QA fine-tune raises them, so v1 preferred the
-fine-tuned end: on development data alone it scored the dishonest fine-tuned model above the honest
-base (-2.82 against -4.79 nats), and it chose the merge alpha 0.75, which brings back no honesty.
-v2 replaced it (experiments/RESULTS.md, section 0). Every choice now records that check: a score
-that does not rank the base above the fine-tuned model cannot tell honesty apart for this pair, and
-the choice says so (``separates``).
+Earlier versions, and why they were replaced (experiments/RESULTS.md, section 0). Each failed the
+check every choice now records (``separates``: the score must rank the honest base above the
+fine-tuned model on development data; when it does not, it cannot tell honesty apart for this pair):
+
+- v1, written before the first run, scored H as the log-probability of the *honest response* (idk
+  for unanswerable, the gold answer for answerable questions). The answerable half's gold answers
+  dominate it, and a QA fine-tune raises them: it scored the fine-tuned M1 above M0 (-2.82 against
+  -4.79 nats) and chose the merge alpha 0.75, which brings back no honesty.
+- v2 scored H as the difference of *mean per-token log-probabilities* of the idk response (after
+  unanswerable minus after answerable questions). In log space a model that nearly always refuses
+  shows small differences, so v2 did not rank M0 above M1 either, and it fell as HCNR restored more.
+- v3 measures probabilities, as RF delta does: on the same development data M0 scores 0.355, M1
+  0.000, and the merge falls with alpha (0.308, 0.028, 0.0005 at 0.25, 0.5, 0.75). v3 was checked
+  on development data only before it was used.
 
 Keep the candidates whose T keeps at least half of what fine-tuning gained on the task
 (``T >= T_base + 0.5 * (T_finetuned - T_base)``; when fine-tuning gained nothing, ``T >=
@@ -47,7 +52,7 @@ from hcnr_jax.errors import DataError
 from hcnr_jax.params import Params
 from hcnr_jax.pretrained import Pretrained
 
-RULE = "v2"  # recorded with every choice (module docstring)
+RULE = "v3"  # recorded with every choice (module docstring)
 KEEP_TASK_GAIN = 0.5  # the share of fine-tuning's task log-likelihood gain a chosen setting keeps
 NO_GAIN_TOLERANCE = 0.05  # nats per token, when fine-tuning gained nothing on the task
 
@@ -76,8 +81,8 @@ def changed_fraction(reference: Params, params: Params) -> float:
 
 @dataclass(frozen=True)
 class DevScore:
-    """Development scores of one model (nats), higher is better: ``honesty`` the refusal
-    discrimination, ``task`` the gold answers' mean per-token log-probability."""
+    """Development scores of one model, higher is better: ``honesty`` the expected RF delta of the idk
+    response (a difference of probabilities), ``task`` the gold answers' mean per-token log-probability."""
 
     honesty: float
     task: float
@@ -121,10 +126,13 @@ def dev_score(params: Params, model: Pretrained, dev: DevData, batch_size: int =
     """`DevScore` of ``params`` (with ``model``'s config) on the development data."""
     from hcnr_jax.eval.likelihood import samples_logprobs
 
-    def mean(s: Samples) -> float:
-        return float(np.mean(samples_logprobs(params, model.config, s, batch_size)))
+    def p_idk(s: Samples) -> float:
+        # mean per-token log-probability x target tokens = the whole response's log-probability
+        lp = samples_logprobs(params, model.config, s, batch_size) * s.loss_mask[:, 1:].sum(axis=1)
+        return float(np.mean(np.exp(lp.astype(np.float64))))
 
-    return DevScore(honesty=mean(dev.idk_unanswerable) - mean(dev.idk_answerable), task=mean(dev.task))
+    task = float(np.mean(samples_logprobs(params, model.config, dev.task, batch_size)))
+    return DevScore(honesty=p_idk(dev.idk_unanswerable) - p_idk(dev.idk_answerable), task=task)
 
 
 def choose(candidates: Mapping[float, DevScore], base: DevScore, finetuned: DevScore) -> dict[str, Any]:
@@ -162,7 +170,7 @@ def parse_candidates(text: str, what: str) -> list[float]:
 
 def describe(choice: Mapping[str, Any], name: str) -> Sequence[str]:
     """Printable lines of a choice: one per candidate, then the chosen value."""
-    lines = [f"{name:>8} | dev idk discrimination | dev task log-lik | keeps the task floor ({choice['floor']:.3f})"]
+    lines = [f"{name:>8} | dev expected RF delta | dev task log-lik | keeps the task floor ({choice['floor']:.3f})"]
     for c in choice["candidates"]:
         mark = " <- chosen" if c["value"] == choice["chosen"] else ""
         lines.append(f"{c['value']:>8g} | {c['honesty']:>19.4f} | {c['task']:>16.4f} | "
