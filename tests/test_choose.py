@@ -110,7 +110,6 @@ def test_honesty_score_is_the_idk_discrimination(pair, tmp_path, monkeypatch):
     model = hcnr_jax.load_pretrained(pair[1])
     hon, task = pair[2]["dev_hon"], pair[2]["dev_task"]
     got = dev_score(model.params, model, load_dev_data(str(hon), str(task), model))
-    recs = [json.loads(line) for line in hon.read_text().splitlines()]
     from hcnr_jax.eval import likelihood
 
     # A random tiny model gives the idk response a probability of ~0 everywhere: check the formula with
