@@ -28,6 +28,8 @@ from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
 
 SMOLLM2_COUNTS = {"none": 300, "cautious": 180, "strict": 80}
 TRAINED_COUNTS = {"m0": 94, "m1": 60, "hcnr": 94, "rait": 60}
+# The evidence rows' labels (experiments/label_evidence.py): 100 each, with a `degenerate` flag.
+EVIDENCE_COUNTS = {"hcnr_s0": 100, "merge": 100, "layers": 100}
 
 
 def smollm2_rows():
@@ -38,20 +40,21 @@ def test_labels_file_is_valid():
     """Every row has the required fields and a label in VERDICTS; (benchmark, id, system, model) is
     unique (so no (id, source) pair twice); source models and sizes as labels/README.md says."""
     rows = load_labels()
-    assert len(rows) == 560 + sum(TRAINED_COUNTS.values())
+    assert len(rows) == 560 + sum(TRAINED_COUNTS.values()) + sum(EVIDENCE_COUNTS.values())
     for r in rows:
         assert all(r.get(f) not in (None, "") for f in ("benchmark", "id", "question", "label"))
         assert isinstance(r["response"], str) and r["label"] in VERDICTS
         # -1: task set (HotpotQA), no answerability label (hcnr_jax.eval.data)
         assert r["unanswerable"] in ((-1,) if r["benchmark"] == "hotpotqa" else (0, 1))
         assert model_of(r) in MODELS
-        assert set(r) <= set(REQUIRED) | {"unanswerable", "system", "source_model"}
+        assert set(r) <= set(REQUIRED) | {"unanswerable", "system", "source_model", "degenerate"}
+        assert ("degenerate" in r) == (model_of(r) in EVIDENCE_COUNTS)
         assert "system" not in r or model_of(r) == "smollm2"  # the trained models had no system prompt
     assert len({key_of(r) for r in rows}) == len(rows)
     assert len({(r["id"], source_of(r)) for r in rows}) == len(rows)
-    assert Counter(source_of(r) for r in rows) == SMOLLM2_COUNTS | TRAINED_COUNTS
+    assert Counter(source_of(r) for r in rows) == SMOLLM2_COUNTS | TRAINED_COUNTS | EVIDENCE_COUNTS
     per = Counter(r["benchmark"] for r in rows)
-    assert set(per) == set(REFUSAL_BENCHMARKS) | {"hotpotqa"} and min(per[b] for b in REFUSAL_BENCHMARKS) >= 25
+    assert set(per) == set(REFUSAL_BENCHMARKS) | {"hotpotqa", "general"} and min(per[b] for b in REFUSAL_BENCHMARKS) >= 25
     labels = Counter(r["label"] for r in rows)
     assert labels["refused"] >= 30 and labels["answered"] >= 50
     # the trained-model rows: a seeded sample spread over the benchmarks (17 / 11 per refusal benchmark)
@@ -116,14 +119,14 @@ def test_default_detector_agrees_with_smollm2_labels():
 
 
 def test_default_detector_on_trained_models():
-    """The 308 labels of M0 / M1 / HCNR / RAIT responses (labelled blind, never used for rules)."""
+    """The 608 labels of M0 / M1 / HCNR / RAIT and evidence-row responses (labelled blind, never used for rules)."""
     rows = [r for r in load_labels() if model_of(r) != "smollm2"]
     pred = [d.verdict for d in RefusalDetector().detect_all([r["response"] for r in rows],
                                                             [r["question"] for r in rows])]
     c = refused_counts([r["label"] for r in rows], pred)
-    assert c["n_refused"] == 109
-    assert c["precision"] >= 0.95  # measured 1.000 (108 of 108), 95% CI [0.966, 1.000]
-    assert c["recall"] >= 0.95  # measured 0.991 (108 of 109), 95% CI [0.950, 0.998]
+    assert c["n_refused"] == 125
+    assert c["precision"] >= 0.95  # measured 1.000 (124 of 124), 95% CI [0.970, 1.000]
+    assert c["recall"] >= 0.95  # measured 0.992 (124 of 125), 95% CI [0.956, 0.999]
 
 
 def test_halves_are_fixed_and_held_out_numbers_stable():
@@ -150,14 +153,14 @@ def test_report_prints_models_halves_and_sources(capsys, tmp_path):
     out_json = tmp_path / "t" / "table.json"
     main(["--json", str(out_json)])
     out = capsys.readouterr().out
-    for row in ("| default | trained | 308 | 109 | 108 | 0 | 1 | 1.000 [0.966, 1.000] | 0.991 [0.950, 0.998] |",
+    for row in ("| default | trained | 608 | 125 | 124 | 0 | 1 | 1.000 [0.970, 1.000] | 0.992 [0.956, 0.999] |",
                 "| default | smollm2 | 560 | 36 | 21 | 3 | 15 | 0.875 [0.690, 0.957] | 0.583 [0.422, 0.729] |",
                 "| default | m1 | 60 | 0 | 0 | 0 | 0 | n/a | n/a |",
-                "| half=held_out | 412 | 66 |", "| model=m0 | 94 | 42 |", "| system=cautious | 180 |",
-                "| system=strict | 80 |", "| system=none | 300 |", "| benchmark=kuq | 168 |"):
+                "| half=held_out | 541 | 73 |", "| model=m0 | 94 | 42 |", "| system=cautious | 180 |",
+                "| system=strict | 80 |", "| system=none | 300 |", "| benchmark=kuq | 201 |"):
         assert row in out
     t = json.loads(out_json.read_text())
-    assert t["n"] == 868 and t["source_models"] == {"smollm2": 560} | TRAINED_COUNTS
+    assert t["n"] == 1168 and t["source_models"] == {"smollm2": 560} | TRAINED_COUNTS | EVIDENCE_COUNTS
     rows = {(x["detector"], x["group"]): x for x in t["by_model"]}
     assert {d for d, _ in rows} == {"default", "selfaware", "alignment_for_honesty", "unknownbench"}
     assert (rows["default", "hcnr"]["tp"], rows["default", "hcnr"]["fn"]) == (6, 1)
