@@ -122,7 +122,7 @@ def test_missing_benchmark_names_its_files_source_and_licence(clean_env):
 def test_every_benchmark_has_a_source_and_a_licence():
     for b in data.BENCHMARKS.values():
         # Our own sets (written for this project) ship in the package; every other one names its source.
-        own = b.url.startswith("hcnr_jax/bundled/data/") and b.shipped and b.evaluation_only
+        own = b.url.startswith("hcnr_jax/bundled/data/") and b.shipped and "this project" in b.licence
         assert (b.url.startswith("https://") or own) and b.licence and b.rows > 0 and b.files, b.name
         assert all(not f.startswith("/") and ".." not in f for f in b.files), b.name
         assert b.shipped == all((data.BUNDLED_DATA / f).is_file() for f in b.files), b.name
@@ -188,7 +188,7 @@ def test_eval_defaults_to_the_available_benchmarks(clean_env):
     from hcnr_jax.commands.eval import resolve_benchmarks
 
     assert resolve_benchmarks(None, None) == ("kuq", "selfaware")
-    assert resolve_benchmarks(("all",), None) == ("kuq", "selfaware", "general", "hotpotqa", "medmcqa")
+    assert resolve_benchmarks(("all",), None) == ("kuq", "selfaware", "general", "hotpotqa", "medmcqa", "catalog")
     assert resolve_benchmarks(("medmcqa",), None) == ("medmcqa",)
     with pytest.raises(DataError, match=r"'triviaqa'.*triviaqa_sm_sub\.jsonl"):
         resolve_benchmarks(("kuq", "triviaqa"), None)
