@@ -134,8 +134,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         rows: dict[str, dict[str, Any]] = {}
         for tag, model in (("M0", m0), ("M1", m1), ("M1+HCNR", result.model), (merge_tag, merged)):
             t0 = time.perf_counter()
-            m = evaluate(model, tmp / "eval" / tag.split(" ")[0].replace("+", "_") + ("_merge" if model is merged else ""),
-                         eval_settings, model_name=tag)
+            folder = tag.split(" ")[0].replace("+", "_") + ("_merge" if model is merged else "")  # M1_merge, M1_HCNR
+            m = evaluate(model, tmp / "eval" / folder, eval_settings, model_name=tag)
             rows[tag] = {**summarise(m["results"]["model"]), "time_s": time.perf_counter() - t0}
         rows["M1+HCNR"]["time_s"] += repair_s
         rows[merge_tag]["time_s"] += merge_s
