@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -86,17 +84,8 @@ def train_catalog_m1(data_dir: str | None, log: Path) -> None:
         (WORK / "catalog_finetuned.wall_s").write_text(f"{t:.1f}\n")
 
 
-def run(cmd: list[str], log: Path) -> float:
-    print("$ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    with log.open("a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if rc:
-        sys.exit(f"command failed (exit {rc}); see {log}")
-    return time.perf_counter() - t0
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import run  # noqa: E402  (one command runner for the experiment scripts)
 
 # Row name -> how its model is made: ("model", source) | ("repair", extra flags) | ("merge", alphas).
 ROWS: dict[str, tuple[str, object]] = {
