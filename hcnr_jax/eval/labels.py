@@ -32,6 +32,7 @@ from hcnr_jax.embedded import LABELS_FILE
 from hcnr_jax.errors import DataError
 from hcnr_jax.eval.metrics import detector_agreement
 from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
+from hcnr_jax.io import portable_path
 
 LABELS = LABELS_FILE
 SPLIT_SEED = 20240611  # fixed: changing it would let rule changes have seen the held-out half
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {name} | {s['n']} | {n_ref} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} "
               f"| {s['accuracy']:.3f} |")
     if args.json:
-        out = dict(labels=str(args.labels), n=len(rows), label_counts=counts, source_models=per_model,
+        out = dict(labels=portable_path(args.labels), n=len(rows), label_counts=counts, source_models=per_model,
                    confidence=CONFIDENCE, split_seed=SPLIT_SEED, summary=summary, by_model=table,
                    default_by_subset=subsets)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
