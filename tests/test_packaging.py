@@ -74,3 +74,56 @@ def test_every_third_party_import_is_declared():
     undeclared = {m: f for m, f in imported.items()
                   if m not in sys.stdlib_module_names and m != "hcnr_jax" and m not in provided}
     assert not undeclared, f"imported but not declared in pyproject.toml (module: a file importing it): {undeclared}"
+
+
+# The names transformers 5 imports from Hugging Face's `kernels` (integrations/hub_kernels.py,
+# modeling_utils.py) when a `kernels` distribution 0.18.x is installed.
+_FAKE_KERNELS = '''
+class _Stub:
+    def __init__(self, *args, **kwargs):
+        pass
+CUDAProperties = Device = KernelizeFallback = LayerRepository = LocalLayerRepository = ROCMProperties = Mode = _Stub
+def _noop(*args, **kwargs):
+    return lambda x: x
+register_kernel_mapping = replace_kernel_forward_from_hub = use_kernel_mapping = get_kernel = kernelize = _noop
+use_kernel_forward_from_hub = use_kernelized_func = _noop
+'''
+
+
+def _fake_distribution(site, name: str, init: str) -> None:
+    """A package ``name`` with ``init`` as its __init__.py and dist-info metadata (version 0.18.2,
+    what transformers 5.24 accepts), as pip would install it, under ``site``."""
+    (site / name / "layer").mkdir(parents=True)
+    (site / name / "__init__.py").write_text(f"ORIGIN = 'installed'\n{init}")
+    (site / name / "layer" / "__init__.py").write_text("")
+    (site / name / "layer" / "mode.py").write_text(f"from {name} import Mode\n")
+    info = site / f"{name}-0.18.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.18.2\n")
+
+
+def test_top_level_folders_never_shadow_installed_packages(tmp_path):
+    """From the repository root (first on sys.path for `python -c`), `import kernels` and `import
+    conversion` give the installed packages of those names, so transformers' model configs and
+    modeling code import; without such packages our folders stay importable as before."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    _fake_distribution(site, "kernels", _FAKE_KERNELS)
+    _fake_distribution(site, "conversion", "Mode = None\n")
+    code = ("from transformers import LlamaConfig, Qwen2Config, Gemma3TextConfig\n"
+            "import transformers.models.llama.modeling_llama\n"
+            "import kernels, conversion, kernels.layer.mode\n"
+            "import hcnr_jax.kernels.fisher_norms, hcnr_jax.conversion.hf\n"
+            "print(kernels.ORIGIN, conversion.ORIGIN, kernels.CUDAProperties.__name__)\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["installed", "installed", "_Stub"]
+    # Without an installed package of that name, the folder itself is what `import kernels` finds.
+    env.pop("PYTHONPATH")
+    run = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == str(ROOT / "kernels" / "__init__.py"), run.stderr
