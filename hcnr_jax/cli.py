@@ -12,7 +12,8 @@ from hcnr_jax import interrupt
 from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
-COMMANDS = ("demo", "convert", "stats", "repair", "merge", "plan", "eval", "data", "calib", "train", "honesty-data")
+COMMANDS = ("demo", "convert", "stats", "repair", "merge", "plan", "eval", "data", "calib", "train", "honesty-data",
+            "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tiny
+
+# The tests never read or write the user's real cache (~/.cache/hcnr): one temporary user cache for
+# the session, set before anything runs so that the commands' subprocesses inherit it too; removed
+# at exit. Tests about the cache itself point $HCNR_CACHE at their own folders.
+_USER_CACHE = tempfile.mkdtemp(prefix="hcnr_test_cache_")
+os.environ["HCNR_CACHE"] = _USER_CACHE
+for _var in ("HCNR_CACHE_DIR", "HCNR_CACHE_MAX_SIZE"):
+    os.environ.pop(_var, None)
+atexit.register(shutil.rmtree, _USER_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -230,6 +230,16 @@ def _(w):
     return _stats(w, "--cache-dir", str(w.root / "cache"), "--lock-timeout", "-1"), ["--lock-timeout", "-1"]
 
 
+@case("stats/no-cache-and-keep-cache")
+def _(w):
+    return _stats(w, "--no-cache", "--keep-cache"), ["--no-cache and --keep-cache"]
+
+
+@case("stats/no-cache-and-cache-dir")
+def _(w):
+    return _stats(w, "--no-cache", "--cache-dir", str(w.root / "c")), ["--no-cache and --cache-dir"]
+
+
 @case("stats/max-length-above-positions")
 def _(w):
     return _stats(w, "--max-length", "1024"), ["max_length=1024 exceeds max_position_embeddings=256", str(w.m)]
@@ -508,7 +518,8 @@ def test_the_table_covers_every_command():
     from hcnr_jax.cli import COMMANDS
 
     covered = {name.split("/")[0] for name in CASES}
-    assert covered == set(COMMANDS) - {"data"}, "every command but `data` (which only lists files) has cases"
+    # `data` only lists files; `cache` reads no input but $HCNR_CACHE_MAX_SIZE (tests/test_user_cache.py).
+    assert covered == set(COMMANDS) - {"data", "cache"}, "every command but `data` and `cache` has cases"
     assert len(CASES) >= 40
 
 

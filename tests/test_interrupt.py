@@ -110,29 +110,40 @@ CLI_WORKER = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_in_hcnr_stats_exits_130_and_the_rerun_resumes(llama2_dir, tmp_path):
+@pytest.mark.parametrize("where", ["user cache", "--cache-dir"])
+def test_ctrl_c_in_hcnr_stats_exits_130_and_the_rerun_resumes(llama2_dir, tmp_path, where):
+    """Without any flag the checkpoints go to the user cache's run folder (removed once --out is
+    written); with --cache-dir they go there and the folder stays."""
     data = tmp_path / "d.jsonl"
     rng = np.random.default_rng(0)
     data.write_text("".join(json.dumps({"input_ids": rng.integers(3, 90, 12).tolist(), "loss_mask": [0] * 6 + [1] * 6})
                             + "\n" for _ in range(8)))
     script = tmp_path / "worker.py"
     script.write_text(CLI_WORKER)
-    args = ["--model", str(llama2_dir), "--data", str(data), "--kind", "fisher", "--batch-size", "2",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1"}
+    args = ["--model", str(llama2_dir), "--data", str(data), "--kind", "fisher", "--batch-size", "2", "--no-progress"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1", "HCNR_CACHE": str(tmp_path / "user")}
+    if where == "--cache-dir":
+        args += ["--cache-dir", str(tmp_path / "cache")]
+    cache = tmp_path / "cache" if where == "--cache-dir" else tmp_path / "user" / "runs"
     res = subprocess.run([sys.executable, str(script), "stats", *args, "--out", str(tmp_path / "out")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 130, res.stderr[-3000:]
     assert "hcnr stats: interrupted (fisher: after batch 2 of 4; progress saved in" in res.stderr, res.stderr[-3000:]
     assert "Segmentation fault" not in res.stderr and "Fatal Python error" not in res.stderr
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    assert not list((tmp_path / "cache").glob("*.lock"))
+    assert not list(cache.rglob("*.lock")) and len(list(cache.rglob("*.ckpt"))) == 1
+    if where == "user cache":
+        info = subprocess.run([sys.executable, "-m", "hcnr_jax.cli", "cache", "info"], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert "runs/: 1," in info.stdout and "hcnr stats --kind fisher" in info.stdout, info.stdout
 
     done = subprocess.run([sys.executable, "-m", "hcnr_jax.cli", "stats", *args, "--out", str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr and "after 2 of 4 batches" in done.stderr
-    assert (tmp_path / "out").is_dir() and not list((tmp_path / "cache").glob("*.ckpt"))
+    assert (tmp_path / "out").is_dir() and not list(cache.rglob("*.ckpt"))
+    # The user cache's run folder goes with the run; a --cache-dir keeps its result for reuse.
+    assert list(cache.iterdir()) == [] if where == "user cache" else len(list(cache.glob("fisher-*.safetensors"))) == 1
 
 
 def test_deferred_does_nothing_outside_the_main_thread():

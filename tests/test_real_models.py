@@ -40,7 +40,7 @@ def ggufs(tmp_path_factory):
 @pytest.fixture(autouse=True, scope="module")
 def _private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HCNR_CACHE_DIR", str(tmp_path_factory.mktemp("hcnr_cache")))
+        mp.setenv("HCNR_CACHE", str(tmp_path_factory.mktemp("hcnr_cache")))
         yield
 
 
@@ -123,7 +123,7 @@ def test_gemma_gguf_loads_without_torch(ggufs, tmp_path):
             f"m = hcnr_jax.load_pretrained({str(path)!r})\n"
             "ids = m.tokenizer('<start_of_turn>user')['input_ids']\n"
             "print('RESULT', type(m.tokenizer).__name__, ids, np.asarray(hcnr_jax.logits(m, np.array([ids]))).shape)")
-    env = {**os.environ, "HCNR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "HCNR_CACHE": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT"))

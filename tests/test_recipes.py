@@ -244,7 +244,7 @@ def test_command_validates_before_loading_a_model(argv, error, match, tmp_path):
 
 def test_command_model_and_output_checks(tmp_path, monkeypatch):
     monkeypatch.delenv("HCNR_DATA_DIR", raising=False)  # FalseQA must be found nowhere
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "o.jsonl"
     with pytest.raises(HcnrError, match="--recipe rait needs --model"):
         honesty_data.run(parse("--recipe", "rait", "--out", str(out)))
@@ -271,7 +271,7 @@ def test_command_label_end_to_end_on_shipped_subsets(tmp_path, capsys, monkeypat
     # Default benchmarks: only kuq and selfaware are shipped; the others are skipped (the folders
     # searched after --data-dir, $HCNR_DATA_DIR and the user data folder, hold nothing here).
     monkeypatch.delenv("HCNR_DATA_DIR", raising=False)
-    monkeypatch.setenv("HCNR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))
     args = parse("--recipe", "label", "--data-dir", str(BUNDLED_DATA), "-n", "10", "--out", str(out))
     assert honesty_data.run(args) == 0
     recs = read_jsonl(out)

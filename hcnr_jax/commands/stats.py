@@ -51,12 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "max_position_embeddings if smaller]")
     p.add_argument("--limit", type=int, default=None, help="use the first N samples [all]")
     p.add_argument("--cache-dir", default=None,
-                   help="reuse results for identical weights, data and settings; checkpoints go here too")
+                   help="reuse results for identical weights, data and settings; checkpoints go here too; kept "
+                        "(default: checkpoints in the user cache, removed once --out is written)")
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --cache-dir: how long to wait for another run computing the same entry, then "
                         "fail (0: fail at once) [3600]")
     p.add_argument("--checkpoint-every", type=int, default=16,
-                   help="with --cache-dir: save the accumulators every N batches, so a killed run resumes [16]")
+                   help="save the accumulators every N batches, so a killed run resumes (Ctrl-C saves at once) [16]")
+    from hcnr_jax.commands.cache import add_flags
+
+    add_flags(p, "statistics checkpoints")
     p.add_argument("--backend", choices=("auto", "pallas", "reference"), default="auto",
                    help="Pallas kernels or jax.numpy; auto: Pallas only on a platform where the kernel "
                         "was checked (kernels/fisher_norms.py VERIFIED) [auto]")
@@ -81,6 +85,9 @@ def _check(args: argparse.Namespace) -> None:
     if args.lock_timeout is not None and not args.lock_timeout >= 0:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     parse_mesh(args.mesh)
+    from hcnr_jax.commands.cache import check_flags
+
+    check_flags(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
@@ -148,11 +155,30 @@ def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from hcnr_jax import cache
+    from hcnr_jax.commands.cache import report, run_folder
+
+    identity = {"model": cache.source_identity(args.model),
+                "data": cache.file_identity(args.data) if Path(args.data).is_file() else str(args.data),
+                **{k: getattr(args, k) for k in ("kind", "neuron_axis", "batch_size", "max_length", "limit",
+                                                 "mesh", "fsdp", "backend")}}
+    # The checkpoints live in the user cache's run folder, so Ctrl-C or a crash loses nothing and the
+    # same command resumes; the folder goes once --out is written (the result is there).
+    with run_folder(args, "stats", identity, f"hcnr stats --kind {args.kind} --model {args.model} --data "
+                    f"{args.data}") as run:
+        if run is not None:
+            args.cache_dir = str(run.path)
+        _compute_and_write(args)
+    report(run)
+    return 0
+
+
+def _compute_and_write(args: argparse.Namespace) -> None:
     from safetensors.numpy import save_file
 
     from hcnr_jax.io import atomic_output_dir, atomic_write_text, check_finite_tensors, strict_json
 
-    _check(args)
     result, record = compute(args)
     # Checked before anything is written: a NaN or infinity never reaches the output.
     check_finite_tensors(result, Path(args.out) / f"{args.kind}.safetensors")
@@ -168,4 +194,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/{args.kind}.safetensors ({record['num_tensors']} tensors) and stats.json: "
           f"{record['num_samples']} samples, {record['num_tokens']} tokens in {record['wall_time_s']:.1f}s "
           f"({record['samples_per_s']} samples/s)")
-    return 0

@@ -7,8 +7,8 @@ files (``BENCHMARKS[name].files``, paths relative to the folder):
 1. ``data_dir`` (``--data-dir``); ``"hub"`` instead loads it from the Hugging Face Hub, for the
    benchmarks that have a Hub source (explicit opt-in only: nothing is ever downloaded otherwise);
 2. ``$HCNR_DATA_DIR``;
-3. ``<user cache>/data`` (``$HCNR_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/hcnr_jax/data``, else
-   ``~/.cache/hcnr_jax/data``);
+3. ``<user cache>/data`` (``$HCNR_CACHE/data``, else ``$XDG_CACHE_HOME/hcnr/data``, else
+   ``~/.cache/hcnr/data``; the older ``.../hcnr_jax/data`` while the new one does not exist);
 4. the subsets shipped in ``hcnr_jax/bundled/data`` (kuq, selfaware, hotpotqa, medmcqa).
 
 A benchmark found nowhere is a `DataError` naming the files expected, the folders searched, and
@@ -56,7 +56,7 @@ from typing import Any
 
 import datasets
 
-from hcnr_jax.cache import user_cache_dir
+from hcnr_jax.cache import legacy_cache_dir, user_cache_dir
 from hcnr_jax.embedded import BUNDLED, BUNDLED_DATA
 from hcnr_jax.errors import DataError
 from hcnr_jax.io import portable_path
@@ -325,8 +325,13 @@ def _benchmark(name: str) -> Benchmark:
 
 
 def user_data_dir() -> Path:
-    """``<user cache>/data``: where downloaded benchmark files go by default (not created)."""
-    return user_cache_dir() / "data"
+    """``<user cache>/data``: where downloaded benchmark files go by default (not created). Files
+    downloaded into the older ``.../hcnr_jax/data`` are read from there until the new one exists."""
+    new = user_cache_dir() / "data"
+    old = legacy_cache_dir()
+    if not new.exists() and old is not None and (old / "data").is_dir():
+        return old / "data"
+    return new
 
 
 def search_path(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
