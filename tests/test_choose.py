@@ -182,3 +182,41 @@ def test_repair_choose_picks_by_the_rule_and_records_it(pair, tmp_path, capsys):
         assert cli_main([*argv[:9], *bad, "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
     jax.clear_caches()
+
+
+def test_train_choose_trains_each_value_and_keeps_the_rule_s_choice(pair, tmp_path, capsys):
+    """`hcnr train --choose`: one run per value, scored on development data against the base and the
+    starting model, the chosen run written with the choice in its report; bad flags fail before loading."""
+    base, ft, data = pair
+    common = ["train", "--model", str(ft), "--data", str(data["dev_task"]), "--max-steps", "1", "--batch-size", "2",
+              "--max-length", "128"]
+    dev = ["--dev-honesty", str(data["dev_hon"]), "--dev-task", str(data["dev_task"])]
+    # Checked before any model is read: the rule needs the base and development data.
+    assert cli_main([*common, "--choose", "learning_rate=1e-3,1e-2", *dev, "--out", str(tmp_path / "a")]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert cli_main([*common, "--choose", "seed=1,2", "--base", str(base), *dev, "--out", str(tmp_path / "a")]) == 2
+    assert cli_main([*common, "--choose", "lora_rank=2,2.5", "--base", str(base), *dev,
+                     "--out", str(tmp_path / "a")]) == 2
+    assert cli_main([*common, "--base", str(base), "--out", str(tmp_path / "a")]) == 2  # --base without --choose
+    assert not (tmp_path / "a").exists()
+    out, ckpt = tmp_path / "chosen", tmp_path / "ckpt"
+    argv = [*common, "--choose", "learning_rate=1e-4,0.05", "--base", str(base), *dev, "--checkpoint-dir", str(ckpt),
+            "--checkpoint-every", "1", "--out", str(out)]
+    assert cli_main(argv) == 0
+    rep = json.loads((out / "train_report.json").read_text())
+    ch = rep["choice"]
+    assert ch["setting"] == "learning_rate" and [c["value"] for c in ch["candidates"]] == [1e-4, 0.05]
+    assert rep["settings"]["learning_rate"] == ch["chosen"]
+    # The written adapter is the chosen run: its merged model scores what the choice recorded.
+    from hcnr_jax.pretrained import load_pretrained
+
+    model = load_pretrained(f"{ft}+{out}")
+    score = dev_score(model.params, model, load_dev_data(str(data["dev_hon"]), str(data["dev_task"]), model, 128))
+    got = next(c for c in ch["candidates"] if c["value"] == ch["chosen"])
+    assert score.task == pytest.approx(got["task"], abs=1e-4) and score.honesty == pytest.approx(got["honesty"], abs=1e-4)
+    # The two candidates trained differently, and the starting model is the rule's fine-tuned reference.
+    assert ch["candidates"][0]["task"] != ch["candidates"][1]["task"]
+    start = hcnr_jax.load_pretrained(ft)
+    ref = dev_score(start.params, start, load_dev_data(str(data["dev_hon"]), str(data["dev_task"]), start, 128))
+    assert ch["finetuned"]["task"] == pytest.approx(ref.task, abs=1e-5)
+    assert "<- chosen" in capsys.readouterr().out

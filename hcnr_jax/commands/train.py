@@ -59,10 +59,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         shown = ",".join(default) if isinstance(default, tuple) else default
         p.add_argument("--" + name.replace("_", "-"), type=_flag_type(name), choices=choices, default=None,
                        help=f"{text} [{'all' if default is None else shown}]")
+    p.add_argument("--choose", default=None, metavar="SETTING=V,V,...",
+                   help="train once per value (e.g. beta=0.05,0.1,0.5) and keep the one the development rule "
+                        "chooses (docs/method.md, \"Choosing a setting\"); needs --base, --dev-honesty, --dev-task")
+    p.add_argument("--base", default=None,
+                   help="with --choose: the model before the task fine-tune (the rule's honest reference)")
+    p.add_argument("--dev-honesty", default=None, metavar="FILE",
+                   help="with --choose: development honesty samples (`hcnr calib --split development`)")
+    p.add_argument("--dev-task", default=None, metavar="FILE", help="with --choose: development task samples")
     p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=8 (default: all devices on data)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
+
+
+def _choice_args(args: argparse.Namespace) -> tuple[str, list[float]] | None:
+    """``(setting, values)`` of --choose, checked before anything is loaded; None without it."""
+    from hcnr_jax.repair.choose import parse_candidates
+    from hcnr_jax.train.choose import CHOOSABLE
+
+    extra = [f for f in ("base", "dev_honesty", "dev_task") if getattr(args, f)]
+    if args.choose is None:
+        if extra:
+            raise HcnrError(f"--{extra[0].replace('_', '-')} is used only with --choose")
+        return None
+    name, sep, values = args.choose.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in CHOOSABLE:
+        raise HcnrError(f"--choose {args.choose!r}: expected SETTING=V,V,... with SETTING one of {', '.join(CHOOSABLE)}")
+    if getattr(args, name, None) is not None:
+        raise HcnrError(f"--choose {name}=... and --{name.replace('_', '-')} both given: choose one")
+    missing = [f for f in ("base", "dev_honesty", "dev_task") if not getattr(args, f)]
+    if missing:
+        raise HcnrError(f"--choose needs --{missing[0].replace('_', '-')} (the rule compares with the model before the "
+                        "task fine-tune, on development data, never evaluation data)")
+    for f in (args.dev_honesty, args.dev_task):
+        if not Path(f).is_file():
+            raise HcnrError(f"{f}: no such data file")
+    return name, parse_candidates(values, f"--choose {name}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_apart(out, [("--model", args.model), ("--data", args.data)], replaces=args.overwrite)
     if not Path(args.data).is_file():
         raise HcnrError(f"{args.data}: no such data file")
+    choice = _choice_args(args)
+    if choice is not None:  # every candidate's settings are checked before the first is trained
+        from hcnr_jax.train.choose import candidate_configs
+
+        candidate_configs(tc, *choice)
     if args.mesh is not None:
         from hcnr_jax.sharding import parse_mesh
 
@@ -96,7 +135,23 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_pretrained(args.model)
     data = loop.load_training_data(args.data, model, tc)
-    result = loop.train(model, data, tc, checkpoint_dir=args.checkpoint_dir, mesh=args.mesh)
+    if choice is None:
+        result = loop.train(model, data, tc, checkpoint_dir=args.checkpoint_dir, mesh=args.mesh)
+    else:
+        from hcnr_jax.repair.choose import describe, dev_score, load_dev_data
+        from hcnr_jax.train.choose import train_and_choose
+
+        dev = load_dev_data(args.dev_honesty, args.dev_task, model, tc.max_length)
+        base = load_pretrained(args.base)
+        from hcnr_jax.repair import check_compatible
+
+        check_compatible(base, model)
+        base_score = dev_score(base.params, model, dev)
+        del base
+        result = train_and_choose(model, data, tc, *choice, dev, base_score, checkpoint_dir=args.checkpoint_dir,
+                                  mesh=args.mesh)
+        print("\n".join(describe(result.report["choice"], choice[0])))
+        tc = tc.override(**{choice[0]: result.report["settings"][choice[0]]})
     from hcnr_jax.io import portable_path
     from hcnr_jax.source import ModelSource
 
