@@ -49,6 +49,7 @@ TASKS = ("hotpotqa", "catalog")
 TASK = "hotpotqa"  # set by --task
 GENERAL = "general"
 LIMIT, TOKENS = 100, 32
+TASK_LIMIT = 200  # task questions per row: gold log-lik and accuracy need N >= 200 to show a loss
 R_CW_CANDIDATES = "0.3,0.4,0.5,0.6"  # fixed before the first run
 ALPHA_CANDIDATES = "0.25,0.5,0.75"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -169,12 +170,17 @@ def evaluate(row: str, work: Path, data_dir: str | None, log: Path) -> None:
     if dest.exists():
         return
     model = build(row, work, data_dir, log)
-    ev = work / f"eval_{slug(row)}"
-    run(["hcnr", "eval", "--model", model, "--benchmarks", ",".join((*HONESTY, TASK, GENERAL)), "--limit", str(LIMIT),
-         "--max-new-tokens", str(TOKENS), "--bootstrap", "0", "--out", str(ev),
-         *(["--data-dir", data_dir] if data_dir else [])], log)
+    recs = []
+    # The refusal benchmarks at LIMIT, the task at TASK_LIMIT (two runs: --limit is per benchmark).
+    for suffix, benches, limit in (("", (*HONESTY, GENERAL), LIMIT), ("_task", (TASK,), TASK_LIMIT)):
+        ev = work / f"eval_{slug(row)}{suffix}"
+        if not (ev / "examples.jsonl").exists():
+            run(["hcnr", "eval", "--model", model, "--benchmarks", ",".join(benches), "--limit", str(limit),
+                 "--max-new-tokens", str(TOKENS), "--bootstrap", "0", "--out", str(ev),
+                 *(["--data-dir", data_dir] if data_dir else [])], log)
+        recs += [r for r in map(json.loads, (ev / "examples.jsonl").read_text().splitlines())
+                 if r["benchmark"] in benches]
     keep = ("benchmark", "id", "unanswerable", "verdict", "reason", "correct", "gold_logprob", "n_tokens", "response")
-    recs = [json.loads(line) for line in (ev / "examples.jsonl").read_text().splitlines() if line.strip()]
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"row": row}
     for name in ("hcnr_report.json", "merge_report.json"):
