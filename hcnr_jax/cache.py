@@ -263,7 +263,8 @@ def run_folder(command: str, identity: dict[str, Any], *, keep: bool = False,
         with contextlib.suppress(OSError):
             os.utime(marker)  # last used: now (least recently used folders are evicted first)
         os.close(fd)
-        if ok and not keep:
+        # After success, or after a failure that left nothing to resume from.
+        if (ok and not keep) or (not ok and [p.name for p in folder.iterdir()] == [RUN_MARKER]):
             _remove_if_unused(folder)
         elif ok:
             prune(protect={folder})

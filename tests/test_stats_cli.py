@@ -12,6 +12,7 @@ from test_stats import random_samples
 
 import hcnr_jax
 from hcnr_jax import stats
+from hcnr_jax.cache import user_cache_dir
 from hcnr_jax.cli import main
 from hcnr_jax.data import load_samples
 from hcnr_jax.params import linear_names
@@ -133,7 +134,8 @@ def test_unknown_kind_is_a_usage_error(setup, tmp_path):
     assert e.value.code == 2 and not (tmp_path / "o").exists()
 
 
-def test_non_finite_statistics_exit_2_and_write_nothing(setup, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--no-cache"]])
+def test_non_finite_statistics_exit_2_and_write_nothing(setup, tmp_path, capsys, flags):
     """A model whose activations are NaN gives NaN statistics: refused, naming the tensor, before
     the output is written."""
     import shutil
@@ -148,10 +150,12 @@ def test_non_finite_statistics_exit_2_and_write_nothing(setup, tmp_path, capsys)
     save_file(tensors, str(f), metadata={"format": "pt"})
     out = tmp_path / "out"
     argv = ["stats", "--model", str(model_dir), "--data", str(setup[1]), "--kind", "hessian", "--out", str(out),
-            "--no-progress"]
+            "--no-progress", *flags]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"hcnr stats: error: {out}/hessian.safetensors: tensor model.layers.1.mlp.") and \
+    # Without --no-cache the statistic is refused on its way into the user cache, which the error names.
+    where = f"{out}/hessian.safetensors" if flags else str(user_cache_dir() / "runs")
+    assert err.startswith(f"hcnr stats: error: {where}") and " model.layers.1.mlp." in err and \
         "NaN or infinite" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan_model"]
 
