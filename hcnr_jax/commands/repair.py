@@ -69,7 +69,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev-honesty", default=None, metavar="FILE",
                    help="with --choose: development honesty samples (`hcnr calib --split development`)")
     p.add_argument("--dev-task", default=None, metavar="FILE", help="with --choose: development task samples")
-    p.add_argument("--cache-dir", default=None, help="reuse statistics computed before (statistics cache)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of the written weights; the statistics and the solve are float32 whatever it is "
+                        "[the fine-tuned input's float type; bfloat16 for a quantised GGUF, which has none]")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep statistics in this folder and reuse them (default: the user cache, removed once "
+                        "--out is written)")
+    from hcnr_jax.commands.cache import add_flags
+
+    add_flags(p, "statistics")
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --cache-dir: how long to wait for another run computing the same statistic, then "
                         "fail (0: fail at once) [3600]")
@@ -134,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_apart(args.out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
     if args.lock_timeout is not None and not args.lock_timeout >= 0:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
+    from hcnr_jax.commands.cache import check_flags
+
+    check_flags(args)
     import jax
 
     from hcnr_jax.sharding import mesh_shape, parse_mesh
@@ -167,23 +178,41 @@ def run(args: argparse.Namespace) -> int:
               f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
               f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
         return 0
+    from hcnr_jax import cache
+    from hcnr_jax.commands.cache import report, run_folder
+    from hcnr_jax.repair.output import closing_lines, output_dtype
+
     stats_options = {"mesh": args.mesh, "fsdp": args.fsdp}
     if args.cache_dir:
         stats_options.update(cache_dir=args.cache_dir, lock_timeout=args.lock_timeout)
-    if choice_of:
-        result = _repair_choosing(args, cfg, stats_options, *choice_of)
-    else:
-        result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
-                        stats_options=stats_options)
-    write_repair(result, out, plots=not args.no_plots, overwrite=args.overwrite)
-    s = result.report["summary"]
-    print(f"wrote {out}: restored {s['restored_params']:,} parameters "
-          f"({100 * s['restored_fraction_of_linear']:.2f}% of block linear weights) in {s['layers_kept']} of "
-          f"{s['layers']} layers; objective {s['objective_sft']:.4g} -> {s['objective_after']:.4g}; "
-          f"time {sum(result.report['timing_s'].values()):.1f}s")
-    print(f"check what it did: hcnr eval --model {out} --benchmarks kuq,selfaware --out {out}_eval "
-          f"(add --reference FINETUNED for the before/after view; docs/evaluation.md)")
+    dtype, why = output_dtype(args.dtype, args.finetuned) if args.dtype or _is_gguf(args.finetuned) else (None, "")
+    identity = {"base": cache.source_identity(args.base), "finetuned": cache.source_identity(args.finetuned),
+                **{k: cache.file_identity(getattr(args, k)) for k in ("honesty_data", "task_data", "dev_honesty",
+                                                                       "dev_task")},
+                "settings": cfg.to_dict(), "choose": args.choose}
+    # Statistics go to the user cache's run folder: Ctrl-C or a crash keeps them and the same command
+    # resumes; the folder goes once --out is written (an 8B model's Hessians are tens of GB).
+    with run_folder(args, "repair", identity, f"hcnr repair --finetuned {args.finetuned} --out {out}") as run:
+        if run is not None:
+            stats_options.update(cache_dir=str(run.path), lock_timeout=args.lock_timeout)
+        if choice_of:
+            result = _repair_choosing(args, cfg, stats_options, *choice_of)
+        else:
+            result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
+                            stats_options=stats_options)
+        if dtype is None:
+            dtype, why = output_dtype(None, args.finetuned, result.model)
+        result.report["output"] = {"dtype": dtype, "dtype_from": why}
+        write_repair(result, out, plots=not args.no_plots, overwrite=args.overwrite, dtype=dtype)
+    report(run)
+    print("\n".join(closing_lines(result.report, out, dtype, why, args.finetuned)))
     return 0
+
+
+def _is_gguf(src: str) -> bool:
+    from hcnr_jax.source import ModelSource
+
+    return ModelSource.parse(src).is_gguf
 
 
 def _repair_choosing(args: argparse.Namespace, cfg: RepairConfig, stats_options: dict, name: str,

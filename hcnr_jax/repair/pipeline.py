@@ -385,17 +385,20 @@ def build_report(cfg: RepairConfig, base: Pretrained, ft: Pretrained, hon_info: 
 VOLATILE_KEYS = ("timing_s", "memory")
 
 
-def write_repair(result: RepairResult, out_dir: str | Path, *, plots: bool = True, overwrite: bool = False) -> Path:
+def write_repair(result: RepairResult, out_dir: str | Path, *, plots: bool = True, overwrite: bool = False,
+                 dtype: str | None = None) -> Path:
     """Write the repaired model as a HF directory, with ``hcnr_report.json``/``.md`` and PNG plots
-    beside the weights; the directory appears only once complete."""
+    beside the weights; the directory appears only once complete. ``dtype`` ("bfloat16", "float16",
+    "float32"): cast the written weights (default: the model's own, the fine-tuned input's)."""
     from hcnr_jax.io import atomic_output_dir, strict_json
     from hcnr_jax.pretrained import save_pretrained
+    from hcnr_jax.repair.output import cast
     from hcnr_jax.repair.report import render_markdown
 
     # A NaN or infinity in the report (an objective that overflowed) is refused before anything is written.
     report_json = strict_json(result.report, Path(out_dir) / "hcnr_report.json", indent=2) + "\n"
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_pretrained(result.model, tmp, overwrite=True)
+        save_pretrained(result.model if dtype is None else cast(result.model, dtype), tmp, overwrite=True)
         (tmp / "hcnr_report.json").write_text(report_json)
         (tmp / "hcnr_report.md").write_text(render_markdown(result.report))
         if plots:
