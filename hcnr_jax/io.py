@@ -397,6 +397,13 @@ def portable_path(path: str | os.PathLike) -> str:
 
 # --- outputs that would overwrite their inputs --------------------------------------------------------
 
+def refuse_existing(out: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
+    """Every command's rule for its outputs, checked before any work: an existing ``out`` (file or
+    folder) is replaced only with ``--overwrite``; without it, an `HcnrError` naming the path."""
+    if not overwrite and os.path.lexists(out):
+        raise HcnrError(f"{flag} {out}: already exists (pass --overwrite to replace it)")
+
+
 def model_source_paths(src: str | os.PathLike) -> list[Path]:
     """The local files and directories a model source reads (`hcnr_jax.source.ModelSource`, parsed
     as `load_pretrained` parses it). Parts that do not exist locally (hub ids, typos) are left out."""

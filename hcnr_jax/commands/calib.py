@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["calibration", "development"], default="calibration",
                    help="draw from the calibration pool (for hcnr repair) or the development split (for "
                         "--choose: choosing a setting, never evaluation data) [calibration]")
-    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--out", required=True, help="output JSONL file (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.errors import DataError
     from hcnr_jax.eval.calibration import IDK_RESPONSE, honesty_samples, task_samples, write_jsonl
     from hcnr_jax.eval.data import load_benchmark
+    from hcnr_jax.io import refuse_existing
 
     if args.n < 1:
         raise DataError(f"-n {args.n}: the number of samples must be a positive integer")
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         if n not in BENCHMARKS:
             raise DataError(f"--benchmarks: unknown benchmark {n!r}; known: {', '.join(BENCHMARKS)}")
+    refuse_existing(args.out, args.overwrite)
     pools = {n: [r for r in load_benchmark(n, args.data_dir) if r["split"] == args.split] for n in names}
     if args.kind == "honesty":
         samples = honesty_samples(pools, args.n, args.idk_response or IDK_RESPONSE, args.seed, args.split)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from hcnr_jax.errors import HcnrError
 
@@ -43,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory", default=None,
                    help="memory per device, e.g. 80GB or 141GiB: report which step does not fit, by how much")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--out", default=None, help="also write the JSON plan to this file")
+    p.add_argument("--out", default=None, help="also write the JSON plan to this file (must not exist unless "
+                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
@@ -67,13 +68,11 @@ def devices_of(mesh: str | None, devices: int | None) -> int:
 def run(args: argparse.Namespace) -> int:
     from hcnr_jax import plan as planlib
     from hcnr_jax.config import config_from_hf
+    from hcnr_jax.io import atomic_write_text, refuse_existing
     from hcnr_jax.repair.config import load_config
     from hcnr_jax.sharding import mesh_shape
 
-    hf = planlib.load_hf_config(args.config)
-    config_from_hf(hf, source=str(args.config))  # reject unsupported configs before compiling
-    devices = devices_of(args.mesh, args.devices)
-    mesh_shape(args.mesh, devices)  # the mesh must fit the devices
+    # Settings first, then the output path, then the model's config (the order of every command).
     for name in ("batch_size", "seq_len", "num_honesty", "num_task"):
         if getattr(args, name) < 1 or (name == "seq_len" and args.seq_len < 2):
             raise HcnrError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
@@ -81,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
         raise HcnrError(f"--mfu {args.mfu}: must be in (0, 1]")
     device_bytes = planlib.parse_bytes(args.device_memory)
     rcfg = load_config(args.repair_config, hessian_passes=args.hessian_passes)
+    devices = devices_of(args.mesh, args.devices)
+    mesh_shape(args.mesh, devices)  # the mesh must fit the devices
+    if args.out:
+        refuse_existing(args.out, args.overwrite)
+    hf = planlib.load_hf_config(args.config)
+    config_from_hf(hf, source=str(args.config))  # reject unsupported configs before compiling
     req = planlib.PlanRequest(
         hf_config=hf, devices=devices, mesh=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
         seq_len=args.seq_len, max_targets=args.max_targets, dtype=args.dtype, repair=rcfg.to_dict(),
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if device_bytes is not None:
         doc["fit"] = {"device_bytes": device_bytes, "over": planlib.check_fit(result, device_bytes)}
     if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
