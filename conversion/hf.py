@@ -104,13 +104,12 @@ def nonfinite_error(name: str, count: int, dest: Any = None) -> CheckpointError:
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
+    from hcnr_jax.schema import read_json_object
+
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    return read_json_object(path)
 
 
 def _shard_name(index: Path, tensor: str, fname: object) -> str:

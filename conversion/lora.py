@@ -87,13 +87,12 @@ def lora_scaling(config: dict[str, Any], module: str) -> tuple[int, float]:
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json, checked for settings we cannot merge."""
+    from hcnr_jax.schema import check_adapter_config, read_json_object
+
     path = adapter_dir / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {adapter_dir} a PEFT adapter directory?)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    config = check_adapter_config(read_json_object(path), str(path))
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type={config.get('peft_type')!r}; only LORA adapters are supported")
     for key in UNSUPPORTED:

@@ -201,13 +201,16 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
     Settings that would change the math but that we do not implement are rejected with an error
     naming the field, never silently ignored.
     """
-    model_type = hf.get("model_type")
+    from hcnr_jax.schema import check_config, expect_object
+
+    model_type = expect_object(hf, source).get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(
             f"{source}: unsupported architecture model_type={model_type!r} "
             f"(architectures={hf.get('architectures')}); supported: {sorted(FAMILIES)}"
         )
     family = FAMILIES[model_type]
+    check_config(hf, source)  # every known field's type and range, before anything reads one
 
     def need(key: str) -> Any:
         if hf.get(key) is None:

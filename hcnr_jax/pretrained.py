@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hcnr_jax.config import ModelConfig
+from hcnr_jax.config import ModelConfig, config_from_hf
 from hcnr_jax.conversion import hf as hf_io
 from hcnr_jax.errors import CheckpointError, HcnrError
 from hcnr_jax.io import atomic_output_dir
@@ -77,10 +77,23 @@ def _load_tokenizer(model_dir: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for files it cannot parse
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """The model directory's ``tokenizer.json``, when it has one, checked (`schema.check_tokenizer_file`)."""
+    from hcnr_jax.schema import check_tokenizer_file
+
+    if (model_dir / "tokenizer.json").is_file():
+        check_tokenizer_file(model_dir / "tokenizer.json")
 
 
 def _load_dir(model_dir: Path, dtype: str | None, mesh: Any = None, fsdp: bool = False) -> Pretrained:
+    config_from_hf(hf_io.read_config(model_dir), source=str(model_dir / "config.json"))
+    check_tokenizer_files(model_dir)  # the config and the tokenizer file are checked before any weight is read
     cfg, hf, params = hf_io.load_params(model_dir, dtype=dtype, mesh=mesh, fsdp=fsdp)
     carried = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
     return Pretrained(cfg, params, _load_tokenizer(model_dir), hf, str(model_dir), carried)
@@ -115,11 +128,14 @@ def load_pretrained(src: str | Path, dtype: str | None = None, *, mesh: Any = No
         from hcnr_jax.sharding import make_mesh
 
         mesh = make_mesh(mesh)
+    from hcnr_jax.conversion.lora import merge_lora, read_adapter_config
+
     source = ModelSource.parse(src)
+    for adapter in source.adapters:
+        read_adapter_config(Path(adapter))  # each adapter's settings are checked before any weight is read
     model = _load_base(source, dtype, mesh, fsdp)
     if not source.adapters:
         return model
-    from hcnr_jax.conversion.lora import merge_lora
 
     for adapter in source.adapters:
         model = merge_lora(model, Path(adapter))  # its source becomes BASE+ADAPTER
