@@ -92,27 +92,47 @@ def _tokenize_chat(prompt: str, response: str, tokenizer: Any, where: str) -> tu
     return head + rest, [0] * len(head) + [1] * len(rest)
 
 
-def _record_tokens(rec: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+def _pretokenized(rec: Mapping[str, Any], where: str) -> tuple[list[int], list[int]]:
+    ids, mask = rec.get("input_ids"), rec.get("loss_mask")
+    if not isinstance(ids, list) or not isinstance(mask, list):
+        raise DataError(f"{where}: 'input_ids' and 'loss_mask' must both be lists")
+    if len(ids) != len(mask):
+        raise DataError(f"{where}: input_ids has {len(ids)} tokens but loss_mask has {len(mask)}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise DataError(f"{where}: input_ids must be non-negative integers")
+    if not all(m in (0, 1) for m in mask):
+        raise DataError(f"{where}: loss_mask must hold 0/1 values")
+    return list(ids), [int(m) for m in mask]
+
+
+def check_record(rec: Any, where: str, vocab_size: int | None = None, pairs: bool = False) -> None:
+    """One data line checked without a tokenizer (before any model is loaded): an object in one of
+    the line formats (``pairs``: a preference pair) whose values have the right types; pre-tokenized
+    lines also need a target token and ids inside ``vocab_size``. Errors name ``where``."""
     if not isinstance(rec, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "input_ids" in rec or "loss_mask" in rec:
-        ids, mask = rec.get("input_ids"), rec.get("loss_mask")
-        if not isinstance(ids, list) or not isinstance(mask, list):
-            raise DataError(f"{where}: 'input_ids' and 'loss_mask' must both be lists")
-        if len(ids) != len(mask):
-            raise DataError(f"{where}: input_ids has {len(ids)} tokens but loss_mask has {len(mask)}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-            raise DataError(f"{where}: input_ids must be non-negative integers")
-        if not all(m in (0, 1) for m in mask):
-            raise DataError(f"{where}: loss_mask must hold 0/1 values")
-        return list(ids), [int(m) for m in mask]
-    if "prompt" in rec and "response" in rec:
+    if pairs:
+        _pair_fields(rec, where)
+    elif "input_ids" in rec or "loss_mask" in rec:
+        ids, mask = _pretokenized(rec, where)
+        if not any(mask[1:]):  # the first token is never a target
+            raise DataError(f"{where}: no target tokens (empty loss mask)")
+        if vocab_size is not None and max(ids) >= vocab_size:
+            raise DataError(f"{where}: token id {max(ids)} is outside the vocabulary of {vocab_size}")
+    elif "prompt" in rec and "response" in rec:
         if not isinstance(rec["prompt"], str) or not isinstance(rec["response"], str):
             raise DataError(f"{where}: 'prompt' and 'response' must be strings")
-        if tokenizer is None:
-            raise DataError(f"{where}: prompt/response samples need a tokenizer (the model has none)")
-        return _tokenize_chat(rec["prompt"], rec["response"], tokenizer, where)
-    raise DataError(f"{where}: expected keys prompt/response or input_ids/loss_mask, got {sorted(rec)}")
+    else:
+        raise DataError(f"{where}: expected keys prompt/response or input_ids/loss_mask, got {sorted(rec)}")
+
+
+def _record_tokens(rec: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+    check_record(rec, where)
+    if "input_ids" in rec or "loss_mask" in rec:
+        return _pretokenized(rec, where)
+    if tokenizer is None:
+        raise DataError(f"{where}: prompt/response samples need a tokenizer (the model has none)")
+    return _tokenize_chat(rec["prompt"], rec["response"], tokenizer, where)
 
 
 def samples_from_records(
@@ -242,15 +262,17 @@ class PairSamples:
                              for k in ("input_ids", "attention_mask", "loss_mask")), h)
 
 
-def _pair_tokens(rec: Any, tokenizer: Any, where: str, max_length: int,
-                 vocab_size: int | None) -> tuple[tuple[list[int], list[int]], ...]:
-    if not isinstance(rec, Mapping):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+def _pair_fields(rec: Mapping[str, Any], where: str) -> None:
     for key in PAIR_FIELDS:
         if key not in rec:
             raise DataError(f"{where}: missing field '{key}' (preference pairs need {list(PAIR_FIELDS)})")
         if not isinstance(rec[key], str):
             raise DataError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+
+
+def _pair_tokens(rec: Any, tokenizer: Any, where: str, max_length: int,
+                 vocab_size: int | None) -> tuple[tuple[list[int], list[int]], ...]:
+    check_record(rec, where, pairs=True)
     if tokenizer is None:
         raise DataError(f"{where}: prompt/chosen/rejected pairs need a tokenizer (the model has none)")
     out = []

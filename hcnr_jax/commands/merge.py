@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hcnr_jax.errors import HcnrError
-    from hcnr_jax.io import atomic_write_text
+    from hcnr_jax.io import check_output_apart
+    from hcnr_jax.preflight import check_pair_inputs
     from hcnr_jax.pretrained import load_pretrained, save_pretrained
     from hcnr_jax.repair import check_compatible
     from hcnr_jax.repair.choose import (
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise HcnrError(f"{out} exists; pass --overwrite to replace it")
+    # --overwrite replaces --out as a whole: it must neither be, sit inside nor contain an input model.
+    check_output_apart(out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
+    # The development data, then the models' configs (each, and against each other), before any weight.
+    check_pair_inputs(args.base, args.finetuned, (args.dev_honesty, args.dev_task))
     t0 = time.perf_counter()
     base, ft = load_pretrained(args.base), load_pretrained(args.finetuned)
     check_compatible(base, ft)
@@ -62,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(describe(choice, "alpha")))
     alpha = choice["chosen"] if choice else alphas[0]
     params = merge(base.params, ft.params, alpha)
-    save_pretrained(ft.replace(params=params), out, overwrite=args.overwrite)
     report = {"method": "merge", "alpha": alpha, "changed_fraction": changed_fraction(ft.params, params),
               "choice": choice, "base": args.base, "finetuned": args.finetuned, "wall_s": time.perf_counter() - t0}
-    atomic_write_text(out / "merge_report.json", json.dumps(report, indent=1) + "\n")
+    # The report is written inside the model's temporary folder: the output appears whole or not at all.
+    save_pretrained(ft.replace(params=params), out, overwrite=args.overwrite,
+                    extra_files={"merge_report.json": json.dumps(report, indent=1) + "\n"})
     print(f"wrote {out}: base + {alpha:g} x (finetuned - base), {100 * report['changed_fraction']:.1f}% of parameters "
           f"changed, in {report['wall_s']:.1f}s; check it with `hcnr eval --model {out} --out EVAL_DIR`")
     return 0

@@ -100,14 +100,16 @@ def _check(args: argparse.Namespace) -> None:
 def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(HF name -> float32 array, the stats.json record) for parsed ``args``; writes nothing
     (except checkpoints and cache entries under ``--cache-dir``)."""
-    from hcnr_jax import __version__, stats
-    from hcnr_jax.data import load_samples, read_jsonl
+    from hcnr_jax import __version__, preflight, stats
+    from hcnr_jax.data import load_samples
     from hcnr_jax.io import sha256_file
     from hcnr_jax.pretrained import load_pretrained
     from hcnr_jax.sharding import make_mesh
     from hcnr_jax.stats.hessian_accum import groups
 
-    read_jsonl(args.data)  # a missing, empty or malformed file fails before the model loads
+    # The whole data file, then the model's configs, then its ids against the vocabulary: before any weight.
+    preflight.check_data_files([args.data])
+    preflight.check_data_files([args.data], vocab_size=preflight.model_config(args.model).vocab_size)
     mesh = make_mesh(args.mesh)
     # Loaded straight into the shardings the statistics step uses (nothing is resharded after).
     model = load_pretrained(args.model, mesh=mesh, fsdp=args.fsdp)
