@@ -365,7 +365,9 @@ def test_incompatible_models(pair_dirs, odd_dirs, tmp_path, kind, capsys):
     rc, out = _cli(pair_dirs, tmp_path, ft=odd_dirs[kind])
     assert rc == 2 and not out.exists() and not list(tmp_path.iterdir())
     msg = capsys.readouterr().err
-    assert {"arch": "architectures differ", "shape": "shape", "vocab": "vocabulary"}[kind] in msg
+    # The fields that differ, by their config.json names, before any weight is read.
+    assert {"arch": "architectures differ: model_type llama vs qwen3", "shape": "intermediate_size 72 vs 64",
+            "vocab": "vocab_size 97 vs 101"}[kind] in msg
 
 
 @pytest.mark.parametrize("content, match", [
@@ -475,7 +477,7 @@ def test_python_api_errors(llama):
         repair(base, ft, "/nonexistent.jsonl", "/nonexistent.jsonl", progress=False)
     with pytest.raises(HcnrError, match="r_cw"):
         repair(base, ft, None, None, RepairConfig(r_cw=2.0), progress=False)
-    with pytest.raises(CheckpointError, match=r"tensor sets differ.*model\.layers\.2\."):
+    with pytest.raises(CheckpointError, match=r"configurations differ: num_hidden_layers 3 vs 2"):
         hcnr_jax.repair.check_compatible(base, ft.replace(config=ft.config.replace(num_layers=2)))
     hcnr_jax.repair.check_compatible(base, ft)  # the real pair passes: the error came from the edit
     assert ft.config.num_layers == base.config.num_layers == 3  # replace() left ft untouched

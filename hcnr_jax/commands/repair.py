@@ -162,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
+    from hcnr_jax.preflight import check_pair_inputs
+
+    # Every data file (the bundled ones need no check), then the models' configs, before any weight.
+    check_pair_inputs(args.base, args.finetuned, (args.honesty_data, args.task_data, args.dev_honesty, args.dev_task))
     max_length = resolve_max_length([args.base, args.finetuned], cfg.max_length, user_set("max_length", args.max_length, args.config))
     if max_length != cfg.max_length:
         cfg = cfg.override(max_length=max_length)

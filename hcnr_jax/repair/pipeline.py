@@ -94,12 +94,12 @@ class _Clock:
 
 def check_compatible(base: Pretrained, finetuned: Pretrained) -> None:
     """Raise `CheckpointError` if the two models differ in architecture, shapes or vocabulary."""
+    from hcnr_jax.preflight import check_same_architecture
+
     a, b = base.config, finetuned.config
     where = f"base {base.source} vs fine-tuned {finetuned.source}"
-    if a.model_type != b.model_type:
-        raise CheckpointError(f"{where}: architectures differ ({a.model_type} vs {b.model_type})")
-    if a.vocab_size != b.vocab_size:
-        raise CheckpointError(f"{where}: vocabulary sizes differ ({a.vocab_size} vs {b.vocab_size})")
+    # Sizes by name first ("hidden_size 576 vs 64"), rather than the tensor sets they imply.
+    check_same_architecture([("base", base.source, a), ("fine-tuned", finetuned.source, b)])
     sa, sb = param_specs(a), param_specs(b)
     if set(sa) != set(sb):
         diff = sorted(set(sa) ^ set(sb))
@@ -182,7 +182,10 @@ def prepare(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, h
             **overrides: Any):
     """Load and validate everything a repair needs, computing nothing. Raises on any bad input.
     ``mesh`` (a Mesh) / ``fsdp``: load the models straight onto its devices."""
+    from hcnr_jax.preflight import check_pair_inputs
+
     cfg = (config or RepairConfig()).override(**overrides) if overrides else (config or RepairConfig()).validate()
+    check_pair_inputs(base, finetuned, (honesty_data, task_data))  # data, then configs: before any weight
     base_m = _load_model(base, "base", mesh, fsdp)
     ft_m = _load_model(finetuned, "fine-tuned", mesh, fsdp)
     check_compatible(base_m, ft_m)
