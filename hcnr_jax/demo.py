@@ -86,14 +86,17 @@ def markdown(rows: dict[str, dict[str, Any]], settings: DemoSettings) -> str:
             "log-lik: mean per-token log-probability of the gold answers (nats; higher keeps more of the task).\n")
 
 
-def choose_merge(m0: Any, m1: Any) -> tuple[dict[str, Any], Any]:
-    """The merge baseline at the alpha the development rule chooses on the shipped development samples:
-    ``(choice, merged model)``."""
+SMOKE_DEV = 24  # --smoke: development samples of each file (the honesty file's first 24 hold both kinds)
+
+
+def choose_merge(m0: Any, m1: Any, limit: int | None = None) -> tuple[dict[str, Any], Any]:
+    """The merge baseline at the alpha the development rule chooses on the shipped development samples
+    (the first ``limit`` of each file): ``(choice, merged model)``."""
     from hcnr_jax.embedded import calibration_file
     from hcnr_jax.repair.choose import choose, dev_score, load_dev_data, merge
 
-    # Forward passes over 64 + 64 short samples: cheap enough for --smoke too.
-    dev = load_dev_data(str(calibration_file("dev_honesty")), str(calibration_file("dev_task")), m1)
+    # Forward passes over 64 + 64 short samples for five models.
+    dev = load_dev_data(str(calibration_file("dev_honesty")), str(calibration_file("dev_task")), m1, limit=limit)
     scores = {a: dev_score(merge(m0.params, m1.params, a), m1, dev) for a in MERGE_ALPHAS}
     choice = choose(scores, dev_score(m0.params, m1, dev), dev_score(m1.params, m1, dev))
     return choice, m1.replace(params=merge(m0.params, m1.params, choice["chosen"]))
@@ -128,7 +131,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         repair_s = time.perf_counter() - t0
         write_repair(result, tmp / "repaired")
         t0 = time.perf_counter()
-        choice, merged = choose_merge(m0, m1)
+        choice, merged = choose_merge(m0, m1, SMOKE_DEV if settings.smoke else None)
         merge_s = time.perf_counter() - t0
         merge_tag = f"M1 merge (alpha {choice['chosen']:g})"
         rows: dict[str, dict[str, Any]] = {}

@@ -62,6 +62,9 @@ def test_merge_row_is_chosen_on_the_shipped_development_samples(tmp_path):
     want = merge(m0.params, m1.params, choice["chosen"])
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(merged.params),
                                                      jax.tree_util.tree_leaves(want), strict=True))
+    # --smoke scores the first SMOKE_DEV samples of each file: both kinds of question are among them.
+    small, _ = demo.choose_merge(m0, m1, demo.SMOKE_DEV)
+    assert len(small["candidates"]) == len(demo.MERGE_ALPHAS)
     # The development files hold development rows only.
     for kind, benches in (("dev_honesty", ("kuq", "selfaware")), ("dev_task", ("hotpotqa",))):
         lines = calibration_file(kind).read_text().splitlines()
