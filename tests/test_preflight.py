@@ -200,6 +200,22 @@ def _(r):
             [f"{bad}:2", "expected a JSON object, got list"])
 
 
+@case("train/data-error-before-the-model")
+def _(r):
+    bad = _data(r, "d.jsonl", ['{"prompt": "q", "response": "a"}', '{"prompt": "q"}'])
+    _cut_weights(r / "m")
+    return (["train", "--model", str(r / "m"), "--data", str(bad), "--out", str(r / "out")],
+            [f"{bad}:2", "expected keys prompt/response"])
+
+
+@case("train/pair-missing-field")
+def _(r):
+    bad = _data(r, "p.jsonl", ['{"prompt": "q", "chosen": "a", "rejected": "b"}', '{"prompt": "q", "chosen": "a"}'])
+    _cut_weights(r / "m")
+    return (["train", "--model", str(r / "m"), "--data", str(bad), "--objective", "dpo", "--out", str(r / "out")],
+            [f"{bad}:2", "missing field 'rejected'"])
+
+
 # --- the test ------------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -122,6 +122,17 @@ def run(args: argparse.Namespace) -> int:
         from hcnr_jax.sharding import parse_mesh
 
         parse_mesh(args.mesh)
+    from hcnr_jax.preflight import check_data_files, check_models
+
+    # The data files whole, then the models' configs (with --choose, --base against --model), then the
+    # pre-tokenized ids against the vocabulary: all before any weight is read.
+    pairs = tc.objective != "sft"
+    check_data_files([args.data], pairs=pairs)
+    check_data_files([args.dev_honesty, args.dev_task])
+    configs = check_models([("--base", args.base), ("--model", args.model)], same=args.base is not None)
+    vocab = configs["--model"].vocab_size
+    check_data_files([args.data] if not pairs else [], vocab_size=vocab)
+    check_data_files([args.dev_honesty, args.dev_task], vocab_size=vocab)
     from hcnr_jax.pretrained import resolve_max_length
     from hcnr_jax.settings import user_set
 
