@@ -20,11 +20,33 @@ def user_set(name: str, flag_value: Any, config: str | Path | None) -> bool:
     return flag_value is not None or (config is not None and name in read_yaml_mapping(config))
 
 
+# Example settings files installed with the package, addressable by name (`--config train_task`).
+CONFIGS_DIR = Path(__file__).resolve().parent / "bundled" / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the shipped settings files (``hcnr_default``, ``train_task``, ...)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists, else the shipped settings file of that name (``train_task``
+    or ``train_task.yaml``), so the examples work outside a checkout; else an error listing them."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    shipped = CONFIGS_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise HcnrError(f"{p}: config file not found, and not the name of a shipped one ({', '.join(bundled_configs())})")
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping of settings in a YAML file (empty file: {}); errors name the file."""
+    """The mapping of settings in a YAML file, a path or a shipped file's name (`config_path`;
+    empty file: {}); errors name the file."""
     import yaml
 
-    p = Path(path)
+    p = config_path(path)
     try:
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -127,3 +127,19 @@ def test_top_level_folders_never_shadow_installed_packages(tmp_path):
     run = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == str(ROOT / "kernels" / "__init__.py"), run.stderr
+
+
+def test_example_configs_are_shipped_and_addressable_by_name():
+    """The example settings live in the package (installed with it) and `--config NAME` finds them;
+    the checkout's configs/ links to the same files, so the two cannot drift."""
+    from hcnr_jax.repair.config import RepairConfig, load_config
+    from hcnr_jax.settings import CONFIGS_DIR, bundled_configs
+    from hcnr_jax.train.config import load_train_config
+
+    assert CONFIGS_DIR.is_relative_to(ROOT / "hcnr_jax" / "bundled")
+    assert set(bundled_configs()) == {p.stem for p in (ROOT / "configs").glob("*.yaml")}
+    for p in (ROOT / "configs").glob("*.yaml"):
+        assert p.resolve() == (CONFIGS_DIR / p.name).resolve()
+    assert load_config("hcnr_default") == load_config("hcnr_default.yaml") == RepairConfig()
+    assert load_config("hcnr_block_cg").layer_unit == "block"
+    assert load_train_config("train_task").epochs == 1.0 and load_train_config("train_honest").epochs == 2.0

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--honesty-data", default=None, help="JSONL honesty samples (default: bundled, 128)")
     p.add_argument("--task-data", default=None, help="JSONL task samples (default: bundled, 128)")
     p.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
-    p.add_argument("--config", default=None, help="YAML file of repair settings (see configs/)")
+    p.add_argument("--config", default=None, help="YAML file of repair settings, or the name of a shipped one (hcnr_default, hcnr_block_cg, hcnr_paper_ablation_no_compensation)")
     defaults = RepairConfig()
     for name, (text, choices) in SETTINGS.items():
         default = getattr(defaults, name)

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True,
                    help="JSONL: {prompt, response} for sft, {prompt, chosen, rejected} for dpo/orpo")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--config", default=None, help="YAML file of training settings (see configs/)")
+    p.add_argument("--config", default=None, help="YAML file of training settings, or the name of a shipped one (train_honest, train_task)")
     defaults = TrainConfig()
     for name, (text, choices) in SETTINGS.items():
         default = getattr(defaults, name)
