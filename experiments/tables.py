@@ -92,10 +92,13 @@ def models_table(models: dict) -> str:
 def demo_table(demo: dict) -> str:
     """README: exactly the table `hcnr demo` prints (hcnr_jax.demo.markdown) from demo/demo.json, and its
     repair line."""
+    from dataclasses import fields
+
     from hcnr_jax.demo import DemoSettings, markdown
 
-    r = demo["repair"]
-    return (markdown(demo["rows"], DemoSettings(**demo["settings"]))
+    r, known = demo["repair"], {f.name for f in fields(DemoSettings)}
+    settings = DemoSettings(**{k: v for k, v in demo["settings"].items() if k in known})
+    return (markdown(demo["rows"], settings)
             + f"\nrepair {r['seconds']:.0f}s (restored {pct(r['restored_fraction_of_linear'])}% of block linear weights "
               f"in {r['layers_kept']} of {r['layers']} layers); total {demo['total_s']:.0f}s\n")
 
