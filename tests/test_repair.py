@@ -12,7 +12,7 @@ import hcnr_jax
 from hcnr_jax.cli import main as cli_main
 from hcnr_jax.errors import CheckpointError, DataError, HcnrError
 from hcnr_jax.params import flatten, linear_names
-from hcnr_jax.repair import RepairConfig, plots, repair, write_repair
+from hcnr_jax.repair import RepairConfig, check_compatible, plots, repair, write_repair
 from hcnr_jax.repair.pipeline import VOLATILE_KEYS
 from hcnr_jax.repair.selection import top_count
 
@@ -478,8 +478,8 @@ def test_python_api_errors(llama):
     with pytest.raises(HcnrError, match="r_cw"):
         repair(base, ft, None, None, RepairConfig(r_cw=2.0), progress=False)
     with pytest.raises(CheckpointError, match=r"configurations differ: num_hidden_layers 3 vs 2"):
-        hcnr_jax.repair.check_compatible(base, ft.replace(config=ft.config.replace(num_layers=2)))
-    hcnr_jax.repair.check_compatible(base, ft)  # the real pair passes: the error came from the edit
+        check_compatible(base, ft.replace(config=ft.config.replace(num_layers=2)))
+    check_compatible(base, ft)  # the real pair passes: the error came from the edit
     assert ft.config.num_layers == base.config.num_layers == 3  # replace() left ft untouched
 
 
@@ -560,3 +560,17 @@ def test_cli_repair_on_a_mesh_of_4_devices_equals_one_device(pair_dirs, tmp_path
     assert cli_main(["repair", "--base", str(b), "--finetuned", str(f), "--out", str(tmp_path / "x"),
                      "--mesh", "data=3"]) == 2
     assert "--mesh 'data=3': mesh {'data': 3, 'model': 1} does not fit" in capsys.readouterr().err
+
+
+def test_the_api_entry_point_is_the_repair_function():
+    """``hcnr_jax.repair`` is the function itself (help shows its real signature), and the
+    subpackage's modules stay importable by name."""
+    import inspect
+
+    from hcnr_jax.repair import pipeline, solvers
+
+    assert hcnr_jax.repair is pipeline.repair
+    params = inspect.signature(hcnr_jax.repair).parameters
+    assert list(params)[:5] == ["base", "finetuned", "honesty_data", "task_data", "config"]
+    assert "stats_options" in params and solvers.SOLVERS
+
