@@ -16,11 +16,18 @@ COMMANDS = ("demo", "convert", "stats", "repair", "merge", "plan", "eval", "data
             "cache")
 
 
+DESCRIPTION = ("Training-free honesty repair of fine-tuned LLMs (HCNR, arXiv 2511.12991) in JAX: repair, "
+               "evaluate, train and convert models.")
+EPILOG = ("Run `hcnr COMMAND --help` for a command's options; `hcnr demo` is the main job. Models are a Hugging "
+          "Face directory, a .gguf file, a hub id org/name or BASE+ADAPTER_DIR. Bad input gets one line on "
+          "stderr and exit status 2 (docs/errors.md).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hcnr", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hcnr", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command (each has its own --help)")
     for name in COMMANDS:
         importlib.import_module(f"hcnr_jax.commands.{name.replace('-', '_')}").add_parser(sub)
     return parser

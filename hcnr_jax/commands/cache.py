@@ -21,10 +21,14 @@ Runs and tokenizers are evicted least recently used first beyond $HCNR_CACHE_MAX
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="show or empty the user cache (resumable runs, tokenizers, downloaded data)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    actions = p.add_subparsers(dest="action", required=True)
-    info = actions.add_parser("info", help="where the user cache is, its size and each resumable run")
+    actions = p.add_subparsers(dest="action", required=True, help="info or clear")
+    info = actions.add_parser("info", help="where the user cache is, its size and each resumable run",
+                              description="Print where the user cache is, its size and each resumable run. "
+                                          "Changes nothing.")
     info.set_defaults(func=run_info)
-    clear = actions.add_parser("clear", help="remove resumable runs and tokenizers (runs in progress are kept)")
+    clear = actions.add_parser("clear", help="remove resumable runs and tokenizers (runs in progress are kept)",
+                               description="Remove the user cache's resumable runs and tokenizers (runs in "
+                                           "progress are kept); --data also removes downloaded benchmarks.")
     clear.add_argument("--data", action="store_true", help="also remove downloaded benchmarks (data/)")
     clear.set_defaults(func=run_clear)
 

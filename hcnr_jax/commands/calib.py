@@ -9,8 +9,13 @@ from hcnr_jax.eval.data import BENCHMARKS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calib", help="build honesty / task calibration JSONL from benchmark calibration pools")
-    p.add_argument("--kind", choices=["honesty", "task"], required=True)
+    p = sub.add_parser("calib", help="build honesty / task calibration JSONL from benchmark calibration pools",
+                       description="Write JSONL samples for hcnr repair (--split calibration) or for choosing a "
+                                   "setting (--split development), drawn from pools that never overlap the "
+                                   "evaluation splits.")
+    p.add_argument("--kind", choices=["honesty", "task"], required=True,
+                   help="honesty: unanswerable questions -> \"I don't know\" and answerable ones -> their answer; "
+                        "task: task questions -> their answer")
     p.add_argument("--benchmarks", default=None,
                    help="comma-separated (default: kuq,selfaware for honesty, hotpotqa for task)")
     p.add_argument("-n", type=int, default=128, help="number of samples (default 128)")

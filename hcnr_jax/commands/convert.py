@@ -10,7 +10,10 @@ from hcnr_jax.conversion.hf import DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a HF dir, .gguf file, hub id or BASE+ADAPTER_DIR to a HF dir")
+    p = sub.add_parser("convert", help="convert a HF dir, .gguf file, hub id or BASE+ADAPTER_DIR to a HF dir",
+                       description="Read SRC (any supported source) and write it as a Hugging Face directory OUT: "
+                                   "tensors bit-identical unless --dtype casts them, GGUF dequantised, LoRA adapters "
+                                   "merged.")
     p.add_argument("src", help="HF model directory, .gguf file, hub id org/name[@revision] (the local hub cache "
                    "first; HF_HUB_OFFLINE=1: only it), or BASE+ADAPTER_DIR[+ADAPTER_DIR...] (PEFT LoRA); "
                    "an existing local path wins over a hub id")

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="list the benchmarks: available or not (and from where), source, licence, rows")
+    p = sub.add_parser("data", help="list the benchmarks: available or not (and from where), source, licence, rows",
+                       description="List every benchmark: whether its files are available and from which folder, its "
+                                   "source, licence and row count (docs/data.md). Writes nothing.")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder searched first (then $HCNR_DATA_DIR, the user data folder, "
                         "the shipped subsets)")

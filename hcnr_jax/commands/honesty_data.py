@@ -21,7 +21,9 @@ SAMPLED = {"absolute", "confidence-num", "confidence-verb", "multisample"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("honesty-data", help="build honesty training data (RAIT, Alignment for Honesty, DPO pairs)")
+    p = sub.add_parser("honesty-data", help="build honesty training data (RAIT, Alignment for Honesty, DPO pairs)",
+                       description="Write honesty training data for hcnr train from the benchmarks' calibration "
+                                   "pools, labelled by gold answers or by the model's own answers (docs/training.md).")
     p.add_argument("--recipe", choices=RECIPES, required=True,
                    help="label: gold answer / idk; rait: the model's greedy answer if correct, else idk; "
                         "absolute, confidence-num, confidence-verb, multisample: Alignment for Honesty from "
@@ -37,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=10, help="sampled answers per question (default 10)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--tau", type=float, default=0.1, help="known when expected accuracy >= tau (default 0.1)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generated answer (default 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling and --balance seed (default 0)")
     p.add_argument("--idk-response", default=None, help="target for unknown questions "
                                                         "(default: Alignment for Honesty's)")

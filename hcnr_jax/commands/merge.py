@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="baseline: scale the fine-tuning delta (linear merge of base and fine-tuned)")
+    p = sub.add_parser("merge", help="baseline: scale the fine-tuning delta (linear merge of base and fine-tuned)",
+                       description="Write BASE + alpha (FINETUNED - BASE), the training-free baseline to beat; with "
+                                   "several --alpha values the development rule chooses one (docs/method.md).")
     p.add_argument("--base", required=True, help="model before fine-tuning (HF dir, .gguf, BASE+ADAPTER_DIR)")
     p.add_argument("--finetuned", required=True, help="fine-tuned model (same architecture and sizes)")
     p.add_argument("--alpha", required=True,
