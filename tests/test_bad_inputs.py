@@ -439,6 +439,13 @@ def _(w):
             ["--mesh 'data=3,model=5': mesh {'data': 3, 'model': 5} does not fit"])
 
 
+@case("eval/task-data-missing-field")
+def _(w):
+    bad = w.root / "task.jsonl"
+    bad.write_text('{"prompt": "Q?", "response": "A"}\n{"prompt": "Q2?"}\n')
+    return _eval(w, "--task-data", str(bad)), [f"{bad}:2", 'field "response"']
+
+
 @case("eval/instruction-empty")
 def _(w):
     return _eval(w, "--instruction", "  "), ["--instruction must not be empty"]

@@ -51,7 +51,7 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     assert len(mcq) == 6 and all(len(r["option_loglik"]) == 4 for r in mcq)
     assert res["results"]["model"]["medmcqa"]["option_accuracy"] == pytest.approx(
         sum(r["pred"] == r["gold"] for r in mcq) / 6)
-    assert "| model | kuq |" in (out / "table.md").read_text()
+    assert "| tiny | kuq |" in (out / "table.md").read_text()  # rows carry the model's name
     # Intervals: the seeded stratified bootstrap of exactly these records, beside every score.
     y, v = np.array([r["unanswerable"] for r in kuq]), np.array([r["verdict"] for r in kuq])
     reps = M.bootstrap(lambda idx: M.refusal_metrics(y[idx], list(v[idx])), 6, strata=y, resamples=200,
@@ -66,7 +66,7 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     assert avg["rf_delta"] == pytest.approx(got["rf_delta"]) and avg["rf_delta_benchmarks"] == ["kuq"]
     assert avg["rf_delta_ci"] == pytest.approx(got["rf_delta_ci"])  # one benchmark: its own interval
     assert summary["data"]["kuq"].endswith("(--data-dir)")
-    assert "| model | average |" in (out / "table.md").read_text()
+    assert "| tiny | average |" in (out / "table.md").read_text()
 
     # Resume: drop the last two records and tear the last line; only those are redone.
     lines = (out / "examples.jsonl").read_text().splitlines()
@@ -282,7 +282,7 @@ def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_m
 
     calls = spy_chat_prompts(monkeypatch)
     out = tmp_path / "icl"
-    args = small_eval(tiny_chat_model, out)
+    args = [*small_eval(tiny_chat_model, out), "--keep-cache"]  # the records stay in the user cache
     assert main([*args, "--reference", str(tiny_chat_model), "--demos", "default"]) == 0
     demos = load_demos("default")
     assert {d for _, d in calls} == {demos, ()}  # the model is prompted with them, the reference without
@@ -293,25 +293,29 @@ def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_m
     assert f"{len(demos)} in-context demonstrations (default)" in (out / "table.md").read_text()
     records = read_records(out / "examples.jsonl")
     assert len(records) == 8
-    # The same demonstrations from another file resume the run (nothing is redone) ...
+    # The same demonstrations from another file find the kept records (nothing is redone) ...
     copy = tmp_path / "mine.jsonl"
     copy.write_text(DEMOS_FILE.read_text())
     capsys.readouterr()
-    assert main([*args, "--reference", str(tiny_chat_model), "--demos", str(copy)]) == 0
+    assert main([*args, "--overwrite", "--reference", str(tiny_chat_model), "--demos", str(copy)]) == 0
     assert read_records(out / "examples.jsonl") == records
     assert strict_json(out / "metrics.json")["settings"]["demos_source"] == str(copy)
-    # ... other demonstrations, or none, do not.
+    # ... other demonstrations, or none, are another run: the model is asked again.
     other = tmp_path / "other.jsonl"
     other.write_text('{"prompt": "What is 2 + 2?", "response": "4."}\n')
-    for extra in (["--demos", str(other)], []):
-        assert main([*args, "--reference", str(tiny_chat_model), *extra]) == 2
-        assert "other settings (demos)" in capsys.readouterr().err
-    assert read_records(out / "examples.jsonl") == records
-    # A run written before --demos existed (no demos keys in settings.json) resumes without them.
+    for extra, demos_now in ((["--demos", str(other)], load_demos(str(other))), ([], ())):
+        calls.clear()
+        assert main([*args, "--overwrite", "--reference", str(tiny_chat_model), *extra]) == 0
+        assert demos_now in {d for _, d in calls}
+    # The stopped output of a version that resumed in --out (records, no metrics.json, settings.json
+    # without demos keys) is resumed from its records, without demonstrations.
     legacy = json.loads((out / "settings.json").read_text())
     del legacy["demos"], legacy["demos_source"]
     (out / "settings.json").write_text(json.dumps(legacy))
-    assert main([*args, "--reference", str(tiny_chat_model)]) == 0
+    (out / "metrics.json").unlink()
+    records = read_records(out / "examples.jsonl")
+    assert main([*small_eval(tiny_chat_model, out), "--no-cache", "--reference", str(tiny_chat_model)]) == 0
+    assert read_records(out / "examples.jsonl") == records and (out / "metrics.json").exists()
     assert "in-context" not in (out / "table.md").read_text()
 
 
@@ -321,7 +325,7 @@ def test_eval_with_instruction_prompts_only_the_model_and_resumes_only_with_the_
 
     calls = spy_chat_prompts(monkeypatch)
     out = tmp_path / "prompted"
-    args = [*small_eval(tiny_chat_model, out), "--reference", str(tiny_chat_model)]
+    args = [*small_eval(tiny_chat_model, out), "--reference", str(tiny_chat_model), "--keep-cache"]
     assert main([*args, "--instruction", "prompt-based"]) == 0
     records = read_records(out / "examples.jsonl")
     questions = {r["question"] for r in records}
@@ -329,14 +333,16 @@ def test_eval_with_instruction_prompts_only_the_model_and_resumes_only_with_the_
     assert {f"{PROMPT_BASED_INSTRUCTION}\nQ: {q}\nA:" for q in questions} | questions == {q for c, _ in calls for q in c}
     assert strict_json(out / "metrics.json")["settings"]["instruction"] == PROMPT_BASED_INSTRUCTION
     assert "follows the instruction" in (out / "table.md").read_text()
-    # The same instruction given as text resumes the run; another one, or none, does not.
-    assert main([*args, "--instruction", PROMPT_BASED_INSTRUCTION]) == 0
+    # The same instruction given as text finds the kept records; another one, or none, is another run.
+    assert main([*args, "--overwrite", "--instruction", PROMPT_BASED_INSTRUCTION]) == 0
     assert read_records(out / "examples.jsonl") == records
     capsys.readouterr()
-    for extra in (["--instruction", "Be brief."], []):
-        assert main([*args, *extra]) == 2
-        assert "other settings (instruction)" in capsys.readouterr().err
-    assert main([*args, "--instruction", " "]) == 2
+    for extra, prefix in ((["--instruction", "Be brief."], "Be brief.\nQ: "), ([], None)):
+        calls.clear()
+        assert main([*args, "--overwrite", *extra]) == 0
+        asked = {q for c, _ in calls for q in c}
+        assert asked == questions | ({prefix + q + "\nA:" for q in questions} if prefix else set())
+    assert main([*args, "--overwrite", "--instruction", " "]) == 2
     assert "--instruction must not be empty" in capsys.readouterr().err
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from hcnr_jax import interrupt
 from hcnr_jax.errors import DataError, HcnrError
 from hcnr_jax.eval import metrics as M
+from hcnr_jax.eval import task_data
 from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
 from hcnr_jax.eval.refusal import RefusalDetector
 from hcnr_jax.generation import PackShape, _bucket, chat_prompts, generate_ids, pack_shape
@@ -61,6 +62,10 @@ class EvalSettings:
     # An instruction put before every question of `model` (`hcnr eval --instruction`; "prompt-based"
     # is Alignment for Honesty's PROMPT-based baseline) in that paper's "<instruction>\nQ: ...\nA:".
     instruction: str = ""
+    # The user's own task (`hcnr eval --task-data FILE`, hcnr_jax/eval/task_data.py): its path as
+    # recorded, and its sha256 (resuming needs the same file contents).
+    task_data: str = ""
+    task_data_sha256: str = ""
 
 
 # Settings that only change how records are scored: a run may resume under other values.
@@ -130,9 +135,14 @@ def _append(path: Path, records: Iterable[dict]) -> None:
         f.flush()
 
 
+def _kind(bench: str) -> str:
+    """"task" or "refusal": a built-in benchmark's kind; the user's --task-data is a task."""
+    return "task" if task_data.is_task_data(bench) else BENCHMARKS[bench].kind
+
+
 def _scored(todo: list[dict]) -> bool:
     """Multiple-choice task rows are scored by option log-likelihood, not generated."""
-    return BENCHMARKS[todo[0]["benchmark"]].kind == "task" and bool(todo[0]["options"])
+    return _kind(todo[0]["benchmark"]) == "task" and bool(todo[0]["options"])
 
 
 def _questions(todo: list[dict], instruction: str = "") -> list[str]:
@@ -203,7 +213,7 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
     if not scored:
         todo_ids = _prompt_ids(model, todo, demos_for(settings, tag), instruction_for(settings, tag))
         shape = shape or pack_shape(todo_ids, step)
-        if BENCHMARKS[bench].kind == "task":
+        if _kind(bench) == "task":
             gold_lp = gold_logprobs(model, todo, settings.batch_size)
     try:  # closed before an error message (Ctrl-C included) is printed below it
         for s in range(0, len(todo), step):
@@ -253,8 +263,7 @@ def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Ca
     """``(statistic, strata)``: the benchmark's metrics as a function of row indices into ``recs``
     (per-row outcomes computed once), and the strata to resample within (the answerable /
     unanswerable halves of a refusal benchmark, else None)."""
-    b = BENCHMARKS[bench]
-    if b.kind == "task":
+    if _kind(bench) == "task":
         if recs and "option_loglik" in recs[0]:
             ll, gold = np.array([r["option_loglik"] for r in recs]), np.array([r["gold"] for r in recs])
             return (lambda idx: M.option_accuracy(ll[idx], gold[idx])), None
@@ -287,6 +296,7 @@ def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Ca
             return res
 
         return task_statistic, None
+    b = BENCHMARKS[bench]
     y = np.array([r["unanswerable"] for r in recs], int)
     verdicts = np.array([r["verdict"] for r in recs], dtype=object)
     binary = set(y.tolist()) == {0, 1}
@@ -372,7 +382,11 @@ def _cell(m: dict, k: str) -> str:
     return f"{text} ({fmt.format(scale * ci[0])}{sep}{fmt.format(scale * ci[1])})"
 
 
-def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | None = None) -> str:
+def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | None = None,
+                   labels: dict[str, str] | None = None) -> str:
+    """The results as one markdown table, a row per (model, benchmark); ``labels``: tag -> the name
+    its rows carry (default: the tag)."""
+    labels = labels or {}
     cols = [("n", "N"), ("f1", "refusal F1"), ("refusal_rate_unanswerable", "RR unans"),
             ("refusal_rate_answerable", "RR ans"), ("rf_delta", "RF delta"), ("undetermined", "undet."),
             ("answer_accuracy", "ans. acc"), ("a4h_prudence", "prudence"),
@@ -383,11 +397,12 @@ def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | 
     lines = ["| model | benchmark | " + " | ".join(h for _, h in used) + " |",
              "|---|---|" + "---|" * len(used)]
     for tag, res in results.items():
+        label = labels.get(tag) or tag
         for bench, m in res.items():
-            lines.append(f"| {tag} | {bench} | " + " | ".join(_cell(m, k) for k, _ in used) + " |")
+            lines.append(f"| {label} | {bench} | " + " | ".join(_cell(m, k) for k, _ in used) + " |")
         avg = (avgs or {}).get(tag)
         if avg:
-            lines.append(f"| {tag} | average | " + " | ".join("" if k == "n" else _cell(avg, k) for k, _ in used) + " |")
+            lines.append(f"| {label} | average | " + " | ".join("" if k == "n" else _cell(avg, k) for k, _ in used) + " |")
     return ("\n".join(lines) + "\n\nRates in %, with 95% bootstrap intervals in parentheses (percentile, examples "
             "resampled within the answerable / unanswerable halves). RF delta = refusal rate on unanswerable minus "
             "on answerable. average: the mean over the refusal benchmarks (docs/evaluation.md). gold log-lik: "
@@ -441,10 +456,12 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
     for bench in settings.benchmarks:
         ds = load_benchmark(bench, settings.data_dir)
         rows_by[bench] = list(select(ds, "evaluation", settings.limit, settings.seed))
+    if settings.task_data:
+        rows_by[task_data.name_of(settings.task_data)] = task_data.load_rows(settings.task_data, settings.limit)
     shapes = {tag: generation_shape(m, ([r for r in rows if (tag, r["id"]) not in done] for rows in rows_by.values()),
                                     settings.batch_size, demos_for(settings, tag), instruction_for(settings, tag))
               for tag, m in models}
-    for bench in settings.benchmarks:
+    for bench in rows_by:
         for tag, m in models:
             run_model(m, tag, rows_by[bench], out, settings, done, detector, shapes[tag])
     records = read_records(examples)
@@ -468,11 +485,15 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
             ref = [r for r in records if r["model"] == "reference" and r["id"] in ids] if tag == "model" and reference is not None else None
             results[tag][bench], reps[bench] = benchmark_metrics(bench, recs, ref, settings.bootstrap, settings.seed)
         avgs[tag] = averages(results[tag], reps)
-    summary = dict(settings=cfg, data={b: locate(b, settings.data_dir).describe() for b in settings.benchmarks},
-                   results=results, averages=avgs)
+    data = {b: locate(b, settings.data_dir).describe() for b in settings.benchmarks}
+    if settings.task_data:
+        data[task_data.name_of(settings.task_data)] = f"{settings.task_data} (--task-data)"
+    summary = dict(settings=cfg, data=data, results=results, averages=avgs,
+                   names={"model": model_name, "reference": reference_name} if reference is not None
+                   else {"model": model_name})
     # Undefined scores (NaN: e.g. precision with no predicted refusal) are written as null.
     atomic_write_text(out / "metrics.json", finite_json(summary, indent=1, default=str))
-    table = markdown_table(results, avgs)
+    table = markdown_table(results, avgs, {"model": model_name, "reference": reference_name})
     if settings.demos:
         table += (f"\nPrompts: {len(settings.demos)} in-context demonstrations ({settings.demos_source or 'given'}) "
                   f"before every question of `model` (--demos)"
