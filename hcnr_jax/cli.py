@@ -13,7 +13,7 @@ from hcnr_jax.errors import HcnrError
 
 # Subcommand modules, in the order `hcnr --help` lists them.
 COMMANDS = ("demo", "convert", "stats", "repair", "merge", "plan", "eval", "data", "calib", "train", "honesty-data",
-            "cache")
+            "compare", "cache")
 
 
 DESCRIPTION = ("Training-free honesty repair of fine-tuned LLMs (HCNR, arXiv 2511.12991) in JAX: repair, "

@@ -446,6 +446,20 @@ def _(w):
     return _eval(w, "--task-data", str(bad)), [f"{bad}:2", 'field "response"']
 
 
+@case("compare/eval-dir-not-an-eval")
+def _(w):
+    return (["compare", "--eval-dir", str(w.m), "--eval-dir", str(w.m), "--out", str(w.out)],
+            [f"{w.m}: not an `hcnr eval` output folder"])
+
+
+@case("compare/task-data-missing-field")
+def _(w):
+    bad = w.root / "task.jsonl"
+    bad.write_text('{"prompt": "Q?"}\n')
+    return (["compare", "--model", str(w.m), "--model", str(w.m), "--task-data", str(bad), "--out", str(w.out)],
+            [f"{bad}:1", 'field "response"'])
+
+
 @case("eval/instruction-empty")
 def _(w):
     return _eval(w, "--instruction", "  "), ["--instruction must not be empty"]
