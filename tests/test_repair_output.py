@@ -48,8 +48,8 @@ def test_repair_dtype_flag_and_closing_lines(pair_dirs, tmp_path, capsys):  # no
     assert lines[0].startswith(f"Restored {neurons:,} neurons ({s['restored_params']:,} parameters")
     assert f"in {s['layers_kept']} of {s['layers']} layers" in lines[0] and "solver exact" in lines[0]
     assert lines[1].startswith(f"Wrote the repaired model to {out}: bfloat16 (--dtype), ")
-    assert lines[3].split() == ["hcnr", "eval", "--model", str(out), "--reference", str(pair_dirs["llama"][1]),
-                                "--out", f"{out}_eval"]
+    assert lines[3].split() == ["hcnr", "compare", "--model", str(pair_dirs["llama"][1]), "--model", str(out),
+                                "--out", f"{out}_compare"]
     assert not [r for r in _runs() if r.startswith("repair-")]  # the statistics went with the run
 
 

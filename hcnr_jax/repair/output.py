@@ -84,6 +84,7 @@ def closing_lines(report: dict[str, Any], out: Path, dtype: str, why: str, finet
         f"fine-tuning, in {kept} of {layers} layers; {how}; the other {layers - kept} layers are unchanged.",
         f"Wrote the repaired model to {out}: {dtype} ({why}), {human(folder_bytes(out))}, in {seconds:.0f} s; "
         f"layer by layer in {out / 'hcnr_report.md'}.",
-        "Check it against the fine-tuned model (same questions, paired differences):",
-        f"  hcnr eval --model {out} --reference {finetuned} --out {out}_eval",
+        "Check it against the fine-tuned model on the same questions (honesty benchmarks; add --task-data with "
+        "held-out examples of your task, {\"prompt\", \"response\"} JSONL):",
+        f"  hcnr compare --model {finetuned} --model {out} --out {out}_compare",
     ]
