@@ -125,3 +125,24 @@ def test_ctrl_c_in_repair_resumes_from_the_user_cache_without_flags(pair_dirs, t
         rc, out = _cli(pair_dirs, tmp_path, *flags)
     assert rc == 0 and out.is_dir()
     assert "resumed from" in caplog.text and not [r for r in _runs() if r.startswith("repair-")]
+
+
+def test_merge_dtype_flag(pair_dirs, tmp_path, capsys):  # noqa: F811
+    """hcnr merge --dtype float16: the merge in float32, then cast; the report and the last lines say so."""
+    import hcnr_jax
+    from hcnr_jax.cli import main
+    from hcnr_jax.params import flatten
+    from hcnr_jax.repair.choose import merge
+
+    base, ft = pair_dirs["llama"]
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(base), "--finetuned", str(ft), "--alpha", "0.5", "--dtype", "float16",
+                 "--out", str(out)]) == 0
+    assert _safetensors_dtypes(out) == {"F16"}
+    rep = json.loads((out / "merge_report.json").read_text())
+    assert (rep["dtype"], rep["dtype_from"]) == ("float16", "--dtype")
+    got = flatten(hcnr_jax.load_pretrained(out).params)
+    want = flatten(merge(hcnr_jax.load_pretrained(base).params, hcnr_jax.load_pretrained(ft).params, 0.5))
+    assert all(np.array_equal(np.asarray(got[k]), np.asarray(want[k]).astype(np.float16)) for k in want)
+    text = capsys.readouterr().out
+    assert "float16 (--dtype)" in text and f"hcnr compare --model {ft} --model {out}" in text

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev-honesty", default=None, metavar="FILE",
                    help="development honesty samples (JSONL prompt/response; `hcnr calib --split development`)")
     p.add_argument("--dev-task", default=None, metavar="FILE", help="development task samples (JSONL prompt/response)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of the written weights (the merge itself is computed as loaded: float32 for a GGUF) "
+                        "[the fine-tuned input's float type; bfloat16 for a quantised GGUF, which has none]")
     p.add_argument("--out", required=True, help="output directory (HF format)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
@@ -69,11 +72,18 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(describe(choice, "alpha")))
     alpha = choice["chosen"] if choice else alphas[0]
     params = merge(base.params, ft.params, alpha)
+    from hcnr_jax.cache import human
+    from hcnr_jax.repair.output import cast, folder_bytes, output_dtype
+
+    dtype, why = output_dtype(args.dtype, args.finetuned, ft)
     report = {"method": "merge", "alpha": alpha, "changed_fraction": changed_fraction(ft.params, params),
-              "choice": choice, "base": args.base, "finetuned": args.finetuned, "wall_s": time.perf_counter() - t0}
+              "choice": choice, "base": args.base, "finetuned": args.finetuned, "dtype": dtype, "dtype_from": why,
+              "wall_s": time.perf_counter() - t0}
     # The report is written inside the model's temporary folder: the output appears whole or not at all.
-    save_pretrained(ft.replace(params=params), out, overwrite=args.overwrite,
+    save_pretrained(cast(ft.replace(params=params), dtype), out, overwrite=args.overwrite,
                     extra_files={"merge_report.json": json.dumps(report, indent=1) + "\n"})
-    print(f"wrote {out}: base + {alpha:g} x (finetuned - base), {100 * report['changed_fraction']:.1f}% of parameters "
-          f"changed, in {report['wall_s']:.1f}s; check it with `hcnr eval --model {out} --out EVAL_DIR`")
+    print(f"Wrote {out}: base + {alpha:g} x (finetuned - base), {100 * report['changed_fraction']:.1f}% of parameters "
+          f"changed; {dtype} ({why}), {human(folder_bytes(out))}, in {report['wall_s']:.1f}s.")
+    print("Check it against the fine-tuned model on the same questions (paired differences):")
+    print(f"  hcnr compare --model {args.finetuned} --model {out} --out {out}_compare")
     return 0
