@@ -230,3 +230,63 @@ def test_lm_head_only_at_targets_is_exact(tiny2):
     got = stats.fisher(params, cfg, samples, batch_size=4)  # 6 samples: one padded batch
     for n in fin:
         assert rel_err(got[n], fin[n]) <= 1e-5, (n, rel_err(got[n], fin[n]))
+
+
+def test_chunked_lm_head_equals_gathered(tiny2):
+    """The LM head over target slots in chunks (each recomputed in the backward pass): the same
+    per-sample losses and hidden-state gradients as all slots at once, for chunks that divide the
+    capacity, do not, and cover it."""
+    import jax
+    import jax.numpy as jnp
+
+    from hcnr_jax.stats import fisher_accum
+
+    _, model = tiny2["llama"]
+    params, cfg = model.params, model.config
+    samples = sparse_samples()
+    ids, lm = jnp.asarray(samples.input_ids), jnp.asarray(samples.loss_mask)
+    hidden = jax.random.normal(jax.random.key(1), (*ids.shape, cfg.hidden_size), jnp.float32)
+
+    @partial(jax.jit, static_argnums=(1, 2))
+    def both(h, capacity, chunk):
+        loss = lambda h: fisher_accum.chunked_loss(params, cfg, h, ids, lm, capacity, chunk)  # noqa: E731
+        return loss(h), jax.grad(lambda h: loss(h).sum())(h)
+
+    want, want_grad = both(hidden, 16, 16)  # one chunk: gathered_loss itself
+    for chunk in (3, 4, 8):
+        got, got_grad = both(hidden, 16, chunk)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    # A capacity that drops a target is noticed through the chunks too.
+    assert abs(float(both(hidden, 9, 4)[0][3]) - float(want[3])) > 1e-4
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_norms_in_the_backward_pass_equal_norms_after_it(loaded, axis):
+    """The fused step (norms reduced in each linear's backward, blocks rematerialised, LM head in
+    chunks) equals the previous one (every layer's output gradient and input kept until the end)
+    on sparse targets with left and right padding, and needs less temporary memory."""
+    import jax
+
+    from hcnr_jax.stats import fisher_accum
+
+    model = loaded["llama"]
+    params, cfg = model.params, model.config
+    samples = sparse_samples()
+    batch = {"input_ids": samples.input_ids, "attention_mask": samples.attention_mask,
+             "loss_mask": samples.loss_mask}
+    state = fisher_accum.init(params, cfg, axis)
+    old = jax.jit(partial(fisher_accum.update_unfused, cfg=cfg, neuron_axis=axis, max_targets=16))(
+        state, params, batch)
+    fused = jax.jit(lambda p, b: fisher_accum.norms_and_loss(p, cfg, b, neuron_axis=axis, max_targets=16,
+                                                            lm_chunk=4)[0])
+    new = fused(params, batch)
+    for n in old:
+        assert rel_err(new[n], np.asarray(old[n], np.float64)) <= 1e-6, n
+    if axis == "input":  # memory: compiled temporaries of the two steps (XLA's CPU numbers)
+        def temp(fn, *args):
+            return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+        t_old = temp(partial(fisher_accum.update_unfused, cfg=cfg, max_targets=16), state, params, batch)
+        t_new = temp(partial(fisher_accum.update, cfg=cfg, max_targets=16), state, params, batch)
+        assert t_new < t_old, (t_new, t_old)

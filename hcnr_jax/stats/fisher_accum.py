@@ -2,11 +2,19 @@
 
 ``L_n`` is sample n's mean cross-entropy over its loss-masked tokens. One backward pass of
 ``sum_n L_n`` gives, at every linear layer, each token's output gradient ``g[n, t]`` belonging to
-sample n alone (samples do not interact), and the forward pass captures the layer's input
-``x[n, t]``. The per-sample weight gradient is ``g[n]^T x[n]``; its per-neuron squared norms come
-from ``kernels.fisher_norms`` without forming it (ghost norms). The backward pass is taken with
-respect to zero "probes" added to the linear outputs, not the weights, so no weight gradient is
-ever computed, per sample or batched.
+sample n alone (samples do not interact); with the layer's input ``x[n, t]`` the per-sample weight
+gradient is ``g[n]^T x[n]``, whose per-neuron squared norms ``kernels.fisher_norms`` takes without
+forming it (ghost norms).
+
+The norms are reduced *inside* the backward pass, in one layer's memory: every linear runs as
+``norms_linear``, a ``jax.custom_vjp`` whose backward takes ``g`` and ``x`` of that layer alone,
+returns the input gradient ``g W`` and, as the "gradient" of a zero ``tap [n_neurons]`` input,
+the batch's summed per-neuron norms; ``update`` differentiates with respect to the taps only, so
+no weight gradient is computed and no layer's ``g`` or ``x`` outlives its own backward step.
+Blocks are rematerialised (``forward(remat=True)``): the backward pass recomputes one block's
+activations from its input, so a few blocks' activations are live, not every block's. The LM head
+runs over its target slots in chunks (``chunked_loss``), each recomputed in the backward pass,
+so its ``[B, K, V]`` logits are never live at once.
 
 The LM head (``V`` logits per position, forward and backward) is applied only where there are
 targets: each row's target-predicting hidden states are gathered into ``max_targets`` slots (a
@@ -19,6 +27,7 @@ the LM head, the ghost norms): exact float32 on every backend, never TF32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -115,12 +124,113 @@ def output_gradients(params: Params, cfg: ModelConfig, batch: Batch,
     return grads, inputs
 
 
+# Target slots of the LM head per chunk: a chunk's logits are [B, LM_CHUNK, V] float32 (Llama-3's
+# 128k vocabulary at batch 8: 0.5 GB each, against 2 GB for 511 slots at once).
+LM_CHUNK = 128
+
+
+def chunked_loss(params: Params, cfg: ModelConfig, hidden: jax.Array, input_ids: jax.Array,
+                 loss_mask: jax.Array, capacity: int, chunk: int = LM_CHUNK,
+                 precision: jax.lax.Precision | None = None) -> jax.Array:
+    """``gathered_loss`` with the LM head over ``chunk`` target slots at a time: hidden [B, T, D]
+    -> [B]. Each chunk's logits are recomputed in the backward pass (``jax.checkpoint`` in a
+    ``lax.scan``), so one chunk's ``[B, chunk, V]`` is live, not all ``capacity`` slots'. The same
+    loss up to float32 summation order; one chunk (capacity <= chunk) is ``gathered_loss`` itself."""
+    if capacity <= chunk:
+        return gathered_loss(params, cfg, hidden, input_ids, loss_mask, capacity, precision)
+    h, labels, valid = gather_targets(hidden, input_ids, loss_mask, capacity)
+    b, k, _ = h.shape
+    n = -(-k // chunk)
+    pad = n * chunk - k  # padded slots are not valid: they add exactly 0
+
+    def split(a: jax.Array) -> jax.Array:  # [B, K, ...] -> [n, B, chunk, ...]
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def part(h_c: jax.Array, labels_c: jax.Array, valid_c: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(lm_head(params, cfg, h_c, precision).astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, labels_c[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid_c, nll, 0.0), axis=1)  # [B]
+
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + part(*xs), None), jnp.zeros((b,), jnp.float32),
+                            (split(h), split(labels), split(valid)))
+    count = jnp.sum(valid.astype(jnp.float32), axis=1)
+    return total / jnp.maximum(count, 1.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def norms_linear(axis: str, backend: str, x: jax.Array, w: jax.Array, tap: jax.Array) -> jax.Array:
+    """``x [B, T, in] @ w[out, in]^T`` at HIGHEST precision; ``tap [n]`` (zeros) is not used in the
+    value. Backward: the input gradient, no weight gradient, and as ``tap``'s gradient the
+    per-neuron squared norms of the per-sample weight gradients summed over the batch (float32
+    ``[in]`` for axis "input", ``[out]`` for "output")."""
+    del axis, backend, tap
+    return jnp.einsum("bti,oi->bto", x, w, precision=HIGHEST)
+
+
+def _norms_linear_fwd(axis, backend, x, w, tap):
+    return norms_linear(axis, backend, x, w, tap), (x, w)
+
+
+def _norms_linear_bwd(axis, backend, res, g):
+    x, w = res
+    gx = jnp.einsum("bto,oi->bti", g, w, precision=HIGHEST).astype(x.dtype)
+    # Padding tokens carry exactly zero output gradient (no loss reaches them), so no mask is needed.
+    norms = jnp.sum(neuron_sq_norms(g, x, axis, backend), axis=0)
+    # The norms are only needed at the very end: a scheduler may defer them and keep every layer's
+    # g and x live until then (XLA's CPU scheduler does: 2 GiB per Llama-8B block). Releasing the
+    # input gradient only together with the norms makes the layers below wait for them.
+    gx, norms = jax.lax.optimization_barrier((gx, norms))
+    # The weight is not differentiated (update takes the gradient with respect to the taps only):
+    # its zero cotangent is never used and XLA removes it.
+    return gx, jnp.zeros_like(w), norms
+
+
+norms_linear.defvjp(_norms_linear_fwd, _norms_linear_bwd)
+
+
+def norms_and_loss(params: Params, cfg: ModelConfig, batch: Batch, *, neuron_axis: str = "input",
+                   backend: str = "auto", max_targets: int | None = None, lm_chunk: int = LM_CHUNK
+                   ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(HF weight name -> float32 ``[n_neurons]``: the batch's per-sample per-neuron squared weight
+    gradient norms summed over samples, per-sample losses ``[B]``), from one remat'd forward and
+    backward pass with the norms reduced layer by layer (module doc)."""
+    ids = batch["input_ids"]
+    capacity = ids.shape[1] - 1 if max_targets is None else max_targets
+    taps = {n: jnp.zeros((num_neurons(params, n, neuron_axis),), jnp.float32) for n in linear_names(cfg)}
+
+    def loss(taps):
+        def linear(p, x, name):
+            y = norms_linear(neuron_axis, backend, x, p["weight"], taps[name])
+            return y + p["bias"] if "bias" in p else y
+
+        out = forward(params, cfg, ids, batch["attention_mask"], return_logits=False, precision=HIGHEST,
+                      linear=linear, remat=True)
+        per = chunked_loss(params, cfg, out.hidden, ids, batch["loss_mask"], capacity, lm_chunk, HIGHEST)
+        return jnp.sum(per), per
+
+    norms, per = jax.grad(loss, has_aux=True)(taps)
+    return norms, per
+
+
 def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
            neuron_axis: str = "input", backend: str = "auto", max_targets: int | None = None
            ) -> dict[str, jax.Array]:
     """Add the batch's per-sample per-neuron squared gradient norms, summed over samples, to
-    ``state``. Pure; jit it with ``cfg``, ``neuron_axis``, ``backend`` and ``max_targets`` (see
-    ``output_gradients``) static."""
+    ``state``. Pure; jit it with ``cfg``, ``neuron_axis``, ``backend`` and ``max_targets`` (the
+    LM head's target slots per row, at least the most targets of any row; None: T - 1) static."""
+    if neuron_axis not in AXES:
+        raise ValueError(f"neuron_axis must be one of {AXES}, got {neuron_axis!r}")
+    norms, _ = norms_and_loss(params, cfg, batch, neuron_axis=neuron_axis, backend=backend, max_targets=max_targets)
+    return {name: acc + norms[name] for name, acc in state.items()}
+
+
+def update_unfused(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
+                   neuron_axis: str = "input", backend: str = "auto", max_targets: int | None = None
+                   ) -> dict[str, jax.Array]:
+    """The previous ``update``: every layer's output gradient and input kept until the whole
+    backward pass ends, norms taken after it. Same numbers; kept for tests and benchmarks only."""
     grads, inputs = output_gradients(params, cfg, batch, max_targets)
     keep = batch["attention_mask"][..., None]
     new = {}
