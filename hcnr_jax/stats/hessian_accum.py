@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.kernels.fisher_norms import HIGHEST
 from hcnr_jax.kernels.gram import gram
-from hcnr_jax.model import forward
+from hcnr_jax.model import after, forward
 from hcnr_jax.params import SHARED_INPUT, Params, get, linear_names
 from hcnr_jax.stats.fisher_accum import Batch
 
@@ -56,14 +56,25 @@ def init(params: Params, cfg: ModelConfig, owners: tuple[str, ...] | None = None
 def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
            backend: str = "auto") -> dict[str, jax.Array]:
     """Add ``X^T X`` of the batch's non-padding tokens to each accumulator. Pure; jit with ``cfg``
-    and ``backend`` static."""
-    out = forward(params, cfg, batch["input_ids"], batch["attention_mask"], capture=True, return_logits=False,
-                  precision=HIGHEST)
+    and ``backend`` static.
+
+    Each Gram is taken as its layer runs, and the layer's matmul waits for it (``model.after``):
+    otherwise a scheduler may defer every Gram to the end and keep every kept layer's input live
+    (XLA's CPU scheduler did). Same numbers: ``after`` adds an exact zero."""
     mask = batch["attention_mask"].reshape(-1)
-    new = {}
-    for name, acc in state.items():
-        x = out.inputs[name]
-        new[name] = gram(acc, x.reshape(-1, x.shape[-1]), mask, backend)
+    new = dict(state)
+
+    def linear(p, x, name):
+        if name in new:  # the first layer reading this input (q of q/k/v, gate of gate/up)
+            new[name] = gram(new[name], x.reshape(-1, x.shape[-1]), mask, backend)
+            x = after(x, new[name])
+        # The weight too waits for the layer's input: a CPU compile converts bf16 weights to float32
+        # copies, which it would otherwise make all at once at the start.
+        y = jnp.einsum("bti,oi->bto", x, after(p["weight"], x), precision=HIGHEST)
+        return y + p["bias"] if "bias" in p else y
+
+    forward(params, cfg, batch["input_ids"], batch["attention_mask"], return_logits=False, precision=HIGHEST,
+            linear=linear)
     return new
 
 
