@@ -41,6 +41,7 @@ simulated devices the extrapolated Fisher is within 0.01% of the full compile (6
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -95,6 +96,8 @@ class PlanRequest:
     num_honesty: int = 128
     num_task: int = 128
     layers: str = "full"  # "full" or "extrapolate" (compile 1 and 2 blocks, scale to the depth)
+    device_bytes: int | None = None  # memory per device; with auto_hessian_passes, the passes are chosen to fit it
+    auto_hessian_passes: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
@@ -456,11 +459,18 @@ def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
             steps[name] = _extrapolate(one(_cut(cfg, 1)), one(_cut(cfg, 2)), cfg.num_layers)
         else:
             steps[name] = one(cfg)
+    passes_note = None
+    if req.auto_hessian_passes and req.device_bytes is not None:
+        rcfg, steps["hessian"], passes_note = _fit_hessian_passes(
+            cfg, rcfg, steps["hessian"], _resident(cfg, req, mesh)["first_device_extra_bytes"], req.device_bytes,
+            lambda r: hessian_step(cfg, r, mesh, req.fsdp, req.dtype, batch, req.seq_len))
     steps["solve"] = solve_step(cfg, rcfg)
     runs = _runs(cfg, rcfg, req, batch)
     for name, s in steps.items():
         if "cpu_upcast_bytes" in s:
-            s["accelerator_peak_bytes"] = s["peak_bytes"] - s["cpu_upcast_bytes"]
+            # The copies are counted whole, though the remat'd Fisher and the layer-by-layer Hessian
+            # hold one layer's at a time: the low estimate never goes below the step's arguments.
+            s["accelerator_peak_bytes"] = max(s["peak_bytes"] - s["cpu_upcast_bytes"], s["argument_bytes"])
         s["runs"] = runs[name]
         s["devices"] = 1 if name == "solve" else req.devices
     return {"devices": req.devices, "mesh": dict(mesh.shape), "platform": jax.devices()[0].platform,
@@ -471,7 +481,35 @@ def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
                       "max_targets": req.seq_len - 1 if req.max_targets is None else req.max_targets,
                       "num_honesty": req.num_honesty, "num_task": req.num_task},
             "repair": rcfg.to_dict(), "layers": req.layers, "steps": steps,
-            "resident": _resident(cfg, req, mesh)}
+            "resident": _resident(cfg, req, mesh),
+            **({"hessian_passes_chosen": passes_note} if passes_note else {})}
+
+
+def passes_to_fit(step: Mapping[str, Any], resident: int, device_bytes: int, limit: int = 64) -> int | None:
+    """The fewest Hessian passes whose largest pass fits ``device_bytes`` with ``resident`` bytes
+    beside it, from a compiled Hessian step's numbers (its accumulators scale as 1/passes, the rest
+    stays); None when no number up to ``limit`` does."""
+    rest = step["peak_bytes"] + resident - step["state_bytes"]
+    total = step["state_bytes_all_passes"]
+    return next((n for n in range(1, limit + 1) if rest + total / n <= device_bytes), None)
+
+
+def _fit_hessian_passes(cfg: Any, rcfg: Any, step: dict[str, Any], resident: int, device_bytes: int,
+                        compile_with: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Choose ``hessian_passes`` so that the Hessian step fits ``device_bytes`` and recompile it
+    with that number (the accumulators split unevenly, so the estimate is checked by compiling
+    and raised while the compiled step is still over, up to three times)."""
+    n = passes_to_fit(step, resident, device_bytes)
+    tries = 0
+    while n is not None and n != step.get("passes", 1) and tries < 3:
+        rcfg = dataclasses.replace(rcfg, hessian_passes=n)
+        step = compile_with(rcfg)
+        tries += 1
+        if step["peak_bytes"] + resident <= device_bytes:
+            break
+        n = n + 1
+    fits = step["peak_bytes"] + resident <= device_bytes
+    return rcfg, step, {"passes": step.get("passes", 1), "device_bytes": device_bytes, "fits": fits}
 
 
 def _num_params(cfg: Any) -> int:
@@ -528,6 +566,73 @@ def plan(req: PlanRequest, *, timeout: float | None = None) -> dict[str, Any]:
 
 
 # --- reading a plan ----------------------------------------------------------------------------
+
+def fit_settings(req: PlanRequest, device_bytes: int, batch_sizes: tuple[int, ...] | None = None,
+                 passes: int | None = None, *, timeout: float | None = None) -> tuple[PlanRequest, dict[str, Any]]:
+    """The request with the largest batch size (of ``batch_sizes``, default ``req.batch_size``
+    halved down to 1) whose plan fits ``device_bytes`` per device, its Hessian passes chosen to fit
+    (``passes`` fixed when given), and that plan. Raises ``HcnrError`` naming each step's need at
+    the smallest batch when nothing fits."""
+    sizes = batch_sizes or tuple(sorted({max(req.batch_size >> k, 1) for k in range(req.batch_size.bit_length())},
+                                        reverse=True))
+    repair = dict(req.repair)
+    if passes is not None:
+        repair["hessian_passes"] = passes
+    result, trial = None, req
+    for b in sizes:
+        trial = dataclasses.replace(req, batch_size=b, repair=repair, device_bytes=device_bytes,
+                                    auto_hessian_passes=passes is None)
+        result = plan(trial, timeout=timeout)
+        if not check_fit(result, device_bytes):
+            passes_now = result.get("hessian_passes_chosen", {}).get("passes", repair.get("hessian_passes", 1))
+            return dataclasses.replace(trial, repair={**repair, "hessian_passes": passes_now}), result
+    over = check_fit(result, device_bytes) if result is not None else []
+    raise HcnrError(f"no batch size of {', '.join(map(str, sizes))} fits {device_bytes / 1e9:.2f} GB per device "
+                    f"on {req.devices} device(s){' (mesh ' + req.mesh + ')' if req.mesh else ''}; at batch "
+                    f"{trial.batch_size}: " + "; ".join(over))
+
+
+def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh: str | None, fsdp: bool,
+               device_bytes: int, batch_fixed: bool, passes_fixed: bool, layers: str = "extrapolate"
+               ) -> tuple[Any, str]:
+    """``hcnr repair`` on an accelerator, before any weight is read: the repair settings with the
+    batch size and Hessian passes that fit ``device_bytes`` per device (those the user set stay
+    fixed), planned from the model's config at the longest sequence (``max_length``) and every
+    position a target (the worst case), and a line saying what was chosen. ``HcnrError`` when
+    nothing fits, naming the steps and what they need. ``layers``: as ``PlanRequest.layers`` (the
+    Fisher extrapolated from 1 and 2 blocks by default: each batch size tried is one compile)."""
+    dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    req = PlanRequest(hf_config=hf_config, devices=devices, mesh=mesh, fsdp=fsdp, batch_size=rcfg.batch_size,
+                      seq_len=rcfg.max_length, dtype=dtype if dtype in DTYPES else "float32", repair=rcfg.to_dict(),
+                      layers=layers)
+    try:
+        fitted, result = fit_settings(req, device_bytes, (rcfg.batch_size,) if batch_fixed else None,
+                                      rcfg.hessian_passes if passes_fixed else None)
+    except HcnrError as e:
+        raise HcnrError(f"{e}. Fewer tokens (--max-length), more devices on --mesh model=N, or --fsdp would "
+                        "shrink it (hcnr plan --config ... --device-memory ... checks a setting)") from None
+    passes = fitted.repair["hessian_passes"]
+    peak = max(s["peak_bytes"] for s in result["steps"].values()) + result["resident"]["first_device_extra_bytes"]
+    line = (f"fits {device_bytes / 1e9:.1f} GB per device: --batch-size {fitted.batch_size} --hessian-passes {passes} "
+            f"(planned peak {peak / 1e9:.1f} GB at {rcfg.max_length} tokens)")
+    return rcfg.override(batch_size=fitted.batch_size, hessian_passes=passes), line
+
+
+def local_device_bytes() -> int | None:
+    """Memory of this process's first accelerator (XLA's ``bytes_limit``); None on a CPU or when
+    the platform does not report it."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # some platforms raise instead of returning None
+        return None
+    limit = stats.get("bytes_limit")
+    return int(limit) if limit else None
+
 
 def estimate_time(steps: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERATOR, mfu: float = DEFAULT_MFU
                   ) -> dict[str, float]:
@@ -628,6 +733,10 @@ def format_plan(result: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERATO
     r = result["resident"]
     lines.append(f"resident: {_size(r['first_device_extra_bytes'])} on the first device ({r['note']})")
     lines += [f"warning: {w}" for w in result.get("warnings", [])]
+    chosen = result.get("hessian_passes_chosen")
+    if chosen:
+        lines.append(f"hessian passes: {chosen['passes']}, chosen to fit {chosen['device_bytes'] / 1e9:.2f} GB per "
+                     f"device" + ("" if chosen["fits"] else " (no number of passes fits)"))
     if device_bytes is not None:
         over = check_fit(result, device_bytes)
         lines += over or [f"fits: every step within {device_bytes / 1e9:.2f} GB per device"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -143,23 +144,45 @@ def test_extrapolated_layers_match_the_full_compile(one_device):
 
 def test_bfloat16_weight_copies_of_the_cpu_compiler_are_reported(one_device):
     """The CPU compiler multiplies bfloat16 in float32: the plan reports the float32 weight copies
-    the compiled module keeps and the peak without them. jax 0.10's XLA copies every matmul weight
-    (here the block linears and the untied LM head); jax 0.11's converts most inside the dot fusions
-    (measured: 18 KiB of copies left, temp 681 KiB against 973 KiB)."""
+    the compiled module makes of its arguments and a low estimate without them. The Fisher's blocks
+    convert their weights only when they run (``model.after``), inside fusions, so of the whole-weight
+    copies jax 0.10's XLA used to make (every block linear and the LM head) at most the LM head's
+    is left."""
     from hcnr_jax.config import config_from_hf
     from hcnr_jax.params import param_specs
 
     bf16 = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="bfloat16"))
     f = bf16["steps"]["fisher"]
     specs = param_specs(config_from_hf(TINY))
-    matmul_weights = sum(s[0] * s[1] for n, s in specs.items() if n.endswith("proj.weight") or n == "lm_head.weight")
     upcast = f.get("cpu_upcast_bytes", 0)
-    assert 0 <= upcast <= 4 * matmul_weights
-    if jax.__version_info__ < (0, 11):
-        assert upcast == 4 * matmul_weights
-    assert f.get("accelerator_peak_bytes", f["peak_bytes"]) == f["peak_bytes"] - upcast
-    # Without the copies, half-size weights cannot need more than the float32 model does.
+    assert 0 <= upcast <= 4 * specs["lm_head.weight"][0] * specs["lm_head.weight"][1]
+    assert f.get("accelerator_peak_bytes", f["peak_bytes"]) == max(f["peak_bytes"] - upcast, f["argument_bytes"])
+    # Half-size weights cannot need more than the float32 model does.
     assert f["peak_bytes"] - upcast <= one_device["steps"]["fisher"]["peak_bytes"]
+
+
+def test_passes_chosen_to_fit_and_batch_size_that_fits(one_device):
+    """With a device size and no passes set, the plan picks the fewest Hessian passes that fit, and
+    its compiled step does fit; ``fit_settings`` halves the batch until every step fits, and names
+    the steps when nothing does."""
+    h = one_device["steps"]["hessian"]
+    extra = one_device["resident"]["first_device_extra_bytes"]
+    device = h["peak_bytes"] + extra - 1  # one pass is one byte too many
+    req = planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32", device_bytes=device,
+                              auto_hessian_passes=True)
+    auto = planlib.compute_plan(req)
+    chosen = auto["hessian_passes_chosen"]
+    assert chosen["passes"] == 2 and chosen["fits"] and auto["steps"]["hessian"]["passes"] == 2
+    assert auto["steps"]["hessian"]["peak_bytes"] + extra <= device
+    assert "hessian passes: 2, chosen to fit" in planlib.format_plan(auto, device_bytes=device)
+
+    f = one_device["steps"]["fisher"]["peak_bytes"] + extra  # batch 4 is one byte over in the Fisher
+    fitted, result = planlib.fit_settings(dataclasses.replace(req, device_bytes=None, auto_hessian_passes=False),
+                                          f - 1)
+    assert fitted.batch_size == 2 and planlib.check_fit(result, f - 1) == []
+    assert fitted.repair["hessian_passes"] == result["steps"]["hessian"]["passes"]
+    with pytest.raises(planlib.HcnrError, match=r"no batch size of 4, 2, 1 fits .*fisher: needs"):
+        planlib.fit_settings(req, 1000)
 
 
 def test_helpers_and_errors(config_file, tmp_path, capsys):
@@ -172,3 +195,21 @@ def test_helpers_and_errors(config_file, tmp_path, capsys):
     assert plan_main(["--config", str(bad)]) == 2
     assert plan_main(["--config", str(config_file), "--mesh", "data=3", "--devices", "4"]) == 2
     assert "hcnr plan: error" in capsys.readouterr().err
+
+
+def test_repair_settings_fitted_to_a_device(one_device):
+    """``hcnr repair`` on an accelerator: the batch is halved to fit, a batch the user set stays and
+    fails with the steps named; on a CPU nothing is planned."""
+    from hcnr_jax.repair import RepairConfig
+
+    rcfg = RepairConfig().override(batch_size=4, max_length=16)
+    extra = one_device["resident"]["first_device_extra_bytes"]
+    device = one_device["steps"]["fisher"]["peak_bytes"] + extra - 1  # batch 4 is just over (float32)
+    tiny32 = {**TINY, "torch_dtype": "float32"}
+    fitted, line = planlib.fit_repair(tiny32, rcfg, devices=1, mesh=None, fsdp=False, device_bytes=device,
+                                      batch_fixed=False, passes_fixed=False, layers="full")
+    assert fitted.batch_size == 2 and f"--batch-size 2 --hessian-passes {fitted.hessian_passes}" in line
+    with pytest.raises(planlib.HcnrError, match=r"no batch size of 4 fits .*--mesh model=N"):
+        planlib.fit_repair(tiny32, rcfg, devices=1, mesh=None, fsdp=False, device_bytes=device, batch_fixed=True,
+                           passes_fixed=False, layers="full")
+    assert jax.devices()[0].platform != "cpu" or planlib.local_device_bytes() is None

@@ -33,14 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repair-config", default=None, help="YAML of repair settings (r_cw, solver, ...)")
     p.add_argument("--hessian-passes", type=int, default=None,
                    help="passes for the Hessians, each holding a share of the accumulators (as hcnr repair "
-                        "--hessian-passes) [the repair config's, else 1]")
+                        "--hessian-passes) [the repair config's; else the fewest that fit --device-memory, "
+                        "else 1]")
     p.add_argument("--layers", choices=("full", "extrapolate"), default="full",
                    help="compile the whole model, or 1 and 2 blocks extrapolated to its depth (faster) [full]")
     p.add_argument("--accelerator", choices=sorted(PEAKS), default=DEFAULT_ACCELERATOR,
                    help=f"peak FLOP/s for the time estimate [{DEFAULT_ACCELERATOR}]")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"assumed utilisation of that peak [{DEFAULT_MFU}]")
     p.add_argument("--device-memory", default=None,
-                   help="memory per device, e.g. 80GB or 141GiB: report which step does not fit, by how much")
+                   help="memory per device, e.g. 80GB or 141GiB: report which step does not fit, by how much, "
+                        "and choose the Hessian passes [this machine's accelerator's memory, if it has one]")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", default=None, help="also write the JSON plan to this file (must not exist unless "
                    "--overwrite)")
@@ -65,6 +67,14 @@ def devices_of(mesh: str | None, devices: int | None) -> int:
     return n
 
 
+def _yaml_keys(path: str) -> set[str]:
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    return set(doc) if isinstance(doc, dict) else set()
+
+
 def run(args: argparse.Namespace) -> int:
     from hcnr_jax import plan as planlib
     from hcnr_jax.config import config_from_hf
@@ -79,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.mfu <= 1:
         raise HcnrError(f"--mfu {args.mfu}: must be in (0, 1]")
     device_bytes = planlib.parse_bytes(args.device_memory)
+    if device_bytes is None:
+        device_bytes = planlib.local_device_bytes()
     rcfg = load_config(args.repair_config, hessian_passes=args.hessian_passes)
+    # Passes set nowhere (flag or repair config): chosen to fit the device memory.
+    auto_passes = args.hessian_passes is None and device_bytes is not None and (
+        args.repair_config is None or "hessian_passes" not in _yaml_keys(args.repair_config))
     devices = devices_of(args.mesh, args.devices)
     mesh_shape(args.mesh, devices)  # the mesh must fit the devices
     if args.out:
@@ -89,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     req = planlib.PlanRequest(
         hf_config=hf, devices=devices, mesh=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
         seq_len=args.seq_len, max_targets=args.max_targets, dtype=args.dtype, repair=rcfg.to_dict(),
-        num_honesty=args.num_honesty, num_task=args.num_task, layers=args.layers)
+        num_honesty=args.num_honesty, num_task=args.num_task, layers=args.layers, device_bytes=device_bytes,
+        auto_hessian_passes=auto_passes)
     result = planlib.plan(req)
     times = planlib.estimate_time(result["steps"], args.accelerator, args.mfu)
     doc = planlib.summary_json(result)
