@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     max_length = resolve_max_length([args.base, args.finetuned], cfg.max_length, user_set("max_length", args.max_length, args.config))
     if max_length != cfg.max_length:
         cfg = cfg.override(max_length=max_length)
+    if not args.dry_run:
+        cfg = _fit_to_device(args, cfg)
     if args.dry_run:
         cfg, _base, ft, hon, hon_info, task, task_info = prepare(
             args.base, args.finetuned, args.honesty_data, args.task_data, cfg)
@@ -211,6 +213,26 @@ def run(args: argparse.Namespace) -> int:
     report(run)
     print("\n".join(closing_lines(result.report, out, dtype, why, args.finetuned)))
     return 0
+
+
+def _fit_to_device(args: argparse.Namespace, cfg: RepairConfig) -> RepairConfig:
+    """On an accelerator: the batch size and Hessian passes that fit its memory, planned from the
+    fine-tuned model's config before any weight is read (``plan.fit_repair``), printed; settings
+    the user gave stay fixed. A CPU's host memory is not planned."""
+    from hcnr_jax import plan as planlib
+    from hcnr_jax.settings import user_set
+
+    device_bytes = planlib.local_device_bytes()
+    if device_bytes is None:
+        return cfg
+    import jax
+
+    cfg, line = planlib.fit_repair(
+        planlib.load_hf_config(args.finetuned), cfg, devices=jax.device_count(), mesh=args.mesh, fsdp=args.fsdp,
+        device_bytes=device_bytes, batch_fixed=user_set("batch_size", args.batch_size, args.config),
+        passes_fixed=user_set("hessian_passes", args.hessian_passes, args.config))
+    print(f"hcnr repair: {line}", flush=True)
+    return cfg
 
 
 def _is_gguf(src: str) -> bool:
