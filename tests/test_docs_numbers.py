@@ -32,7 +32,8 @@ def _values() -> set[str]:
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
             found.add(float(x))
 
-    for f in RESULTS.rglob("*.json"):
+    # the results, and the training reports shipped beside M0's and M1's adapters
+    for f in [*RESULTS.rglob("*.json"), *(ROOT / "hcnr_jax" / "bundled" / "models").glob("*/train_report.json")]:
         walk(json.loads(f.read_text()))
     forms = set()
     for v in found:
