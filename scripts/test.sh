@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install hcnr-jax with its test extra, lint, then run the test suite (~10 min on 2 CPU cores).
-# Tests marked `slow` (none at present) are excluded; run them with `bash scripts/test.sh -m slow`.
+# Tests marked `slow` (the README's usage run as written, tests/test_readme.py, which .ci/run runs as its own
+# step) are excluded; run them with `bash scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # -c constraints.txt: the exact versions tested (see its header); torch stays 2.13.0 (CPU).
