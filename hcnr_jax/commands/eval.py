@@ -24,7 +24,10 @@ def _benchmarks(text: str) -> tuple[str, ...]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate refusals / honesty / task accuracy; writes JSON, markdown, JSONL")
+    p = sub.add_parser("eval", help="evaluate refusals / honesty / task accuracy; writes JSON, markdown, JSONL",
+                       description="Generate the model's answers to benchmark questions (greedy, batched) and score "
+                                   "them: refusal F1 and RF delta, prudence / over-conservativeness / honesty against "
+                                   "--reference, task accuracy (docs/evaluation.md). An existing --out is resumed.")
     p.add_argument("--model", required=True, help="model to evaluate (HF dir, .gguf, hub id, BASE+ADAPTER_DIR)")
     p.add_argument("--reference", help="reference model for prudence / over-conservativeness / honesty")
     add_eval_options(p)
@@ -52,8 +55,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                         f"the available ones of "
                         f"{','.join(REFUSAL_BENCHMARKS)} (`hcnr data` lists them); known: {','.join(BENCHMARKS)}")
     p.add_argument("--limit", type=int, default=None, help="examples per benchmark (balanced; default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated answer (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="split / order seed")
     p.add_argument("--data-dir", default=None,
                    help="benchmark data folder searched first, then $HCNR_DATA_DIR, the user data folder "
