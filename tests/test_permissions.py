@@ -43,3 +43,17 @@ def test_saved_model_follows_umask(umask, tmp_path):
     files = list(out.iterdir())
     assert {f.name for f in files} >= {"config.json", "model.safetensors"}
     assert {f.name: _mode(f) for f in files} == {f.name: 0o666 & ~umask for f in files}
+
+
+def test_command_outputs_follow_umask(umask, tmp_path, tiny_dirs):
+    """Files the commands write beside or inside their outputs (calib's JSONL, merge's report
+    inside its model folder) get the umask too."""
+    from hcnr_jax.cli import main
+
+    calib = tmp_path / "c.jsonl"
+    assert main(["calib", "--kind", "honesty", "-n", "2", "--out", str(calib)]) == 0
+    model = tiny_dirs["qwen2"][1]
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(model), "--finetuned", str(model), "--alpha", "0.5", "--out", str(merged)]) == 0
+    assert {_mode(calib), _mode(merged / "merge_report.json"), _mode(merged / "config.json")} == {0o666 & ~umask}
+    assert _mode(merged) == 0o777 & ~umask
