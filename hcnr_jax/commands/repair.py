@@ -138,8 +138,6 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.settings import user_set
 
     logging.getLogger("hcnr_jax.repair").setLevel(logging.INFO)
-    # --overwrite replaces --out as a whole: it must neither be, sit inside nor contain an input model.
-    check_output_apart(args.out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
     if args.lock_timeout is not None and not args.lock_timeout >= 0:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
     from hcnr_jax.commands.cache import check_flags
@@ -159,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     if choice_of:  # every candidate value must be valid before anything is loaded
         for v in choice_of[1]:
             cfg.override(**{choice_of[0]: v})
+    # Settings are checked; now the output path: --overwrite replaces --out as a whole, so it must
+    # neither be, sit inside nor contain an input model.
+    check_output_apart(args.out, [("--base", args.base), ("--finetuned", args.finetuned)], replaces=True)
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
