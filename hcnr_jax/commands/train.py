@@ -103,16 +103,6 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.train.config import load_train_config
 
     tc = load_train_config(args.config, **{k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
-    out = Path(args.out)
-    # Everything cheap is checked before the model is loaded.
-    if out.exists() and not args.overwrite:
-        raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
-    from hcnr_jax.io import check_output_apart
-
-    # --overwrite replaces --out as a whole: then it must not contain an input either.
-    check_output_apart(out, [("--model", args.model), ("--data", args.data)], replaces=args.overwrite)
-    if not Path(args.data).is_file():
-        raise HcnrError(f"{args.data}: no such data file")
     choice = _choice_args(args)
     if choice is not None:  # every candidate's settings are checked before the first is trained
         from hcnr_jax.train.choose import candidate_configs
@@ -122,6 +112,16 @@ def run(args: argparse.Namespace) -> int:
         from hcnr_jax.sharding import parse_mesh
 
         parse_mesh(args.mesh)
+    out = Path(args.out)
+    # Everything cheap is checked before the model is loaded: settings (above), then the output path.
+    if out.exists() and not args.overwrite:
+        raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
+    from hcnr_jax.io import check_output_apart
+
+    # --overwrite replaces --out as a whole: then it must not contain an input either.
+    check_output_apart(out, [("--model", args.model), ("--data", args.data)], replaces=args.overwrite)
+    if not Path(args.data).is_file():
+        raise HcnrError(f"{args.data}: no such data file")
     from hcnr_jax.preflight import check_data_files, check_models
 
     # The data files whole, then the models' configs (with --choose, --base against --model), then the
