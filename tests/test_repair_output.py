@@ -5,6 +5,7 @@ from the user cache without any flag."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import struct
 from pathlib import Path
@@ -15,6 +16,8 @@ from test_repair import _cli, pair_dirs  # noqa: F401  (the fixture)
 
 from hcnr_jax.cache import user_cache_dir
 from hcnr_jax.repair.output import output_dtype, stored_dtype
+
+SIZE = r"[0-9.]+ (B|kB|MB|GB)"  # the written folder's size, as `hcnr_jax.cache.human` prints it
 
 
 def _safetensors_dtypes(folder: Path) -> set[str]:
@@ -47,7 +50,7 @@ def test_repair_dtype_flag_and_closing_lines(pair_dirs, tmp_path, capsys):  # no
     lines = text.strip().splitlines()[-4:]
     assert lines[0].startswith(f"Restored {neurons:,} neurons ({s['restored_params']:,} parameters")
     assert f"in {s['layers_kept']} of {s['layers']} layers" in lines[0] and "solver exact" in lines[0]
-    assert lines[1].startswith(f"Wrote the repaired model to {out}: bfloat16 (--dtype), ")
+    assert re.match(rf"Wrote the repaired model to {re.escape(str(out))}: bfloat16, {SIZE} \(--dtype\), in ", lines[1])
     assert lines[3].split() == ["hcnr", "compare", "--model", str(pair_dirs["llama"][1]), "--model", str(out),
                                 "--out", f"{out}_compare"]
     assert not [r for r in _runs() if r.startswith("repair-")]  # the statistics went with the run
@@ -57,7 +60,8 @@ def test_default_dtype_is_the_finetuned_inputs(pair_dirs, tmp_path, capsys):  # 
     rc, out = _cli(pair_dirs, tmp_path, "--no-plots", "--r-cw", "0.5", "--no-cache")
     assert rc == 0
     assert _safetensors_dtypes(out) == {"F32"}
-    assert "float32 (the fine-tuned input's dtype)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert re.search(rf": float32, {SIZE} \(the fine-tuned input's dtype\)", text), text
 
 
 def _gguf_with(path: Path, kind: str) -> Path:
@@ -87,7 +91,7 @@ def test_default_dtype_of_a_gguf(tmp_path, kind, expected):
     dtype, why = output_dtype(None, str(path))
     assert dtype == expected
     if expected == "bfloat16":
-        assert stored_dtype(str(path))[0] is None and f"quantised GGUF ({kind})" in why and "--dtype" in why
+        assert stored_dtype(str(path))[0] is None and f"quantised GGUF: {kind}," in why and "--dtype" in why
     assert output_dtype("float16", str(path)) == ("float16", "--dtype")
     assert output_dtype(None, f"{path}+{tmp_path}")[0] == expected  # a LoRA adapter on it: the base's type
 
@@ -145,4 +149,4 @@ def test_merge_dtype_flag(pair_dirs, tmp_path, capsys):  # noqa: F811
     want = flatten(merge(hcnr_jax.load_pretrained(base).params, hcnr_jax.load_pretrained(ft).params, 0.5))
     assert all(np.array_equal(np.asarray(got[k]), np.asarray(want[k]).astype(np.float16)) for k in want)
     text = capsys.readouterr().out
-    assert "float16 (--dtype)" in text and f"hcnr compare --model {ft} --model {out}" in text
+    assert re.search(rf"; float16, {SIZE} \(--dtype\)", text) and f"hcnr compare --model {ft} --model {out}" in text

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     save_pretrained(cast(ft.replace(params=params), dtype), out, overwrite=args.overwrite,
                     extra_files={"merge_report.json": json.dumps(report, indent=1) + "\n"})
     print(f"Wrote {out}: base + {alpha:g} x (finetuned - base), {100 * report['changed_fraction']:.1f}% of parameters "
-          f"changed; {dtype} ({why}), {human(folder_bytes(out))}, in {report['wall_s']:.1f}s.")
+          f"changed; {dtype}, {human(folder_bytes(out))} ({why}), in {report['wall_s']:.1f}s.")
     print("Check it against the fine-tuned model on the same questions (paired differences):")
     print(f"  hcnr compare --model {args.finetuned} --model {out} --out {out}_compare")
     return 0

@@ -5,7 +5,7 @@ The dtype rule (``--dtype``, docs/method.md "Output dtype"): the statistics and 
 float32 whatever the inputs; only the written weights are cast. By default they take the
 fine-tuned input's stored float type (a Hugging Face folder's dtype; an F32/F16/BF16 GGUF's). A
 quantised GGUF (Q4_1, Q8_0, Q4_K, ...) has no float type: its weights are written as bfloat16,
-which keeps float32's range at half its size (a 98 MB Q4_1 SmolLM2 becomes 270 MB, not 538 MB),
+which keeps float32's range at half its size (a 98 MB Q4_1 SmolLM2 becomes 273 MB, not 538 MB),
 while bfloat16's rounding (about 3 significant digits) is far finer than the 4-bit grid the
 weights came from. The repaired weights themselves are not quantised back: write GGUF files
 with llama.cpp's tools if you need one.
@@ -38,7 +38,7 @@ def stored_dtype(src: Any, loaded: Pretrained | None = None) -> tuple[str | None
         kinds = {t.tensor_type.name for t in GGUFFile(Path(source.base)).tensors if len(t.shape) >= 2}
         if kinds <= set(_GGUF_FLOATS) and len(kinds) == 1:
             return _GGUF_FLOATS[kinds.pop()], "the fine-tuned input's GGUF float type"
-        return None, f"the fine-tuned input reads a quantised GGUF ({', '.join(sorted(kinds))})"
+        return None, f"the fine-tuned input reads a quantised GGUF: {', '.join(sorted(kinds))}"
     if loaded is None:
         return None, "unknown"
     return str(loaded.dtype), "the fine-tuned input's dtype"
@@ -50,7 +50,7 @@ def output_dtype(requested: str | None, finetuned: Any, loaded: Pretrained | Non
         return requested, "--dtype"
     stored, why = stored_dtype(finetuned, loaded)
     if stored is None:
-        return QUANTISED_DEFAULT, f"{why}, which has no float type; --dtype to choose"
+        return QUANTISED_DEFAULT, f"{why}, no float type; --dtype to choose"
     return stored, why
 
 
@@ -82,7 +82,7 @@ def closing_lines(report: dict[str, Any], out: Path, dtype: str, why: str, finet
         f"Restored {neurons:,} neurons ({s['restored_params']:,} parameters, "
         f"{100 * s['restored_fraction_of_linear']:.1f}% of the block linear weights) to their values before "
         f"fine-tuning, in {kept} of {layers} layers; {how}; the other {layers - kept} layers are unchanged.",
-        f"Wrote the repaired model to {out}: {dtype} ({why}), {human(folder_bytes(out))}, in {seconds:.0f} s; "
+        f"Wrote the repaired model to {out}: {dtype}, {human(folder_bytes(out))} ({why}), in {seconds:.0f} s; "
         f"layer by layer in {out / 'hcnr_report.md'}.",
         "Check it against the fine-tuned model on the same questions (honesty benchmarks; add --task-data with "
         "held-out examples of your task, {\"prompt\", \"response\"} JSONL):",
