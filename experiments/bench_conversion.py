@@ -12,7 +12,7 @@ Rows (each load/save step in a fresh subprocess, so imports, caches and peak RSS
   hf dir->params        hcnr_jax's strict loader (config check, memory-mapped safetensors, device arrays)
   safetensors.numpy     a plain ``safetensors.numpy.load_file`` of the same file (the floor)
 and a forward pass of a ``--batch x --seq`` batch: JAX (jitted, after warm-up) vs transformers.
-The tokenizer cache of each cold/warm pair is a fresh temporary $HCNR_CACHE_DIR.
+The tokenizer cache of each cold/warm pair is a fresh temporary $HCNR_CACHE.
 
     python experiments/bench_conversion.py [--out experiments/results/bench_conversion.json]
 """
@@ -134,7 +134,7 @@ CACHE = {"gguf->params+tok cold": "cold", "gguf->params+tok warm": "warm", "tok:
 
 def run_step(name: str, src: Path, out: Path, cache_dir: Path) -> dict[str, Any]:
     code = CHILD_PRELUDE + f"SRC = {str(src)!r}\nOUT = {str(out)!r}\n" + textwrap.dedent(STEPS[name])
-    env = {**os.environ, "HCNR_CACHE_DIR": str(cache_dir)}
+    env = {**os.environ, "HCNR_CACHE": str(cache_dir)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

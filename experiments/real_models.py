@@ -147,7 +147,7 @@ for run in ("cold", "cached"):
 print("RESULT " + json.dumps(out))
 """
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "HCNR_CACHE_DIR": cache}
+        env = {**os.environ, "HCNR_CACHE": cache}
         res = subprocess.run([sys.executable, "-c", code, str(gguf)], env=env, capture_output=True, text=True,
                              check=True)
     out = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("RESULT"))[7:])
