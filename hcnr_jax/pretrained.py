@@ -80,6 +80,7 @@ def _load_tokenizer(model_dir: Path) -> Any | None:
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # the tokenizers library raises plain Exceptions for files it cannot parse
+        check_tokenizer_files(model_dir)  # names the file and field where our schema can tell
         raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
 
 
@@ -92,11 +93,12 @@ def check_tokenizer_files(model_dir: Path) -> None:
 
 
 def _load_dir(model_dir: Path, dtype: str | None, mesh: Any = None, fsdp: bool = False) -> Pretrained:
+    # The config, then the tokenizer (its library checks tokenizer.json whole), before any weight is read.
     config_from_hf(hf_io.read_config(model_dir), source=str(model_dir / "config.json"))
-    check_tokenizer_files(model_dir)  # the config and the tokenizer file are checked before any weight is read
+    tokenizer = _load_tokenizer(model_dir)
     cfg, hf, params = hf_io.load_params(model_dir, dtype=dtype, mesh=mesh, fsdp=fsdp)
     carried = {n: model_dir / n for n in CARRIED_FILES if (model_dir / n).is_file()}
-    return Pretrained(cfg, params, _load_tokenizer(model_dir), hf, str(model_dir), carried)
+    return Pretrained(cfg, params, tokenizer, hf, str(model_dir), carried)
 
 
 def _placed(model: Pretrained, mesh: Any, fsdp: bool) -> Pretrained:

@@ -210,10 +210,17 @@ def _added_token(v: Any) -> str | None:
     return None if ok else "an object with an integer id >= 0 and a string content"
 
 
+def _merges(v: Any) -> str | None:
+    # Hundreds of thousands of entries: one pass, no per-entry closures. "a b" strings or [a, b] pairs.
+    ok = isinstance(v, list) and all(isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and isinstance(
+        m[0], str) and isinstance(m[1], str)) for m in v)
+    return None if ok else 'a list of merges ("a b" strings or [a, b] pairs)'
+
+
 TOKENIZER_FIELDS: dict[str, Check] = {
     "version": string(),
     "model": obj({"type": string(), "vocab": optional(either(obj(), list_of(lambda v: None, "entries"))),
-                  "merges": optional(list_of(either(string(), list_of(string(), "strings")), "merges"))}),
+                  "merges": optional(_merges)}),
     "added_tokens": optional(list_of(_added_token, "objects with an integer id >= 0 and a string content")),
     "normalizer": optional(obj()),
     "pre_tokenizer": optional(obj()),
