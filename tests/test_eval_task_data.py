@@ -116,3 +116,21 @@ def test_ctrl_c_then_the_same_command_resumes_from_the_user_cache(tiny_chat_mode
     assert "resuming the stopped evaluation" in capsys.readouterr().out
     assert len(calls) == 1 + 2  # the first batch is not generated again: 3 of 5 rows left, batches of 2
     assert len(read_records(out / "examples.jsonl")) == 5 and not _eval_runs()
+
+
+def test_a_bfloat16_model_is_scored_in_float32_on_a_cpu(tiny_chat_model, task_file, tmp_path):  # noqa: F811
+    """On a CPU the weights are upcast (exactly) and computed in float32: a bfloat16 model's gold
+    log-likelihoods equal those of its float32 copy, value for value."""
+    bf16, f32 = tmp_path / "bf16", tmp_path / "f32"
+    assert main(["convert", str(tiny_chat_model), str(bf16), "--dtype", "bfloat16"]) == 0
+    assert main(["convert", str(bf16), str(f32), "--dtype", "float32"]) == 0
+    got = {}
+    for name, model in (("bf16", bf16), ("f32", f32)):
+        assert _eval(model, task_file, tmp_path / f"ev_{name}", "--no-cache") == 0
+        got[name] = [r["gold_logprob"] for r in read_records(tmp_path / f"ev_{name}" / "examples.jsonl")]
+    assert got["bf16"] == got["f32"]
+    bf16_compute = hcnr_jax.load_pretrained(bf16)  # computing in bfloat16 would give other numbers
+    from hcnr_jax.eval.likelihood import response_logprobs
+
+    lp = response_logprobs(bf16_compute, [{"prompt": p, "response": r} for p, r in ROWS])
+    assert [round(float(x), 5) for x in lp] != got["f32"]
