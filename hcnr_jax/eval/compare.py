@@ -180,7 +180,9 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
         ax.set_xticks(np.arange(len(rows)), [r["benchmark"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.set_title(METRICS[k] + ("" if k in LOG_SCORES else " (%)"), fontsize=9)
         ax.axhline(0, color="black", linewidth=0.5)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend under the panels: inside one it would cover bars.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
