@@ -323,11 +323,12 @@ def _remat_bwd(fn, last, args, g):
 
 
 def after(tree: Any, g: jax.Array) -> Any:
-    """``tree`` with every floating leaf made to depend on ``g``: plus ``0 * g[0]`` (exactly 0 for a
-    finite ``g``). XLA removes ``optimization_barrier`` before the CPU backend schedules (then
+    """``tree`` with every floating leaf made to depend on all of ``g``: plus ``0 * sum(g)`` (exactly 0
+    for a finite ``g``). XLA removes ``optimization_barrier`` before the CPU backend schedules (then
     every block's recomputation ran before the first block's backward); an arithmetic dependence
-    survives every pass. Added where a leaf is used, so it fuses into the consumer."""
-    zero = (jnp.ravel(g)[0] * 0).astype(jnp.float32)
+    survives every pass. A sum, not one element, so that no pass can slice ``g``'s producer down
+    to the element. Added where a leaf is used, so it fuses into the consumer."""
+    zero = jnp.sum(g, dtype=jnp.float32) * 0
 
     def dep(a: Any) -> Any:
         if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating):
