@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate refusals / honesty / task accuracy; writes JSON, markdown, JSONL",
                        description="Generate the model's answers to benchmark questions (greedy, batched) and score "
                                    "them: refusal F1 and RF delta, prudence / over-conservativeness / honesty against "
-                                   "--reference, task accuracy (docs/evaluation.md). An existing --out is resumed.")
+                                   "--reference, task accuracy (docs/evaluation.md). --out is written whole at the end; a "
+                                   "stopped run resumes.")
     p.add_argument("--model", required=True, help="model to evaluate (HF dir, .gguf, hub id, BASE+ADAPTER_DIR)")
     p.add_argument("--reference", help="reference model for prudence / over-conservativeness / honesty")
     add_eval_options(p)
