@@ -31,6 +31,7 @@ LIMITS = {
     "repair": ["--limit", "4", "--max-length", "160", "--no-plots"],
     "merge": [],
     "eval": ["--limit", "2", "--max-new-tokens", "4", "--bootstrap", "10"],
+    "compare": ["--limit", "2", "--max-new-tokens", "4", "--bootstrap", "10"],
     "honesty-data": ["-n", "4", "--samples", "2", "--max-new-tokens", "4"],
     "train": ["--limit", "4", "--max-length", "160", "--batch-size", "2"],
     "calib": ["-n", "8"],
