@@ -129,7 +129,8 @@ def data_files(work: Path, data_dir: str | None, log: Path, seed: int | str, spl
 
 
 def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
-    """The model source of ``row``, built if needed."""
+    """The model source of ``row``, built if needed. Repairs and merges are written in float32, as M0
+    and M1 are evaluated (the product's default for a GGUF input is bfloat16)."""
     how, what = ROWS[row]
     m = models()
     if how == "model":
@@ -151,7 +152,7 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
     dev = data_files(work, data_dir, log, 0, "development")
     if how == "merge":
         t = run(["hcnr", "merge", "--base", m["M0"], "--finetuned", m["M1"], "--alpha", str(what),
-                 "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"]), "--out", str(out)], log)
+                 "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"]), "--dtype", "float32", "--out", str(out)], log)
     else:
         flags = list(what)  # type: ignore[arg-type]
         seed = flags.pop(flags.index("--seed-data") + 1)
@@ -160,7 +161,7 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
         if "--choose" in flags:
             flags += ["--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"])]
         t = run(["hcnr", "repair", "--base", m["M0"], "--finetuned", m["M1"], "--honesty-data", str(cal["honesty"]),
-                 "--task-data", str(cal["task"]), *flags, "--no-plots", "--out", str(out)], log)
+                 "--task-data", str(cal["task"]), *flags, "--no-plots", "--dtype", "float32", "--out", str(out)], log)
     (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
     return str(out)
 
