@@ -304,14 +304,18 @@ def test_model_source_paths(tmp_path, fake_models):
     assert model_source_paths(plus) == [plus]  # an existing path is never split
 
 
-def test_eval_out_beside_or_above_the_model_passes_the_check(tmp_path, fake_models, capsys):
-    """eval writes a few files into --out and deletes nothing: a folder holding the model is fine
-    (this one then fails on loading the stand-in model, not on --out)."""
+def test_eval_out_beside_the_model_passes_the_check(tmp_path, fake_models, capsys):
+    """An --out beside the model passes the output checks (this one then fails on loading the
+    stand-in model, not on --out); eval now writes --out whole, so a folder holding the model is
+    refused with --overwrite (it would be replaced) and without it (it exists)."""
     from hcnr_jax.cli import main
 
-    assert main(["eval", "--model", str(fake_models["base"]), "--benchmarks", "kuq", "--out", str(tmp_path)]) == 2
+    model = str(fake_models["base"])
+    assert main(["eval", "--model", model, "--benchmarks", "kuq", "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert "the output" not in err and "config.json" in err
+    assert main(["eval", "--model", model, "--benchmarks", "kuq", "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "the output contains the --model input" in capsys.readouterr().err
 
 
 # --- shard indexes ------------------------------------------------------------------------------------
