@@ -122,11 +122,16 @@ def test_top_level_folders_never_shadow_installed_packages(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["installed", "installed", "_Stub"]
-    # Without an installed package of that name, the folder itself is what `import kernels` finds.
+    # Without the fake: the installed `kernels` if this environment has one (what Python finds outside the
+    # repository), else the folder itself.
     env.pop("PYTHONPATH")
+    where = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    installed = subprocess.run([sys.executable, "-c", where], cwd=tmp_path, env=env, capture_output=True,
+                               text=True).stdout.strip()
     run = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.strip() == str(ROOT / "kernels" / "__init__.py"), run.stderr
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == (installed or str(ROOT / "kernels" / "__init__.py"))
 
 
 def test_example_configs_are_shipped_and_addressable_by_name():
