@@ -165,7 +165,8 @@ def test_readme_lines_parse(tmp_path):
 
 @pytest.mark.slow
 def test_readme_runs_as_written(tmp_path):
-    """Minutes (414 s on 2 shared CPU cores): CI runs it (.ci/run); `pytest -m slow tests/test_readme.py`."""
+    """Minutes: 414 s on 2 shared CPU cores, 880 s with the compare, --task-data and --dtype lines and
+    other test runs on the cores. CI runs it (.ci/run); here `pytest -m slow tests/test_readme.py`."""
     subst = _fixture(tmp_path)
     commands = readme_commands()
     one_device = [_argv(c, subst) for c in commands if "--mesh data=" not in c and not c.startswith("hcnr demo")]
