@@ -281,6 +281,7 @@ def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_m
     from hcnr_jax.eval.data import DEMOS_FILE, load_demos
 
     calls = spy_chat_prompts(monkeypatch)
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))  # its own: kept runs of other tests would be found
     out = tmp_path / "icl"
     args = [*small_eval(tiny_chat_model, out), "--keep-cache"]  # the records stay in the user cache
     assert main([*args, "--reference", str(tiny_chat_model), "--demos", "default"]) == 0
@@ -324,6 +325,7 @@ def test_eval_with_instruction_prompts_only_the_model_and_resumes_only_with_the_
     from hcnr_jax.train.recipes import PROMPT_BASED_INSTRUCTION
 
     calls = spy_chat_prompts(monkeypatch)
+    monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))  # its own: kept runs of other tests would be found
     out = tmp_path / "prompted"
     args = [*small_eval(tiny_chat_model, out), "--reference", str(tiny_chat_model), "--keep-cache"]
     assert main([*args, "--instruction", "prompt-based"]) == 0
