@@ -306,19 +306,34 @@ def remat_call(fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
     return _remat(converted, len(args) - 1, *args, *consts)
 
 
+def _gate(args: tuple, last: int, g: jax.Array) -> tuple:
+    """``args`` with the activation (``args[last]``) and, on a CPU, the low-precision weights made
+    to depend on ``g``: the CPU compiler makes float32 copies of bf16 weights, at the start unless
+    they wait. Full-precision weights, and every weight on an accelerator, are left alone: adding
+    zero to them costs a pass over the weights per block."""
+    def gated(a: Any) -> Any:
+        return after(a, g) if _low_precision_on_cpu(a) else a
+
+    return tuple(after(a, g) if i == last else jax.tree.map(gated, a) for i, a in enumerate(args))
+
+
+def _low_precision_on_cpu(a: Any) -> bool:
+    return (isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating) and jnp.finfo(a.dtype).bits < 32
+            and jax.default_backend() == "cpu")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _remat(fn: Callable[..., jax.Array], last: int, *args: Any) -> jax.Array:
-    # Everything waits for the last of the caller's args (the activation flowing in): a CPU compile
-    # would otherwise make its float32 copies of every block's bf16 weights at the start.
-    return fn(*after(args, jax.tree.leaves(args[last])[0]))
+    # Low-precision weights wait for the activation flowing in (the last of the caller's args).
+    return fn(*_gate(args, last, jax.tree.leaves(args[last])[0]))
 
 
 def _remat_fwd(fn, last, *args):
-    return fn(*after(args, jax.tree.leaves(args[last])[0])), args
+    return fn(*_gate(args, last, jax.tree.leaves(args[last])[0])), args
 
 
 def _remat_bwd(fn, last, args, g):
-    _, vjp = jax.vjp(fn, *after(args, g))
+    _, vjp = jax.vjp(fn, *_gate(args, last, g))
     return vjp(g)
 
 

@@ -277,7 +277,8 @@ def fisher_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: i
     from hcnr_jax.stats import fisher_accum
 
     cap = seq - 1 if max_targets is None else min(max_targets, seq - 1)
-    opts = {"neuron_axis": rcfg.neuron_axis, "backend": "auto", "max_targets": cap}
+    # Planned as an accelerator runs it: blocks recomputed (stats.fisher does so off a CPU).
+    opts = {"neuron_axis": rcfg.neuron_axis, "backend": "auto", "max_targets": cap, "remat": True}
     init = partial(fisher_accum.init, cfg=cfg, neuron_axis=rcfg.neuron_axis)
     info = _stat_step(stats.fisher_update, init, cfg, opts, mesh, fsdp, dtype, batch, seq)
     return {**info, "what": f"one Fisher update, batch [{batch}, {seq}], LM head at {cap} target slots per row"}

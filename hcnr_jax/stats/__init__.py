@@ -64,17 +64,27 @@ def _run(kind: str, init: Any, update: Any, params: Params, cfg: ModelConfig, sa
 
 
 def fisher(params: Params, cfg: ModelConfig, samples: Samples, *, neuron_axis: str = "input",
-           batch_size: int = 8, backend: str = "auto", **opts: Any) -> dict[str, np.ndarray]:
+           batch_size: int = 8, backend: str = "auto", remat: bool | str = "auto", **opts: Any
+           ) -> dict[str, np.ndarray]:
     """HF linear weight name -> float32 ``[n_neurons]``: the mean over samples of the per-sample
     squared gradient norm of each neuron (column ``W[:, k]`` for "input", row ``W[k, :]`` for
-    "output"); a sample's loss is its mean CE over its loss-masked tokens. Options: module doc."""
+    "output"); a sample's loss is its mean CE over its loss-masked tokens. ``remat``: recompute
+    blocks in the backward pass (``fisher_accum.update``); "auto": on accelerators, not on a CPU.
+    Options: module doc."""
     init = partial(_fisher.init, cfg=cfg, neuron_axis=neuron_axis)
     # The LM head runs only at target positions, in a capacity fixed by the whole data set (one
     # compilation for every batch).
     capacity = _fisher.target_capacity(samples.loss_mask)
+    if remat == "auto":
+        # Blocks are recomputed where device memory binds (accelerators), not on a CPU, where the
+        # host's memory rarely does and the extra forward pass costs a third of the step.
+        import jax
+
+        remat = jax.default_backend() != "cpu"
     sums = _run("fisher", init, fisher_update, params, cfg, samples, batch_size,
                 {"neuron_axis": neuron_axis},
-                {"neuron_axis": neuron_axis, "backend": backend, "max_targets": capacity}, **opts)
+                {"neuron_axis": neuron_axis, "backend": backend, "max_targets": capacity, "remat": bool(remat)},
+                **opts)
     return {k: (v / np.float32(len(samples))).astype(np.float32) for k, v in sums.items()}
 
 

@@ -191,8 +191,8 @@ norms_linear.defvjp(_norms_linear_fwd, _norms_linear_bwd)
 
 
 def norms_and_loss(params: Params, cfg: ModelConfig, batch: Batch, *, neuron_axis: str = "input",
-                   backend: str = "auto", max_targets: int | None = None, lm_chunk: int = LM_CHUNK
-                   ) -> tuple[dict[str, jax.Array], jax.Array]:
+                   backend: str = "auto", max_targets: int | None = None, lm_chunk: int = LM_CHUNK,
+                   remat: bool = True) -> tuple[dict[str, jax.Array], jax.Array]:
     """(HF weight name -> float32 ``[n_neurons]``: the batch's per-sample per-neuron squared weight
     gradient norms summed over samples, per-sample losses ``[B]``), from one remat'd forward and
     backward pass with the norms reduced layer by layer (module doc)."""
@@ -206,7 +206,7 @@ def norms_and_loss(params: Params, cfg: ModelConfig, batch: Batch, *, neuron_axi
             return y + p["bias"] if "bias" in p else y
 
         out = forward(params, cfg, ids, batch["attention_mask"], return_logits=False, precision=HIGHEST,
-                      linear=linear, remat=True)
+                      linear=linear, remat=remat)
         per = chunked_loss(params, cfg, out.hidden, ids, batch["loss_mask"], capacity, lm_chunk, HIGHEST)
         return jnp.sum(per), per
 
@@ -215,14 +215,17 @@ def norms_and_loss(params: Params, cfg: ModelConfig, batch: Batch, *, neuron_axi
 
 
 def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
-           neuron_axis: str = "input", backend: str = "auto", max_targets: int | None = None
-           ) -> dict[str, jax.Array]:
+           neuron_axis: str = "input", backend: str = "auto", max_targets: int | None = None,
+           remat: bool = True) -> dict[str, jax.Array]:
     """Add the batch's per-sample per-neuron squared gradient norms, summed over samples, to
-    ``state``. Pure; jit it with ``cfg``, ``neuron_axis``, ``backend`` and ``max_targets`` (the
-    LM head's target slots per row, at least the most targets of any row; None: T - 1) static."""
+    ``state``. Pure; jit it with ``cfg``, ``neuron_axis``, ``backend``, ``max_targets`` (the
+    LM head's target slots per row, at least the most targets of any row; None: T - 1) and
+    ``remat`` (recompute blocks in the backward pass: one block's activations live instead of
+    all, for one more forward pass) static."""
     if neuron_axis not in AXES:
         raise ValueError(f"neuron_axis must be one of {AXES}, got {neuron_axis!r}")
-    norms, _ = norms_and_loss(params, cfg, batch, neuron_axis=neuron_axis, backend=backend, max_targets=max_targets)
+    norms, _ = norms_and_loss(params, cfg, batch, neuron_axis=neuron_axis, backend=backend, max_targets=max_targets,
+                              remat=remat)
     return {name: acc + norms[name] for name, acc in state.items()}
 
 
