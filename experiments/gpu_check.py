@@ -336,6 +336,29 @@ def check_repair(rows: Rows, tiny: bool, args: argparse.Namespace) -> None:
     base_m = Pretrained(cfg, base, None, dict(hf), "random-base", generation_config=meta)
     sft_m = Pretrained(cfg, sft, None, dict(hf), "random-sft", generation_config=meta)
     rcfg = RepairConfig(batch_size=batch, max_length=t)
+    with rows.check("repair:fisher_peak") as row:
+        # Before the repair, so that the device's high-water mark is this step's (and the earlier
+        # sections' smaller ones): both models resident, one Fisher batch, against the plan of
+        # that very step compiled here (the GPU's own compiler when run on one).
+        from hcnr_jax.sharding import make_mesh
+
+        one = hon.select(slice(0, batch))
+        cap = target_capacity(one.loss_mask)
+        before = device_peak_bytes()
+        stats.fisher(sft, cfg, one, batch_size=batch, progress=False)
+        measured = device_peak_bytes()
+        step = planlib.fisher_step(cfg, rcfg, make_mesh(None), False, "bfloat16", batch, t, cap)
+        model_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(base))
+        predicted = step["peak_bytes"] + model_bytes
+        row.update(predicted_mib=round(predicted / 2**20, 1), plan_fisher_step_mib=round(step["peak_bytes"] / 2**20, 1),
+                   resident_model_mib=round(model_bytes / 2**20, 1),
+                   measured_peak_mib=None if measured is None else round(measured / 2**20, 1),
+                   peak_before_mib=None if before is None else round(before / 2**20, 1),
+                   isolated=None if measured is None or before is None else measured > before,
+                   ratio=None if measured is None else measured / predicted,
+                   detail=f"one Fisher batch [{batch}, {t}] ({cap} target slots) with both models on the device: "
+                          "the device's peak_bytes_in_use against the step's compiled peak + the other model "
+                          "(isolated: the step raised the high-water mark; none on CPU)")
     with rows.check("repair") as row:
         res = repair(base_m, sft_m, hon, task, rcfg, progress=False)
         s = res.report["summary"]

@@ -48,6 +48,8 @@ def test_gpu_check_tiny(tmp_path):
     assert set(rows["repair"]["stage_seconds"]) == {"load", "fisher", "select", "hessian", "solve"}
     assert rows["generate:jax"]["value"] > 0 and "skipped" in rows["generate:transformers"]
     assert rows["repair:plan_vs_measured"]["predicted_mib"] > 0
+    fisher = rows["repair:fisher_peak"]
+    assert fisher["ok"] is not False and fisher["predicted_mib"] > fisher["resident_model_mib"] > 0
     assert rows["repair:mfu:fisher"]["tflops_per_s"] > 0
     for name in ("stats:fisher_input:pallas", "stats:fisher_output:pallas", "stats:hessian:pallas",
                  "kernels_at_scale:fisher", "kernels_at_scale:hessian"):
