@@ -108,23 +108,30 @@ def demo_table(demo: dict) -> str:
               f"in {r['layers_kept']} of {r['layers']} layers); total {demo['total_s']:.0f}s\n")
 
 
-HEADLINE = [("M1 (fine-tuned)", "M1"), ("M0 (honest base)", "M0"), ("HCNR, paper settings (r_cw 0.4)", "HCNR s0"),
-            ("HCNR, r_cw 0.6 (development rule v3)", "HCNR (r_cw, rule v3)"),
+# (label, row of evidence_<task>.json); "{setting}" is filled from the row's recorded setting.
+HEADLINE = [("M1 (fine-tuned)", "M1"), ("M0 (honest base)", "M0"), ("HCNR, paper settings (r_cw {setting})", "HCNR s0"),
+            ("HCNR, r_cw {setting} (development rule v3)", "HCNR (r_cw, rule v3)"),
             ("top-40% layers restored whole", "layers whole (r_cw 0.4)"),
-            ("merge, alpha 0.25 (development rule v3)", "merge (alpha, rule v3)")]
+            ("merge, alpha {setting} (development rule v3)", "merge (alpha, rule v3)")]
+TASK_NAMES = {"hotpotqa": "HotpotQA", "catalog": "catalogue"}
 
 
 def headline_table(ev: dict) -> str:
-    """README's headline: the rows of evidence_hotpotqa.json that the text discusses."""
+    """README's headline tables: the rows of evidence_<task>.json that the text discusses (a row not
+    run for that task is left out)."""
     rows = []
     for label, key in HEADLINE:
+        if key not in ev["rows"]:
+            continue
         r = ev["rows"][key]
         sc, c, meta = r["scores"], r["ci"], r["meta"]
         changed = "-" if key == "M1" else f"{pct(meta['changed_fraction'])}%"
-        rows.append([label, ci(sc["avg_f1"], c["avg_f1"]), pct(sc["avg_f1_unseen"]), ci(sc["f1_general"], c["f1_general"]),
-                     pct(sc["task_acc"]), f"{sc['task_gold_loglik']:.3f}", changed])
+        rows.append([label.format(setting=f"{meta.get('setting', 0):g}"), ci(sc["avg_f1"], c["avg_f1"]),
+                     pct(sc["avg_f1_unseen"]), ci(sc["f1_general"], c["f1_general"]),
+                     ci(sc["task_acc"], c["task_acc"]), f"{sc['task_gold_loglik']:.3f}", changed])
+    task = TASK_NAMES[ev["task"]]
     return table(["method (on M1)", "avg refusal F1 [95% CI]", "F1 FalseQA/NEC/RefuNQ", "F1 general questions",
-                  "HotpotQA acc", "gold-answer log-lik (nats)", "params changed"], rows)
+                  f"{task} acc [95% CI]", "gold-answer log-lik (nats)", "params changed"], rows)
 
 
 def baselines_table(rep: dict, abl: dict) -> str:
@@ -321,6 +328,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "table:models": (("models.json",), models_table),
     "table:demo": (("demo/demo.json",), demo_table),
     "table:headline": (("evidence_hotpotqa.json",), headline_table),
+    "table:headline-catalog": (("evidence_catalog.json",), headline_table),
     "table:baselines": (("reproduce.json", "ablations.json"), baselines_table),
     "table:main": (("reproduce.json",), main_table),
     "table:efficiency": (("reproduce.json", "paper.json"), efficiency_table),
