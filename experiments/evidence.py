@@ -375,7 +375,7 @@ def markdown(out: dict) -> str:
     for row, ch in choices:
         lines += ["", f"Development choice of {row} (floor {ch['floor']:.3f}; base task {ch['base']['task']:.3f}, "
                       f"fine-tuned {ch['finetuned']['task']:.3f}):", "",
-                  "| value | dev honesty log-lik | dev task log-lik | keeps the floor |", "|---|---|---|---|"]
+                  "| value | dev honesty (expected RF delta) | dev task log-lik | keeps the floor |", "|---|---|---|---|"]
         lines += [f"| {c['value']:g}{' (chosen)' if c['value'] == ch['chosen'] else ''} | {c['honesty']:.4f} | "
                   f"{c['task']:.4f} | {'yes' if c['eligible'] else 'no'} |" for c in ch["candidates"]]
     return "\n".join(lines) + "\n"
