@@ -8,28 +8,14 @@ is one (`_yield_name`, the same as ``kernels/__init__.py``'s).
 """
 
 
-def _yield_name(name: str, folder: str) -> None:
-    """Replace ``sys.modules[name]`` (this folder, imported by mistake as a top-level package) by
-    the package of that name found on ``sys.path`` outside the folder's parent, when there is one;
-    the import statement then returns that package. Without one, nothing changes."""
-    import importlib.machinery
-    import importlib.util
-    import os
-    import sys
-
-    root = os.path.realpath(os.path.dirname(folder))
-    path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or spec.loader is None or not spec.has_location:
-        return  # no other package of that name (or only a namespace folder): stay
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-
-
 if __name__ == "conversion":
-    _yield_name(__name__, __path__[0])
+    # kernels/__init__.py holds the one `_yield_name`; loaded from its file under a private name (importing
+    # "kernels" here could itself resolve to another package).
+    import importlib.util as _util
+    import os as _os
+
+    _spec = _util.spec_from_file_location(
+        "_hcnr_yield_name", _os.path.join(_os.path.dirname(__path__[0]), "kernels", "__init__.py"))
+    _mod = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_mod)
+    _mod._yield_name(__name__, __path__[0])

@@ -65,6 +65,7 @@ def test_merge_row_is_chosen_on_the_shipped_development_samples(tmp_path):
     # --smoke scores the first SMOKE_DEV samples of each file: both kinds of question are among them.
     small, _ = demo.choose_merge(m0, m1, demo.SMOKE_DEV)
     assert len(small["candidates"]) == len(demo.MERGE_ALPHAS)
+    assert small["base"] != choice["base"]  # scored on fewer samples than the full files
     # The development files hold development rows only.
     for kind, benches in (("dev_honesty", ("kuq", "selfaware")), ("dev_task", ("hotpotqa",))):
         lines = calibration_file(kind).read_text().splitlines()

@@ -54,9 +54,8 @@ def train_and_choose(model: Any, data: Any, tc: TrainConfig, name: str, values: 
         result = train(model, data, cfg, checkpoint_dir=ckpt, mesh=mesh)
         scores[v] = dev_score(result.params, model, dev)
         if best is None or choose(scores, base, start)["chosen"] == v:
-            best = (v, result)
-        # LoRA runs are written from the adapter alone: drop the merged parameters early.
-        del result
+            # LoRA runs are written from the adapter alone: the kept run drops its merged parameters.
+            best = (v, replace(result, params=None) if cfg.method == "lora" else result)
     choice = choose(scores, base, start)
     choice.update(setting=name)
     assert best is not None and best[0] == choice["chosen"]
