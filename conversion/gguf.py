@@ -302,10 +302,10 @@ def read_gguf_tensors(
 # (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``) is not used: its GGUF reader imports torch,
 # which is only a test dependency here. The result is the same tokenizer (same tokenizer.json,
 # special tokens and chat template; tests/test_gguf.py compares the two), cached in the user's cache
-# folder (hcnr_jax.cache) under a hash of the metadata it is built from.
+# folder (hcnr_jax.user_cache) under a hash of the metadata it is built from.
 
 TOKENIZER_FORMAT = 2  # bump whenever the built tokenizer changes: it is part of the cache key
-TOKENIZER_CACHE = "tokenizers"
+TOKENIZER_ENTRIES = "tokenizers"
 
 # GGUF metadata key -> name (transformers' GGUF_TOKENIZER_MAPPING names).
 TOKENIZER_FIELDS: dict[str, str] = {
@@ -532,7 +532,7 @@ def _load_cached(entry: Path) -> Any:
 def _tokenizer(path: Path, reader: Any, cache: bool = True) -> Any | None:
     """The GGUF's tokenizer with its chat template (None when the file has no vocabulary): from the
     user's cache folder when built before, else built and cached there."""
-    from hcnr_jax import cache as user_cache
+    from hcnr_jax import user_cache
 
     if "tokenizer.ggml.tokens" not in reader.fields:
         log.warning("%s: no tokenizer in the GGUF metadata; the model is loaded without one", path)
@@ -541,7 +541,7 @@ def _tokenizer(path: Path, reader: Any, cache: bool = True) -> Any | None:
     try:
         key = tokenizer_key(meta) if cache else None
         tok = None
-        if key is not None and (entry := user_cache.read_entry(TOKENIZER_CACHE, key)) is not None:
+        if key is not None and (entry := user_cache.read_entry(TOKENIZER_ENTRIES, key)) is not None:
             try:
                 tok = _load_cached(entry)
             except ImportError:
@@ -554,7 +554,7 @@ def _tokenizer(path: Path, reader: Any, cache: bool = True) -> Any | None:
             tok = build_tokenizer(meta, path)
             if key is not None:
                 try:
-                    user_cache.write_entry(TOKENIZER_CACHE, key, tok.save_pretrained)
+                    user_cache.write_entry(TOKENIZER_ENTRIES, key, tok.save_pretrained)
                 except Exception as e:  # a cache that cannot be written never stops a load
                     log.warning("could not cache the tokenizer of %s (%s: %s)", path, type(e).__name__, e)
     except ImportError as e:
@@ -610,7 +610,7 @@ def load_gguf(path: Path, dtype: str | None = None, tokenizer: bool = True) -> G
     The config, tokenizer (with the chat template) and generation config come from the GGUF
     metadata; ``save_pretrained`` of the model built from it writes a directory that transformers
     loads. ``tokenizer=False`` skips the tokenizer. It is built without torch and cached in the
-    user's cache folder (``hcnr_jax.cache``), keyed by a hash of the tokenizer metadata.
+    user's cache folder (``hcnr_jax.user_cache``), keyed by a hash of the tokenizer metadata.
     """
     path = Path(path)
     if dtype is not None and dtype not in DTYPES:

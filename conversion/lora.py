@@ -27,6 +27,7 @@ import numpy as np
 from hcnr_jax.errors import CheckpointError
 from hcnr_jax.io import atomic_output_dir
 from hcnr_jax.params import Params, flatten, set_leaves
+from hcnr_jax.precision import HIGHEST
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ _BASE_KEY = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.weight$")
 def lora_delta(a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
     """``scaling * B @ A`` in float32: ``a [r, in]``, ``b [out, r]`` -> ``[out, in]``."""
     a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return scaling * jnp.matmul(b32, a32, precision=jax.lax.Precision.HIGHEST)
+    return scaling * jnp.matmul(b32, a32, precision=HIGHEST)
 
 
 def merge_weight(w: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
@@ -238,6 +239,85 @@ def _default_target_modules(modules: list[str]) -> tuple[list[str], list[int] | 
     return sorted(modules), None
 
 
+def _check_adapter_settings(r: int, alpha: float, lora: dict[str, Any], extra_files: dict[str, str] | None) -> None:
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+        raise CheckpointError(f"LoRA adapter: r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float, np.number)) or not math.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"LoRA adapter: alpha must be a positive number, got {alpha!r}")
+    if not lora:
+        raise CheckpointError("LoRA adapter: no modules to write")
+    for name in extra_files or {}:
+        if name in (CONFIG_NAME, WEIGHTS_NAME) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"LoRA adapter: extra file name {name!r} must be a plain file name other than "
+                                  f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+
+
+def _adapter_tensors(lora: dict[str, tuple[Any, Any]], r: int) -> dict[str, np.ndarray]:
+    """PEFT's tensors ``base_model.model.<module>.lora_A/B.weight`` of ``lora``, each pair checked
+    (a linear layer's module name, A ``[r, in]``, B ``[out, r]``, finite)."""
+    tensors: dict[str, np.ndarray] = {}
+    for module, pair in sorted(lora.items()):
+        if not isinstance(module, str) or not _WRITABLE_MODULE.match(module):
+            raise CheckpointError(
+                f"LoRA adapter: unknown module {module!r}; expected a linear layer's HF module name such as "
+                "model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj or lm_head")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise CheckpointError(f"LoRA adapter: module {module}: expected a pair (A, B)")
+        a = _as_float_array(pair[0], f"module {module} A")
+        b = _as_float_array(pair[1], f"module {module} B")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(f"LoRA adapter: module {module}: A/B have shapes {a.shape}/{b.shape}, "
+                                  f"expected ({r}, in)/(out, {r}) with r={r}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise CheckpointError(f"LoRA adapter: module {module}: A or B holds NaN or infinite values")
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b
+    return tensors
+
+
+def _targets(modules: list[str], target_modules: list[str] | str | None) -> tuple[list[str] | str, list[int] | None]:
+    """``(target_modules, layers_to_transform)`` of the config: the defaults of
+    `_default_target_modules`, or the given ones, checked to match every module as PEFT matches."""
+    if target_modules is None:
+        return _default_target_modules(modules)
+    # PEFT's matching: a string is a regex matching the whole name; a list entry matches the
+    # name or a dotted suffix of it.
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    for module in modules:
+        if not (re.fullmatch(target_modules, module) if isinstance(target_modules, str) else
+                any(module == t or module.endswith("." + t) for t in target_modules)):
+            raise CheckpointError(f"LoRA adapter: module {module} is not matched by target_modules="
+                                  f"{target_modules}; PEFT would not load its weights")
+    return target_modules, None
+
+
+def _adapter_config(r: int, alpha: float, base_model: str, target_modules: list[str] | str,
+                    layers_to_transform: list[int] | None) -> dict[str, Any]:
+    """adapter_config.json: PEFT's LoRA settings for an inference-only adapter."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
+        "revision": None,
+        "r": int(r),
+        "lora_alpha": float(alpha) if not float(alpha).is_integer() else int(alpha),
+        "lora_dropout": 0.0,
+        "target_modules": target_modules,
+        "layers_to_transform": layers_to_transform,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+
+
 def write_adapter(
     out_dir: str | Path,
     lora: dict[str, tuple[Any, Any]],
@@ -261,67 +341,9 @@ def write_adapter(
     ``load_pretrained("BASE+DIR")``. ``extra_files``: name -> text written beside the adapter
     (reports). Bad input is a ``CheckpointError`` naming the module.
     """
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
-        raise CheckpointError(f"LoRA adapter: r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float, np.number)) or not math.isfinite(alpha) or alpha <= 0:
-        raise CheckpointError(f"LoRA adapter: alpha must be a positive number, got {alpha!r}")
-    if not lora:
-        raise CheckpointError("LoRA adapter: no modules to write")
-    for name in extra_files or {}:
-        if name in (CONFIG_NAME, WEIGHTS_NAME) or Path(name).name != name or name in ("", ".", ".."):
-            raise CheckpointError(f"LoRA adapter: extra file name {name!r} must be a plain file name other than "
-                                  f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-    tensors: dict[str, np.ndarray] = {}
-    for module, pair in sorted(lora.items()):
-        if not isinstance(module, str) or not _WRITABLE_MODULE.match(module):
-            raise CheckpointError(
-                f"LoRA adapter: unknown module {module!r}; expected a linear layer's HF module name such as "
-                "model.layers.0.self_attn.q_proj, model.layers.0.mlp.down_proj or lm_head")
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise CheckpointError(f"LoRA adapter: module {module}: expected a pair (A, B)")
-        a = _as_float_array(pair[0], f"module {module} A")
-        b = _as_float_array(pair[1], f"module {module} B")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise CheckpointError(f"LoRA adapter: module {module}: A/B have shapes {a.shape}/{b.shape}, "
-                                  f"expected ({r}, in)/(out, {r}) with r={r}")
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            raise CheckpointError(f"LoRA adapter: module {module}: A or B holds NaN or infinite values")
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = b
-    layers_to_transform = None
-    if target_modules is None:
-        target_modules, layers_to_transform = _default_target_modules(sorted(lora))
-    else:
-        # PEFT's matching: a string is a regex matching the whole name; a list entry matches the
-        # name or a dotted suffix of it.
-        if not isinstance(target_modules, str):
-            target_modules = list(target_modules)
-        for module in sorted(lora):
-            if not (re.fullmatch(target_modules, module) if isinstance(target_modules, str) else
-                    any(module == t or module.endswith("." + t) for t in target_modules)):
-                raise CheckpointError(f"LoRA adapter: module {module} is not matched by target_modules="
-                                      f"{target_modules}; PEFT would not load its weights")
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or None,
-        "revision": None,
-        "r": int(r),
-        "lora_alpha": float(alpha) if not float(alpha).is_integer() else int(alpha),
-        "lora_dropout": 0.0,
-        "target_modules": target_modules,
-        "layers_to_transform": layers_to_transform,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-    }
+    _check_adapter_settings(r, alpha, lora, extra_files)
+    tensors = _adapter_tensors(lora, r)
+    config = _adapter_config(r, alpha, base_model, *_targets(sorted(lora), target_modules))
     from safetensors.numpy import save_file
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

@@ -28,7 +28,8 @@ def smollm2_path() -> Path:
 
 
 def prompts(n: int) -> list[str]:
-    from hcnr_jax.eval.data import BUNDLED_DATA, load_benchmark, select
+    from hcnr_jax.data.benchmarks import load_benchmark, select
+    from hcnr_jax.embedded import BUNDLED_DATA
 
     qs = []
     for b in ("kuq", "selfaware", "hotpotqa"):

@@ -39,7 +39,7 @@ def gguf_path() -> Path:
 
 
 def make_samples(n: int, t: int, vocab: int):
-    from hcnr_jax.data import samples_from_records
+    from hcnr_jax.data.samples import samples_from_records
 
     rng = np.random.default_rng(0)
     # Loss over the second half of every sequence, like a response after a prompt.
@@ -55,6 +55,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     import hcnr_jax
     from hcnr_jax import stats
     from hcnr_jax.model import forward
+    from hcnr_jax.stats import StatsOptions
     from hcnr_jax.stats.reference import fisher_vmap
 
     model = hcnr_jax.load_pretrained(args.model_dir, dtype="float32")
@@ -75,7 +76,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
             jax.block_until_ready(out)
     elif method == "hcnr":
         def go():
-            stats.fisher(params, cfg, samples, batch_size=bs, backend=args.backend)
+            stats.fisher(params, cfg, samples, StatsOptions(batch_size=bs, backend=args.backend))
     elif method == "vmap":
         def go():
             fisher_vmap(params, cfg, samples, batch_size=args.vmap_batch)

@@ -6,7 +6,7 @@ questions and compared with paired differences, for two fine-tunes of the shippe
 - ``--task hotpotqa``: the shipped M1 (M0 + a HotpotQA LoRA), the paper's setting; its task
   accuracy is 5-9% at this scale, so it cannot show a task being lost;
 - ``--task catalog``: M1 = M0 + a LoRA trained here (stage ``m1-train``) on 400 listings of the
-  generated catalogue task (hcnr_jax/eval/catalog.py: a house record format no base model knows),
+  generated catalogue task (hcnr_jax/data/catalog.py: a house record format no base model knows),
   a task M1 learns and a repair could visibly lose.
 
 Rows:
@@ -37,6 +37,7 @@ its output exists (rerun to resume); each row's per-example records are copied t
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -69,8 +70,9 @@ def models() -> dict[str, str]:
 
 def train_catalog_m1(data_dir: str | None, log: Path) -> None:
     """M1 for the catalogue task: M0 + a LoRA (configs/train_task.yaml, 2 epochs) on 400 listings."""
-    from hcnr_jax.eval.calibration import training_rows, write_jsonl
-    from hcnr_jax.eval.data import load_benchmark
+    from hcnr_jax.data.benchmarks import load_benchmark
+    from hcnr_jax.data.calibration import training_rows
+    from hcnr_jax.data.jsonl import write_jsonl
 
     data = WORK / "catalog_train.jsonl"
     if not data.exists():
@@ -234,6 +236,7 @@ def scores(recs: dict[str, dict], keys: dict[str, list[str]]) -> dict[str, float
     return out
 
 
+@functools.cache  # called for every response in every bootstrap resample
 def degenerate(text: str) -> bool:
     """A repetition loop: some 3-word sequence repeated 3 times or more, or one word filling half the answer."""
     words = text.lower().split()

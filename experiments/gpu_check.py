@@ -5,7 +5,7 @@ Rows (each: check, ok true/false/null = informational, value, limit, seconds, de
 
 1. ``kernel:*``: the Pallas kernels (compiled; interpret mode off GPU) against float64 NumPy,
    beside their jax.numpy references, with timings. Passing rows on a platform are what
-   ``kernels/fisher_norms.py`` ``VERIFIED`` may then list for ``backend="auto"``.
+   ``kernels/backend.py`` ``VERIFIED`` may then list for ``backend="auto"``.
 2. ``stats:*``: Fisher (both neuron axes) and Hessian of a small random Llama on the default
    device against a float64 reference on the CPU (PyTorch per-sample loop when torch is
    installed, else JAX CPU float32 at HIGHEST); ``tf32_control`` shows what the default matmul
@@ -187,7 +187,7 @@ def random_params(hf: dict, dtype: str, seed: int, scale: float = 0.02, base: An
 
 
 def random_samples(n: int, t: int, vocab: int, seed: int) -> Any:
-    from hcnr_jax.data import samples_from_records
+    from hcnr_jax.data.samples import samples_from_records
 
     rng = np.random.default_rng(seed)
     recs = []
@@ -240,14 +240,16 @@ def check_statistics(rows: Rows, tiny: bool) -> None:
 
     from hcnr_jax import sharding, stats
     from hcnr_jax.params import flatten
+    from hcnr_jax.stats import StatsOptions
 
     hf = TINY if tiny else SMALL
     cfg, params = random_params(hf, "float32", seed=1, scale=0.1)
     samples = random_samples(6 if tiny else 16, 16 if tiny else 64, hf["vocab_size"], seed=2)
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-    got = {"fisher_input": stats.fisher(params, cfg, samples, batch_size=4, progress=False),
-           "fisher_output": stats.fisher(params, cfg, samples, neuron_axis="output", batch_size=4, progress=False),
-           "hessian": stats.hessian(params, cfg, samples, batch_size=4, progress=False)}
+    got = {"fisher_input": stats.fisher(params, cfg, samples, StatsOptions(batch_size=4)),
+           "fisher_output": stats.fisher(params, cfg, samples, StatsOptions(batch_size=4),
+                                         neuron_axis="output"),
+           "hessian": stats.hessian(params, cfg, samples, StatsOptions(batch_size=4))}
     ref = torch_reference(hf, flat, samples)
     kind = "torch float64 per-sample loop (CPU)"
     if ref is None:
@@ -255,9 +257,9 @@ def check_statistics(rows: Rows, tiny: bool) -> None:
         cpu = jax.devices("cpu")[:1]
         host = jax.device_put(params, cpu[0])
         mesh = sharding.make_mesh("data=1", cpu)
-        ref = (stats.fisher(host, cfg, samples, batch_size=4, mesh=mesh, progress=False),
-               stats.fisher(host, cfg, samples, neuron_axis="output", batch_size=4, mesh=mesh, progress=False),
-               stats.hessian(host, cfg, samples, batch_size=4, mesh=mesh, progress=False))
+        ref = (stats.fisher(host, cfg, samples, StatsOptions(batch_size=4, mesh=mesh)),
+               stats.fisher(host, cfg, samples, StatsOptions(batch_size=4, mesh=mesh), neuron_axis="output"),
+               stats.hessian(host, cfg, samples, StatsOptions(batch_size=4, mesh=mesh)))
     for (name, result), want in zip(got.items(), ref, strict=True):
         with rows.check(f"stats:{name}") as row:
             errs = {n: rel_err(result[n], want[n]) for n in want}
@@ -267,10 +269,12 @@ def check_statistics(rows: Rows, tiny: bool) -> None:
     # The same statistics with the Pallas kernels forced (compiled on a GPU, interpreted elsewhere): the
     # kernels inside the estimators they serve, which is what VERIFIED opens for backend="auto".
     interpret = jax.default_backend() != "gpu"
-    pallas = {"fisher_input": lambda: stats.fisher(params, cfg, samples, batch_size=4, backend="pallas", progress=False),
-              "fisher_output": lambda: stats.fisher(params, cfg, samples, neuron_axis="output", batch_size=4,
-                                                    backend="pallas", progress=False),
-              "hessian": lambda: stats.hessian(params, cfg, samples, batch_size=4, backend="pallas", progress=False)}
+    pallas = {"fisher_input": lambda: stats.fisher(params, cfg, samples, StatsOptions(batch_size=4,
+                                                                                      backend="pallas")),
+              "fisher_output": lambda: stats.fisher(params, cfg, samples, StatsOptions(
+                  batch_size=4, backend="pallas"), neuron_axis="output"),
+              "hessian": lambda: stats.hessian(params, cfg, samples, StatsOptions(batch_size=4,
+                                                                                  backend="pallas"))}
     for (name, run), want in zip(pallas.items(), ref, strict=True):
         with rows.check(f"stats:{name}:pallas") as row:
             result = run()
@@ -319,6 +323,7 @@ def check_repair(rows: Rows, tiny: bool, args: argparse.Namespace) -> None:
     from hcnr_jax.pretrained import Pretrained
     from hcnr_jax.repair import RepairConfig
     from hcnr_jax.repair.pipeline import repair
+    from hcnr_jax.stats import StatsOptions
     from hcnr_jax.stats.fisher_accum import target_capacity
 
     hf = TINY if tiny else LLAMA_8B
@@ -345,7 +350,7 @@ def check_repair(rows: Rows, tiny: bool, args: argparse.Namespace) -> None:
         one = hon.select(slice(0, batch))
         cap = target_capacity(one.loss_mask)
         before = device_peak_bytes()
-        stats.fisher(sft, cfg, one, batch_size=batch, progress=False)
+        stats.fisher(sft, cfg, one, StatsOptions(batch_size=batch))
         measured = device_peak_bytes()
         step = planlib.fisher_step(cfg, rcfg, make_mesh(None), False, "bfloat16", batch, t, cap)
         model_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(base))
@@ -391,8 +396,8 @@ def check_repair(rows: Rows, tiny: bool, args: argparse.Namespace) -> None:
         with rows.check(f"repair:mfu:{kind}") as row:
             def run(kind=kind, params=sft):
                 if kind == "fisher":
-                    return stats.fisher(params, cfg, sub, batch_size=batch, progress=False)
-                return stats.hessian(params, cfg, sub, batch_size=batch, progress=False, layers=kept)
+                    return stats.fisher(params, cfg, sub, StatsOptions(batch_size=batch))
+                return stats.hessian(params, cfg, sub, StatsOptions(batch_size=batch), layers=kept)
 
             run()  # warm (compiles for this subset's shapes)
             t0 = time.perf_counter()
@@ -480,6 +485,7 @@ def check_kernels_at_scale(rows: Rows, tiny: bool, args: argparse.Namespace) -> 
     from hcnr_jax import plan as planlib
     from hcnr_jax import stats
     from hcnr_jax.repair import RepairConfig
+    from hcnr_jax.stats import StatsOptions
 
     hf = TINY if tiny else LLAMA_8B
     t, batch = (32, 4) if tiny else (args.seq_len, args.batch_size)
@@ -492,8 +498,8 @@ def check_kernels_at_scale(rows: Rows, tiny: bool, args: argparse.Namespace) -> 
             for backend in ("reference", "pallas"):
                 def run(backend=backend, kind=kind):
                     if kind == "fisher":
-                        return stats.fisher(params, cfg, sub, batch_size=batch, backend=backend, progress=False)
-                    return stats.hessian(params, cfg, sub, batch_size=batch, backend=backend, progress=False,
+                        return stats.fisher(params, cfg, sub, StatsOptions(batch_size=batch, backend=backend))
+                    return stats.hessian(params, cfg, sub, StatsOptions(batch_size=batch, backend=backend),
                                          layers=kept)
 
                 results[backend] = run()  # compiles
@@ -520,7 +526,7 @@ def verified_hint(doc: dict[str, Any]) -> str | None:
     rows = [r for r in doc["rows"] if r["check"].startswith("kernel:") or r["check"].endswith(":pallas")]
     if doc.get("tiny") or not rows or any(r["ok"] is not True or r.get("interpret") for r in rows):
         return None
-    return (f"kernels/fisher_norms.py VERIFIED may now list {doc['backend']!r} for 'fisher_norms' and 'gram' "
+    return (f"kernels/backend.py VERIFIED may now list {doc['backend']!r} for 'fisher_norms' and 'gram' "
             f"({len(rows)} kernel rows passed, compiled, on {doc['device']})")
 
 

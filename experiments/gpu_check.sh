@@ -9,7 +9,7 @@
 # so a run cut at the limit still returns what it measured. Results land in $OUT (device machine)
 # or out/gpu_check/ (elsewhere): gpu_check.json, gpu_check.log, preflight.txt, install.log.
 # Commit them as experiments/results/gpu_check_<device>_<date>.{json,log}; where the run prints a
-# "VERIFIED may now list" line, add that platform to VERIFIED in kernels/fisher_norms.py.
+# "VERIFIED may now list" line, add that platform to VERIFIED in kernels/backend.py.
 #
 # On a CPU (a test of this script; tests/test_gpu_check.py runs it):
 #     HCNR_GPU_CHECK_INSTALL=0 bash experiments/gpu_check.sh --tiny

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import hcnr_jax
+from hcnr_jax.data.benchmarks import REFUSAL_BENCHMARKS, load_benchmark, select
 from hcnr_jax.embedded import smollm2_gguf
-from hcnr_jax.eval.data import REFUSAL_BENCHMARKS, load_benchmark, select
 from hcnr_jax.eval.labels import load_labels, source_of
 from hcnr_jax.io import atomic_write_text
 

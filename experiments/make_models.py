@@ -48,9 +48,10 @@ def trim_to_sentences(text: str) -> str:
 def build_m0_data(out: Path, data_dir: str | None, per_benchmark: int, max_new_tokens: int, seed: int) -> None:
     """The M0 training set: per benchmark ``per_benchmark`` calibration-pool rows, half unanswerable."""
     from hcnr_jax import load_pretrained
+    from hcnr_jax.data.benchmarks import load_benchmark, order_key
+    from hcnr_jax.data.calibration import IDK_RESPONSE, training_rows
+    from hcnr_jax.data.jsonl import write_jsonl
     from hcnr_jax.embedded import smollm2_gguf
-    from hcnr_jax.eval.calibration import IDK_RESPONSE, training_rows, write_jsonl
-    from hcnr_jax.eval.data import load_benchmark, order_key
     from hcnr_jax.generation import generate
 
     rows = []
@@ -78,8 +79,9 @@ def build_m0_data(out: Path, data_dir: str | None, per_benchmark: int, max_new_t
 
 def build_m1_data(out: Path, data_dir: str | None, n: int, seed: int) -> None:
     """The M1 (task SFT) training set: HotpotQA calibration-pool questions -> their gold answer."""
-    from hcnr_jax.eval.calibration import task_samples, write_jsonl
-    from hcnr_jax.eval.data import load_benchmark
+    from hcnr_jax.data.benchmarks import load_benchmark
+    from hcnr_jax.data.calibration import task_samples
+    from hcnr_jax.data.jsonl import write_jsonl
 
     pool = [r for r in load_benchmark("hotpotqa", data_dir) if r["split"] == "calibration"]
     write_jsonl(task_samples(pool, n, "hotpotqa"), out, keys=("prompt", "response", "id"))

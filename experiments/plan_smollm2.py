@@ -54,7 +54,7 @@ def load():
     """(model, honesty samples, plan request) exactly as the parent and every child see them."""
     import hcnr_jax
     from hcnr_jax import plan as planlib
-    from hcnr_jax.data import load_samples
+    from hcnr_jax.data.samples import load_samples
     from hcnr_jax.embedded import calibration_file, smollm2_gguf
     from hcnr_jax.repair.config import RepairConfig
     from hcnr_jax.stats.fisher_accum import target_capacity
@@ -94,8 +94,7 @@ def measure(step_name: str) -> dict:
             init = partial(hessian_accum.init, cfg=cfg, owners=tuple(planlib.kept_owners(cfg, rcfg)))
             update, opts = stats.hessian_update, {"backend": "auto"}
         state0 = jax.eval_shape(init, params)
-        step, state_sh, param_sh, batch_sh = engine.step_and_shardings(
-            update, cfg, tuple(sorted(opts.items())), mesh, False, state0, params)
+        step, state_sh, param_sh, batch_sh = engine.step_and_shardings(update, cfg, opts, mesh, False, state0, params)
         dev_params = sharding.put_tree(params, param_sh)
         state = jax.tree.map(lambda s, sh: sharding.put(np.zeros(s.shape, s.dtype), sh), state0, state_sh)
         b = req.batch_size

@@ -136,7 +136,7 @@ def prompt_ids(model: Any, rows: Sequence[dict]) -> list[list[int]]:
 
 def load_rows(benchmarks: Sequence[str], data_dir: str | None, limit: int | None, seed: int) -> list[dict]:
     """The evaluation rows `hcnr eval --limit` would score, benchmark after benchmark."""
-    from hcnr_jax.eval.data import load_benchmark, select
+    from hcnr_jax.data.benchmarks import load_benchmark, select
 
     rows = []
     for bench in benchmarks:
@@ -312,7 +312,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from hcnr_jax.commands.eval import _benchmarks, resolve_benchmarks
-    from hcnr_jax.eval.data import BENCHMARKS, locate
+    from hcnr_jax.data.benchmarks import BENCHMARKS, locate
     from hcnr_jax.io import atomic_write_text, finite_json, portable_path
     from hcnr_jax.pretrained import load_pretrained
 

@@ -189,7 +189,7 @@ def compare_model(ours: Any, ref: Any, ids: list[list[int]], pad: int, new_token
     import torch
 
     import hcnr_jax
-    from hcnr_jax.generation import greedy_tokens
+    from hcnr_jax.generation import generate_tokens
 
     # Ours: one right-padded batch (one compilation; padding after a row changes none of its logits).
     width = max(map(len, ids))
@@ -214,7 +214,7 @@ def compare_model(ours: Any, ref: Any, ids: list[list[int]], pad: int, new_token
     batch = np.array([[pad] * (width - len(r)) + r for r in ids])
     mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in ids], bool)
     t = time.perf_counter()
-    toks, _ = greedy_tokens(ours.params, ours.config, batch, mask, np.array([-1]), new_tokens, pad)
+    toks, _ = generate_tokens(ours.params, ours.config, batch, mask, np.array([-1]), new_tokens, pad)
     toks = np.asarray(toks).tolist()
     t_ours = time.perf_counter() - t
     same = [a == b for a, b in zip(toks, want_toks, strict=True)]

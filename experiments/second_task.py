@@ -31,8 +31,8 @@ BUNDLED = Path(__file__).resolve().parents[1] / "hcnr_jax" / "bundled" / "models
 
 
 def build_data(work: Path, data_dir: str | None, n: int, seed: int) -> None:
-    from hcnr_jax.eval.calibration import write_jsonl
-    from hcnr_jax.eval.data import load_benchmark, order_key
+    from hcnr_jax.data.benchmarks import load_benchmark, order_key
+    from hcnr_jax.data.jsonl import write_jsonl
     from hcnr_jax.eval.runner import MCQ_LETTERS, mcq_prompt
 
     pool = sorted((r for r in load_benchmark("medmcqa", data_dir) if r["split"] == "calibration"),

@@ -12,6 +12,7 @@ from hcnr_jax.repair import RepairConfig
 # `import hcnr_jax.repair.solvers as s` would look through it, so write the `from` form).
 from hcnr_jax.repair.pipeline import repair
 from hcnr_jax.source import ModelSource
+from hcnr_jax.stats import StatsOptions
 
 __all__ = [
     "CheckpointError",
@@ -21,6 +22,7 @@ __all__ = [
     "ModelSource",
     "Pretrained",
     "RepairConfig",
+    "StatsOptions",
     "config_from_hf",
     "generate",
     "load_pretrained",

@@ -1,5 +1,5 @@
-"""The `hcnr` command line. Each subcommand lives in `hcnr_jax/commands/<name>.py` and defines
-`add_parser(subparsers)` (which sets `func`); this file only wires them together."""
+"""The `hcnr` command line. Each subcommand lives in `hcnr_jax/commands/<module>.py` (`MODULES`) and
+defines `add_parser(subparsers)` (which sets `func`); this file only wires them together."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import sys
 from hcnr_jax import interrupt
 from hcnr_jax.errors import HcnrError
 
-# Subcommand modules, in the order `hcnr --help` lists them.
+# Subcommands, in the order `hcnr --help` lists them.
 COMMANDS = ("demo", "convert", "stats", "repair", "merge", "plan", "eval", "data", "calib", "train", "honesty-data",
             "compare", "cache")
+# The module of each command: its name with "_" for "-", but `hcnr data` is benchmarks.py (`hcnr_jax.data`
+# is the library's data package).
+MODULES = {name: name.replace("-", "_") for name in COMMANDS} | {"data": "benchmarks"}
 
 
 DESCRIPTION = ("Training-free honesty repair of fine-tuned LLMs (HCNR, arXiv 2511.12991) in JAX: repair, "
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, help="the command (each has its own --help)")
     for name in COMMANDS:
-        importlib.import_module(f"hcnr_jax.commands.{name.replace('-', '_')}").add_parser(sub)
+        importlib.import_module(f"hcnr_jax.commands.{MODULES[name]}").add_parser(sub)
     return parser
 
 

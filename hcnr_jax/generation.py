@@ -1,11 +1,12 @@
 """Batched generation with the KV cache: greedy, or sampled with temperature and top-p.
 
-``greedy_tokens`` is the pure, jitted core (left-padded prompts in, new tokens out);
-``greedy_tokens_packed`` the same for prompts packed by ``pack_prompts`` (no prefill work on
+``generate_tokens`` is the pure, jitted core (left-padded prompts in, new tokens out);
+``generate_tokens_packed`` the same for prompts packed by ``pack_prompts`` (no prefill work on
 padding, a shared prefix such as the chat template's system prompt computed once), which
 ``generate_ids`` uses; ``generate`` is the text front end (chat template, batching, decoding).
-Both cores decode greedily unless given per-row PRNG keys (``row_keys``); then each token is drawn
-by ``sample_next``, the pure sampling step, with the key ``fold_in(row_key, step)``.
+The sampling choice is the cores' ``keys`` argument: None decodes greedily (argmax); per-row PRNG
+keys (``row_keys``) sample, each token drawn by ``sample_next``, the pure sampling step, with the
+key ``fold_in(row_key, step)``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from hcnr_jax import interrupt
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.model import KVCache, forward, init_cache, lm_head
+from hcnr_jax.model import KVCache, forward, init_kv_cache, lm_head
 from hcnr_jax.params import Params
 
 # (step, logits [B, V] float32) -> next tokens [B] int32; step 0 is the token after the prompt.
@@ -103,10 +104,10 @@ def _picker(keys: jax.Array | None, temperature: float | jax.Array, top_p: float
     return pick
 
 
-def _decode(params: Params, cfg: ModelConfig, first: jax.Array, cache: KVCache, eos_ids: jax.Array,
+def _decode(params: Params, cfg: ModelConfig, first: jax.Array, kv_cache: KVCache, eos_ids: jax.Array,
             max_new_tokens: int, pad_id: int | jax.Array, pick: Picker = _greedy) -> tuple[jax.Array, jax.Array]:
     """Decode steps 1.. from each row's first new token ``first [B]`` (step 0) and the prompts'
-    cache, choosing each token with ``pick``; returns ``(tokens [B, max_new_tokens], lengths [B])``."""
+    KV cache, choosing each token with ``pick``; returns ``(tokens [B, max_new_tokens], lengths [B])``."""
     b = first.shape[0]
 
     def cond(state: tuple) -> jax.Array:
@@ -114,15 +115,15 @@ def _decode(params: Params, cfg: ModelConfig, first: jax.Array, cache: KVCache, 
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state: tuple) -> tuple:
-        i, tok, done, cache, buf = state
+        i, tok, done, kv_cache, buf = state
         buf = buf.at[:, i].set(jnp.where(done, pad_id, tok))
         done = done | jnp.isin(tok, eos_ids)
-        step = forward(params, cfg, tok[:, None], jnp.ones((b, 1), bool), cache=cache, return_logits=False)
+        step = forward(params, cfg, tok[:, None], jnp.ones((b, 1), bool), kv_cache=kv_cache, return_logits=False)
         nxt = pick(i + 1, lm_head(params, cfg, step.hidden)[:, 0])
-        return i + 1, nxt, done, step.cache, buf
+        return i + 1, nxt, done, step.kv_cache, buf
 
     buf = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.zeros((), jnp.int32), first, jnp.zeros((b,), bool), cache, buf)
+    state = (jnp.zeros((), jnp.int32), first, jnp.zeros((b,), bool), kv_cache, buf)
     _, _, _, _, buf = jax.lax.while_loop(cond, body, state)
     is_eos = jnp.isin(buf, eos_ids)
     first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
@@ -135,7 +136,7 @@ def _first_token(params: Params, cfg: ModelConfig, hidden: jax.Array, pick: Pick
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def greedy_tokens(
+def generate_tokens(
     params: Params,
     cfg: ModelConfig,
     input_ids: jax.Array,
@@ -147,28 +148,30 @@ def greedy_tokens(
     temperature: float | jax.Array = 0.0,
     top_p: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Greedy (or sampled) continuation of left-padded prompts ``input_ids [B, T]``.
+    """The continuation of left-padded prompts ``input_ids [B, T]``: greedy without ``keys``,
+    sampled with them.
 
     Returns ``tokens [B, max_new_tokens]`` (``pad_id`` after a row's end of sequence) and
     ``lengths [B]``: the number of generated tokens, the end-of-sequence token included.
     With ``keys [B]`` (``row_keys``) tokens are drawn by ``sample_next(logits, fold_in(keys[r],
     step), temperature, top_p)``; ``temperature``/``top_p`` are traced (no recompilation when they
-    change) and temperature 0 gives the greedy tokens. Without keys, greedy.
+    change) and temperature 0 gives the greedy tokens. ``keys=None`` compiles the greedy program
+    (argmax, no sampling code).
     """
     b, t = input_ids.shape
     dtype = params["model"]["embed_tokens"]["weight"].dtype
     pick = _picker(keys, temperature, top_p)
-    cache = init_cache(cfg, b, t + max_new_tokens, dtype)
-    out = forward(params, cfg, input_ids, attention_mask, cache=cache, return_logits=False)
+    kv_cache = init_kv_cache(cfg, b, t + max_new_tokens, dtype)
+    out = forward(params, cfg, input_ids, attention_mask, kv_cache=kv_cache, return_logits=False)
     first = _first_token(params, cfg, out.hidden[:, -1], pick)
-    return _decode(params, cfg, first, out.cache, eos_ids, max_new_tokens, pad_id, pick)
+    return _decode(params, cfg, first, out.kv_cache, eos_ids, max_new_tokens, pad_id, pick)
 
 
 class PackedPrompts(NamedTuple):
     """A batch of prompts packed for one prefill without padding waste (``pack_prompts``).
 
     Lanes hold the prompts' common prefix once, then each prompt's remaining tokens as its own
-    segment; ``gather`` lays the computed keys and values out as the left-padded per-row cache
+    segment; ``gather`` lays the computed keys and values out as the left-padded per-row KV cache
     that decoding continues from.
     """
 
@@ -176,7 +179,7 @@ class PackedPrompts(NamedTuple):
     segments: np.ndarray  # [R, C] int32: 0 the shared prefix, r + 1 the rest of row r
     positions: np.ndarray  # [R, C] int32 position of each token in its own prompt
     mask: np.ndarray  # [R, C] bool: a real token (lanes end in padding)
-    gather: np.ndarray  # [B, W] int32 flat lane index (lane * C + i) of the token at each cache slot
+    gather: np.ndarray  # [B, W] int32 flat lane index (lane * C + i) of the token at each KV-cache slot
     valid: np.ndarray  # [B, W] bool: the slot holds a prompt token (prompts are right-aligned)
     last: np.ndarray  # [B] int32 flat lane index of each prompt's last token
 
@@ -184,10 +187,10 @@ class PackedPrompts(NamedTuple):
 def _bucket_tokens(n: int) -> int:
     """Round a packed length up to one of a few sizes per octave (at most 25% waste), so that
     batches of similar size share a compilation."""
-    return _bucket(n, max(64, 1 << max(n.bit_length() - 3, 0)))
+    return padded_length(n, max(64, 1 << max(n.bit_length() - 3, 0)))
 
 
-PackShape = tuple[int, int, int]  # (lanes R, lane length C, cache width W)
+PackShape = tuple[int, int, int]  # (lanes R, lane length C, KV-cache width W)
 
 
 def _layout(rows: list[list[int]], lane_tokens: int) -> tuple[int, list[list[int]], PackShape]:
@@ -204,7 +207,7 @@ def _layout(rows: list[list[int]], lane_tokens: int) -> tuple[int, list[list[int
         lanes[-1].append(r)
         size += len(row) - p
     c = _bucket_tokens(max(p + sum(len(rows[r]) - p for r in lane) for lane in lanes))
-    return p, lanes, (len(lanes), c, _bucket(max(map(len, rows))))
+    return p, lanes, (len(lanes), c, padded_length(max(map(len, rows))))
 
 
 def _checked_rows(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -223,7 +226,7 @@ def pack_prompts(prompt_ids: Sequence[Sequence[int]], batch_size: int, pad_id: i
     prompts are split over lanes of about ``lane_tokens`` tokens. Rows past the prompts
     (a short last batch) get one dummy token, and their outputs are meaningless.
 
-    ``shape = (R, C, W)``: lower bounds on the lane count, lane length and cache width (extra
+    ``shape = (R, C, W)``: lower bounds on the lane count, lane length and KV-cache width (extra
     lanes stay empty); batches packed to the same shape share one compilation (``pack_shape``)."""
     rows = _checked_rows(prompt_ids, batch_size)
     p, lanes, need = _layout(rows, lane_tokens)
@@ -260,7 +263,7 @@ def pack_shape(prompt_ids: Sequence[Sequence[int]], batch_size: int, lane_tokens
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def greedy_tokens_packed(
+def generate_tokens_packed(
     params: Params,
     cfg: ModelConfig,
     packed: PackedPrompts,
@@ -271,13 +274,14 @@ def greedy_tokens_packed(
     temperature: float | jax.Array = 0.0,
     top_p: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """``greedy_tokens`` for prompts packed by ``pack_prompts``: the same tokens, with the prefill
-    spending no work on padding and computing a shared prefix once per lane. ``keys [B]`` (one per
-    row, filler rows included), ``temperature`` and ``top_p`` sample as in ``greedy_tokens``."""
+    """``generate_tokens`` for prompts packed by ``pack_prompts``: the same tokens, with the prefill
+    spending no work on padding and computing a shared prefix once per lane. Greedy without
+    ``keys``; ``keys [B]`` (one per row, filler rows included), ``temperature`` and ``top_p``
+    sample as in ``generate_tokens``."""
     r, c = packed.ids.shape
     dtype = params["model"]["embed_tokens"]["weight"].dtype
     pick = _picker(keys, temperature, top_p)
-    out = forward(params, cfg, packed.ids, packed.mask, packed.positions, cache=init_cache(cfg, r, c, dtype),
+    out = forward(params, cfg, packed.ids, packed.mask, packed.positions, kv_cache=init_kv_cache(cfg, r, c, dtype),
                   segment_ids=packed.segments, return_logits=False)
     first = _first_token(params, cfg, out.hidden.reshape(r * c, -1)[packed.last], pick)
 
@@ -286,9 +290,9 @@ def greedy_tokens_packed(
         return jnp.pad(kv, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
 
     w = packed.gather.shape[1]
-    cache = KVCache(rows(out.cache.k), rows(out.cache.v), jnp.pad(packed.valid, ((0, 0), (0, max_new_tokens))),
-                    jnp.asarray(w, jnp.int32))
-    return _decode(params, cfg, first, cache, eos_ids, max_new_tokens, pad_id, pick)
+    kv_cache = KVCache(rows(out.kv_cache.k), rows(out.kv_cache.v),
+                       jnp.pad(packed.valid, ((0, 0), (0, max_new_tokens))), jnp.asarray(w, jnp.int32))
+    return _decode(params, cfg, first, kv_cache, eos_ids, max_new_tokens, pad_id, pick)
 
 
 def eos_token_ids(model: Any) -> list[int]:
@@ -310,7 +314,8 @@ def eos_token_ids(model: Any) -> list[int]:
     return ids
 
 
-def _bucket(n: int, multiple: int = 32) -> int:
+def padded_length(n: int, multiple: int = 32) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: prompt widths in few shapes, so few compilations."""
     return -(-n // multiple) * multiple
 
 
@@ -381,10 +386,10 @@ def generate_ids(
         if sampling:
             # Filler rows (a short last batch) draw from index 0's stream; their tokens are dropped.
             idx = [indices[i] for i in rows] + [0] * (batch_size - len(rows))
-            toks, lengths = greedy_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad,
-                                                 row_keys(key, idx), *settings)
+            toks, lengths = generate_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad,
+                                                   row_keys(key, idx), *settings)
         else:
-            toks, lengths = greedy_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad)
+            toks, lengths = generate_tokens_packed(model.params, model.config, packed, eos, max_new_tokens, pad)
         toks, lengths = np.asarray(toks), np.asarray(lengths)
         results.update((i, toks[r, : lengths[r]].tolist()) for r, i in enumerate(rows))
         bar.update(len(rows))

@@ -284,6 +284,100 @@ def _dead_here(holder: dict[str, Any] | None) -> bool:
         and not _pid_alive(holder["pid"])
 
 
+def _open_lock_file(path: Path) -> int | None:
+    """The lock file's descriptor (the file created when missing); None in a folder where it cannot
+    be created (read-only: warned)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # A read-only folder (a shared cache of finished results): nothing can be written to it anyway.
+        log.warning("%s: cannot create the lock file (%s); going on without a lock", path, e.strerror)
+        return None
+
+
+def _flock(fd: int, path: Path, what: str) -> str:
+    """One non-blocking try to lock ``fd``, ``path``'s descriptor: "locked"; "busy" (another
+    process holds it); "replaced" (its holder removed the file on release: ``fd`` closed, lock the
+    new one); "unsupported" (no locks on this filesystem: ``fd`` closed, warned)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _same_file(fd, path):
+            return "locked"
+        os.close(fd)
+        return "replaced"
+    except BlockingIOError:
+        return "busy"
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        log.warning("%s: this filesystem does not support locks (%s); make sure no other run uses %s",
+                    path, e, what)
+        return "unsupported"
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _remove_stale(path: Path, holder: dict[str, Any]) -> None:
+    """Remove a stale lock file, still locked by a child that a process of this host, now gone,
+    forked: the next try creates and locks a new one."""
+    log.warning("%s: taking over the lock of process %s on this host, which is gone (a process it "
+                "forked still holds the file)", path, holder["pid"])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _acquire(path: Path, what: str, timeout: float, flag: str, poll: float) -> int | None:
+    """Wait for the lock on ``path``: its locked descriptor, or None where no lock can be had
+    (warned). Waits up to ``timeout`` seconds for a live holder, then raises `HcnrError`."""
+    deadline = time.monotonic() + max(timeout, 0.0)
+    told = False
+    while True:
+        fd = _open_lock_file(path)
+        if fd is None:
+            return None
+        state = _flock(fd, path, what)
+        if state == "locked":
+            return fd
+        if state == "unsupported":
+            return None
+        if state == "replaced":
+            continue
+        holder = _lock_holder(fd)
+        stale = _dead_here(holder) and _same_file(fd, path)
+        os.close(fd)
+        if stale:
+            _remove_stale(path, holder)  # type: ignore[arg-type]
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HcnrError(f"{path}: {what} is locked by {_describe_holder(holder)}; gave up after waiting "
+                            f"{timeout:g} s ({flag}). Wait for that run to end, or remove {path} if it is not "
+                            "running")
+        if not told:
+            log.warning("%s is locked by %s; waiting up to %g s for it (%s)", what, _describe_holder(holder),
+                        timeout, flag)
+            told = True
+        time.sleep(min(poll, left))
+
+
+def _record_holder(fd: int, path: Path) -> None:
+    """Write this process (host, pid, start time, command) into the lock file ``fd`` it holds."""
+    previous = _lock_holder(fd)
+    if previous:
+        log.warning("%s: taking over the lock left by %s, which no longer holds it (a killed run)",
+                    path, _describe_holder(previous))
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(sys.argv)[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, timeout: float = LOCK_TIMEOUT_S, what: str | None = None,
               flag: str = "--lock-timeout", poll: float = 0.5) -> Iterator[Path]:
@@ -297,74 +391,15 @@ def file_lock(path: str | os.PathLike, *, timeout: float = LOCK_TIMEOUT_S, what:
     seconds (``flag`` is the option that sets it) and an `HcnrError` naming the holder. On a
     filesystem without locks, or where the lock file cannot be created (read-only), the block runs
     unlocked, with a warning."""
-    import fcntl
-
     path = Path(path)
     what = what or str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + max(timeout, 0.0)
-    told = False
-    fd: int | None = None
-    while fd is None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            # A read-only folder (a shared cache of finished results): nothing can be written to it anyway.
-            log.warning("%s: cannot create the lock file (%s); going on without a lock", path, e.strerror)
-            break
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _same_file(fd, path):  # the holder removed it on release: lock the new one
-                os.close(fd)
-                fd = None
-            continue
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            log.warning("%s: this filesystem does not support locks (%s); make sure no other run uses %s",
-                        path, e, what)
-            fd = None
-            break
-        except BaseException:
-            os.close(fd)
-            raise
-        holder = _lock_holder(fd)
-        stale = _dead_here(holder) and _same_file(fd, path)
-        os.close(fd)
-        fd = None
-        if stale:
-            log.warning("%s: taking over the lock of process %s on this host, which is gone (a process it "
-                        "forked still holds the file)", path, holder["pid"])  # type: ignore[index]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            continue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise HcnrError(f"{path}: {what} is locked by {_describe_holder(holder)}; gave up after waiting "
-                            f"{timeout:g} s ({flag}). Wait for that run to end, or remove {path} if it is not "
-                            "running")
-        if not told:
-            log.warning("%s is locked by %s; waiting up to %g s for it (%s)", what, _describe_holder(holder),
-                        timeout, flag)
-            told = True
-        time.sleep(min(poll, left))
-    if fd is None:  # no locks on this filesystem
+    fd = _acquire(path, what, timeout, flag, poll)
+    if fd is None:  # no locks here
         yield path
         return
     try:
-        previous = _lock_holder(fd)
-        if previous:
-            log.warning("%s: taking over the lock left by %s, which no longer holds it (a killed run)",
-                        path, _describe_holder(previous))
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv)[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        _record_holder(fd, path)
         yield path
     finally:
         if _same_file(fd, path):

@@ -42,8 +42,9 @@ LinearFn = Callable[[Mapping[str, jax.Array], jax.Array, str], jax.Array]
 
 
 class KVCache(NamedTuple):
-    """Preallocated key/value cache. ``valid[b, s]`` marks slots holding a real (non-pad) token;
-    ``length`` is how many slots are filled (the same for every row: batches are left-padded)."""
+    """Preallocated attention key/value cache (KV cache). ``valid[b, s]`` marks slots holding a real
+    (non-pad) token; ``length`` is how many slots are filled (the same for every row: batches are
+    left-padded)."""
 
     k: jax.Array  # [L, B, S, K, H]
     v: jax.Array  # [L, B, S, K, H]
@@ -54,14 +55,15 @@ class KVCache(NamedTuple):
 class Output(NamedTuple):
     logits: jax.Array | None  # [B, T, V] float32
     hidden: jax.Array  # [B, T, D] final-norm hidden states
-    cache: KVCache | None
+    kv_cache: KVCache | None  # the updated KV cache (forward(kv_cache=...))
     inputs: dict[str, jax.Array]  # HF linear weight name -> input [B, T, in] (capture=True)
     # The residual stream [B, T, D] before block 0 (the embeddings) and after each block, L + 1 in
     # all, as Hugging Face's hidden_states but with the last entry before the final norm (hidden_states=True).
     states: tuple[jax.Array, ...] | None = None
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty KV cache of ``max_len`` slots for ``batch`` rows."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
@@ -162,10 +164,126 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mode
     return out.reshape(b, t, n * h)
 
 
-def default_positions(attention_mask: jax.Array, cache: KVCache | None = None) -> jax.Array:
-    """Position of each token = number of real tokens before it (left or right padding)."""
-    prior = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
+def default_positions(attention_mask: jax.Array, kv_cache: KVCache | None = None) -> jax.Array:
+    """Position of each token ``[B, T]`` = number of real tokens before it (left or right padding;
+    with a KV cache, its valid slots included)."""
+    prior = 0 if kv_cache is None else jnp.sum(kv_cache.valid, axis=1, dtype=jnp.int32)[:, None]
     return jnp.maximum(prior + jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class _Pass(NamedTuple):
+    """What every block of one forward pass shares (built once by `forward`)."""
+
+    cfg: ModelConfig
+    linear: LinearFn
+    masks: dict[int | None, jax.Array]  # sliding window (None: global) -> attention mask [B, T, S]
+    ropes: dict[bool, tuple[jax.Array, jax.Array]]  # local (sliding) layer? -> RoPE (cos, sin) of the positions
+    start: jax.Array  # [] int32: the KV-cache slot of the first token (0 without a KV cache)
+    precision: Precision
+
+
+def _check_modes(kv_cache: KVCache | None, capture: bool, probes: Mapping[str, jax.Array] | None,
+                 linear: LinearFn | None, remat: bool) -> None:
+    if linear is not None and (capture or probes):
+        raise ValueError("forward: a custom linear cannot also capture inputs or add probes")
+    if remat and (kv_cache is not None or capture):
+        raise ValueError("forward: remat is for gradients without a KV cache or captured inputs")
+
+
+def _segments(segment_ids: jax.Array, positions: jax.Array, kv_cache: KVCache | None,
+              start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(q_seg [B,T], k_seg [B,S], q_pos [B,T], k_pos [B,S])`` of packed sequences (`_attention_mask`);
+    with a KV cache the keys are its slots, these tokens' written at ``start`` (the others 0)."""
+    if kv_cache is None:
+        return segment_ids, segment_ids, positions, positions
+
+    def slots(a: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(jnp.zeros(kv_cache.valid.shape, jnp.int32), a.astype(jnp.int32),
+                                            (0, start))
+
+    return segment_ids, slots(segment_ids), positions, slots(positions)
+
+
+def _attention_masks(cfg: ModelConfig, attention_mask: jax.Array, positions: jax.Array, kv_cache: KVCache | None,
+                     segment_ids: jax.Array | None) -> tuple[dict[int | None, jax.Array], jax.Array, jax.Array]:
+    """``(masks, start, key_valid)``: sliding window -> mask ``[B, T, S]`` (`_attention_mask`), the
+    first token's KV-cache slot ``[]`` and the real keys ``[B, S]``. The keys are the ``T`` tokens
+    themselves, or with a KV cache its ``S`` slots, these tokens written at ``start``."""
+    t = attention_mask.shape[1]
+    start = jnp.zeros((), jnp.int32) if kv_cache is None else kv_cache.length
+    q_idx = start + jnp.arange(t, dtype=jnp.int32)
+    if kv_cache is None:
+        k_idx, key_valid = q_idx, attention_mask
+    else:
+        key_valid = jax.lax.dynamic_update_slice(kv_cache.valid, attention_mask, (0, start))
+        k_idx = jnp.arange(kv_cache.valid.shape[1], dtype=jnp.int32)
+    segments = None if segment_ids is None else _segments(segment_ids, positions, kv_cache, start)
+    masks = {w: _attention_mask(q_idx, k_idx, key_valid, w, segments) for w in set(cfg.sliding_windows)}
+    return masks, start, key_valid
+
+
+_KV = tuple[jax.Array, jax.Array]  # a KV cache's stacked keys and values, [L, B, S, K, H] each
+
+
+def _self_attention(s: _Pass, i: int, attn: Params, h: jax.Array, kv: _KV | None) -> tuple[jax.Array, _KV | None]:
+    """Block ``i``'s attention of its normed input ``h [B, T, D]`` -> ``[B, T, D]``. With ``kv``, the
+    tokens' keys and values are written into layer ``i``'s slots from ``s.start`` on and the queries
+    attend over every slot; the updated ``kv`` is returned."""
+    cfg, linear = s.cfg, s.linear
+    b, t, _ = h.shape
+    pre = f"model.layers.{i}.self_attn."
+    q = linear(attn["q_proj"], h, pre + "q_proj.weight").reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = linear(attn["k_proj"], h, pre + "k_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(attn["v_proj"], h, pre + "v_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q, k = _norm(cfg, q, attn["q_norm"]), _norm(cfg, k, attn["k_norm"])
+    cos, sin = s.ropes[rope.is_local(cfg, i)]
+    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    if kv is not None:
+        # Update the stacked KV cache in place (XLA aliases it) and attend over all its slots.
+        ck, cv = kv
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, s.start, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, s.start, 0, 0))
+        k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
+        kv = (ck, cv)
+    o = _attend(q, k, v, s.masks[cfg.sliding_windows[i]], cfg, s.precision)
+    return linear(attn["o_proj"], o, pre + "o_proj.weight"), kv
+
+
+def _mlp(s: _Pass, i: int, mlp: Params, h: jax.Array) -> jax.Array:
+    """Block ``i``'s gated MLP of its normed input ``h [B, T, D]`` -> ``[B, T, D]``."""
+    pre = f"model.layers.{i}.mlp."
+    gate = s.linear(mlp["gate_proj"], h, pre + "gate_proj.weight")
+    up = s.linear(mlp["up_proj"], h, pre + "up_proj.weight")
+    return s.linear(mlp["down_proj"], ACTIVATIONS[s.cfg.hidden_act](gate) * up, pre + "down_proj.weight")
+
+
+def _block(s: _Pass, i: int, layer: Params, x: jax.Array, kv: _KV | None) -> tuple[jax.Array, _KV | None]:
+    """Block ``i`` on the residual stream ``x [B, T, D]`` -> ``[B, T, D]`` (and the updated ``kv``)."""
+    cfg = s.cfg
+    o, kv = _self_attention(s, i, layer["self_attn"], _norm(cfg, x, layer["input_layernorm"]), kv)
+    if cfg.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
+        x = x + _norm(cfg, o, layer["post_attention_layernorm"])
+        h = _norm(cfg, x, layer["pre_feedforward_layernorm"])
+    else:  # Llama: post_attention_layernorm is the MLP's input norm
+        x = x + o
+        h = _norm(cfg, x, layer["post_attention_layernorm"])
+    m = _mlp(s, i, layer["mlp"], h)
+    return x + (_norm(cfg, m, layer["post_feedforward_layernorm"]) if cfg.sandwich_norms else m), kv
+
+
+def _blocks(s: _Pass, layers: list[Params], x: jax.Array, kv: _KV | None,
+            remat: bool) -> tuple[list[jax.Array], _KV | None]:
+    """Every block in turn from the embeddings ``x [B, T, D]``: the residual stream before and
+    after each block (L + 1 arrays ``[B, T, D]``) and the updated ``kv``."""
+    states = [x]
+    for i, layer in enumerate(layers):
+        if remat:  # only the block's input is kept for the backward pass; the rest is recomputed there
+            x = remat_call(lambda layer, x, i=i: _block(s, i, layer, x, None)[0], layer, x)
+        else:
+            x, kv = _block(s, i, layer, x, kv)
+        states.append(x)
+    return states, kv
 
 
 def forward(
@@ -174,7 +292,7 @@ def forward(
     input_ids: jax.Array,
     attention_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
-    cache: KVCache | None = None,
+    kv_cache: KVCache | None = None,
     *,
     capture: bool = False,
     probes: Mapping[str, jax.Array] | None = None,
@@ -188,12 +306,12 @@ def forward(
     """Run the model on ``input_ids [B, T]``.
 
     ``attention_mask [B, T]`` (1 real, 0 padding) defaults to all ones; ``positions [B, T]`` to
-    the count of real tokens before each one. With ``cache``, the tokens are appended at slot
-    ``cache.length`` and attend to everything cached before them; the updated cache is returned.
+    the count of real tokens before each one. With ``kv_cache``, the tokens are appended at slot
+    ``kv_cache.length`` and attend to everything cached before them; the updated KV cache is returned.
 
     ``segment_ids [B, T]`` (int, >= 0) packs several sequences into one row: a token attends only
     to earlier tokens of its own segment and of segment 0, a prefix they share. Give explicit
-    ``positions``; with a cache, it must be empty (earlier slots would count as segment 0).
+    ``positions``; with a KV cache, it must be empty (earlier slots would count as segment 0).
 
     ``precision``: the matmul precision of every einsum (None: XLA's default; the statistics pass
     ``jax.lax.Precision.HIGHEST``, see the module doc). ``hidden_states``: also return the residual
@@ -203,92 +321,28 @@ def forward(
     (``p`` the layer's params, ``x [B, T, in]``; the Fisher passes one whose backward reduces the
     weight-gradient norms in place); not with ``capture`` or ``probes``. ``remat``: recompute each
     block in the backward pass (``jax.checkpoint``), so that a gradient keeps one block's
-    activations live at a time, not every block's; not with a cache.
+    activations live at a time, not every block's; not with a KV cache.
     """
+    _check_modes(kv_cache, capture, probes, linear, remat)
     b, t = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
     if positions is None:
-        positions = default_positions(attention_mask, cache)
-
-    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-    q_idx = start + jnp.arange(t, dtype=jnp.int32)
-    if cache is None:
-        k_idx, key_valid = q_idx, attention_mask
-    else:
-        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, start))
-        k_idx, key_valid = jnp.arange(cache.valid.shape[1], dtype=jnp.int32), valid
-    segments = None
-    if segment_ids is not None:
-        if cache is None:
-            segments = (segment_ids, segment_ids, positions, positions)
-        else:
-            k_seg = jax.lax.dynamic_update_slice(jnp.zeros(cache.valid.shape, jnp.int32),
-                                                 segment_ids.astype(jnp.int32), (0, start))
-            k_pos = jax.lax.dynamic_update_slice(jnp.zeros(cache.valid.shape, jnp.int32),
-                                                 positions.astype(jnp.int32), (0, start))
-            segments = (segment_ids, k_seg, positions, k_pos)
-    masks = {w: _attention_mask(q_idx, k_idx, key_valid, w, segments) for w in set(cfg.sliding_windows)}
-
-    local = [rope.is_local(cfg, i) for i in range(cfg.num_layers)]
-    ropes = {kind: rope.cos_sin(cfg, positions, kind) for kind in set(local)}
-    if linear is not None and (capture or probes):
-        raise ValueError("forward: a custom linear cannot also capture inputs or add probes")
-    if remat and (cache is not None or capture):
-        raise ValueError("forward: remat is for gradients without a cache or captured inputs")
+        positions = default_positions(attention_mask, kv_cache)
+    masks, start, key_valid = _attention_masks(cfg, attention_mask, positions, kv_cache, segment_ids)
+    kinds = {rope.is_local(cfg, i) for i in range(cfg.num_layers)}  # local (sliding) layers have their own RoPE
+    ropes = {local: rope.cos_sin(cfg, positions, local) for local in kinds}
     recorder = _Linears(capture, probes, precision)
-    linear = linear or recorder
-    act = ACTIVATIONS[cfg.hidden_act]
+    s = _Pass(cfg, linear or recorder, masks, ropes, start, precision)
+
     x = embed(params, cfg, input_ids)
-    states = [x]
-    ck, cv = (None, None) if cache is None else (cache.k, cache.v)
-
-    def block(i: int, layer: Params, x: jax.Array, ck: jax.Array | None, cv: jax.Array | None) -> tuple:
-        pre = f"model.layers.{i}."
-        attn = layer["self_attn"]
-        h = _norm(cfg, x, layer["input_layernorm"])
-        q = linear(attn["q_proj"], h, pre + "self_attn.q_proj.weight").reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = linear(attn["k_proj"], h, pre + "self_attn.k_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = linear(attn["v_proj"], h, pre + "self_attn.v_proj.weight").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = _norm(cfg, q, attn["q_norm"]), _norm(cfg, k, attn["k_norm"])
-        cos, sin = ropes[local[i]]
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        if cache is not None:
-            # Update the stacked cache in place (XLA aliases it) and attend over all its slots.
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, start, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
-            k, v = ck[i].astype(q.dtype), cv[i].astype(q.dtype)
-        o = _attend(q, k, v, masks[cfg.sliding_windows[i]], cfg, precision)
-        o = linear(attn["o_proj"], o, pre + "self_attn.o_proj.weight")
-        if cfg.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention output
-            x = x + _norm(cfg, o, layer["post_attention_layernorm"])
-            h = _norm(cfg, x, layer["pre_feedforward_layernorm"])
-        else:  # Llama: post_attention_layernorm is the MLP's input norm
-            x = x + o
-            h = _norm(cfg, x, layer["post_attention_layernorm"])
-
-        mlp = layer["mlp"]
-        gate = linear(mlp["gate_proj"], h, pre + "mlp.gate_proj.weight")
-        up = linear(mlp["up_proj"], h, pre + "mlp.up_proj.weight")
-        m = linear(mlp["down_proj"], act(gate) * up, pre + "mlp.down_proj.weight")
-        x = x + (_norm(cfg, m, layer["post_feedforward_layernorm"]) if cfg.sandwich_norms else m)
-        return x, ck, cv
-
-    for i, layer in enumerate(params["model"]["layers"]):
-        if remat:  # only the block's input is kept for the backward pass; the rest is recomputed there
-            x = remat_call(lambda layer, x, i=i: block(i, layer, x, None, None)[0], layer, x)
-        else:
-            x, ck, cv = block(i, layer, x, ck, cv)
-        states.append(x)
-
-    hidden = _norm(cfg, x, params["model"]["norm"])
+    kv = None if kv_cache is None else (kv_cache.k, kv_cache.v)
+    states, kv = _blocks(s, params["model"]["layers"], x, kv, remat)
+    hidden = _norm(cfg, states[-1], params["model"]["norm"])
     logits = lm_head(params, cfg, hidden, precision) if return_logits else None
-    out_cache = None
-    if cache is not None:
-        out_cache = KVCache(ck, cv, valid, start + t)
-    return Output(logits, hidden, out_cache, recorder.inputs, tuple(states) if hidden_states else None)
+    new_kv_cache = None if kv is None else KVCache(*kv, key_valid, start + t)
+    return Output(logits, hidden, new_kv_cache, recorder.inputs, tuple(states) if hidden_states else None)
 
 
 def remat_call(fn: Callable[..., jax.Array], *args: Any) -> jax.Array:

@@ -87,7 +87,7 @@ class PlanRequest:
 
     hf_config: Mapping[str, Any]
     devices: int = 1
-    mesh: str | None = None
+    mesh_spec: str | None = None  # e.g. "data=2,model=4" (a spec: the plan makes the mesh on its own devices)
     fsdp: bool = False
     batch_size: int = 8
     seq_len: int = 512
@@ -137,6 +137,33 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise HcnrError(f"{p}: expected a JSON object")
     return hf
+
+
+def load_checked_hf_config(path: str | Path) -> dict[str, Any]:
+    """`load_hf_config`, then rejected (`HcnrError`) unless it is a configuration hcnr supports,
+    before anything is compiled."""
+    from hcnr_jax.config import config_from_hf
+
+    hf = load_hf_config(path)
+    config_from_hf(hf, source=str(path))
+    return hf
+
+
+def devices_for(mesh_spec: str | None, devices: int | None) -> int:
+    """``hcnr plan``'s device count: ``devices`` when given, else the product of the mesh's
+    explicit sizes, else 1; checked against the mesh (``--mesh`` / ``--devices`` named)."""
+    from hcnr_jax.sharding import mesh_shape, parse_mesh
+
+    if devices is not None:
+        if devices < 1:
+            raise HcnrError(f"--devices {devices}: must be >= 1")
+    else:
+        sizes = parse_mesh(mesh_spec).values() if mesh_spec is not None else [1]
+        if any(s < 1 for s in sizes):
+            raise HcnrError(f"--mesh {mesh_spec}: give --devices with a -1 axis")
+        devices = math.prod(sizes)
+    mesh_shape(mesh_spec, devices)  # the mesh must fit the devices
+    return devices
 
 
 # --- dot FLOPs by operand dtype, from the lowered StableHLO ------------------------------------
@@ -245,7 +272,7 @@ def kept_owners(cfg: Any, rcfg: Any) -> list[str]:
     return sorted({owner(n) for n in kept})
 
 
-def _stat_step(update: Any, init: Any, cfg: Any, opts: dict[str, Any], mesh: Any, fsdp: bool, dtype: str,
+def _stat_step(update: Any, init: Any, cfg: Any, static: Mapping[str, Any], mesh: Any, fsdp: bool, dtype: str,
                batch: int, seq: int) -> dict[str, Any]:
     import jax
 
@@ -254,8 +281,7 @@ def _stat_step(update: Any, init: Any, cfg: Any, opts: dict[str, Any], mesh: Any
 
     params = _abstract_params(cfg, dtype)
     state0 = jax.eval_shape(init, params)
-    step, state_sh, param_sh, batch_sh = engine.step_and_shardings(
-        update, cfg, tuple(sorted(opts.items())), mesh, fsdp, state0, params)
+    step, state_sh, param_sh, batch_sh = engine.step_and_shardings(update, cfg, static, mesh, fsdp, state0, params)
     args = (sharding.abstract(state0, state_sh), sharding.abstract(params, param_sh),
             sharding.abstract(_abstract_batch(batch, seq), {k: batch_sh for k in ("input_ids", "attention_mask",
                                                                                    "loss_mask")}))
@@ -278,9 +304,9 @@ def fisher_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: i
 
     cap = seq - 1 if max_targets is None else min(max_targets, seq - 1)
     # Planned as an accelerator runs it: blocks recomputed (stats.fisher does so off a CPU).
-    opts = {"neuron_axis": rcfg.neuron_axis, "backend": "auto", "max_targets": cap, "remat": True}
+    static = stats.fisher_static(stats.StatsOptions(remat=True), rcfg.neuron_axis, cap)
     init = partial(fisher_accum.init, cfg=cfg, neuron_axis=rcfg.neuron_axis)
-    info = _stat_step(stats.fisher_update, init, cfg, opts, mesh, fsdp, dtype, batch, seq)
+    info = _stat_step(stats.fisher_update, init, cfg, static, mesh, fsdp, dtype, batch, seq)
     return {**info, "what": f"one Fisher update, batch [{batch}, {seq}], LM head at {cap} target slots per row"}
 
 
@@ -294,7 +320,8 @@ def hessian_step(cfg: Any, rcfg: Any, mesh: Any, fsdp: bool, dtype: str, batch: 
     passes = hessian_accum.split_passes(owners, cfg, rcfg.hessian_passes)
     largest = tuple(max(passes, key=lambda g: (sum(_in_dim(cfg, o) ** 2 for o in g), g))) if passes else ()
     init = partial(hessian_accum.init, cfg=cfg, owners=largest)
-    info = _stat_step(stats.hessian_update, init, cfg, {"backend": "auto"}, mesh, fsdp, dtype, batch, seq)
+    static = stats.hessian_static(stats.StatsOptions())
+    info = _stat_step(stats.hessian_update, init, cfg, static, mesh, fsdp, dtype, batch, seq)
     # Every pass's accumulators together (per device), for check_fit's advice on hessian_passes.
     every = jax.eval_shape(partial(hessian_accum.init, cfg=cfg, owners=tuple(owners)), _abstract_params(cfg, dtype))
     info["state_bytes_all_passes"] = _shard_bytes(every, sharding.stat_shardings(every, mesh, fsdp=fsdp))
@@ -316,6 +343,7 @@ def solve_program(solver: str, out_dim: int, in_dim: int, n_hc: int) -> Any:
     import jax
     import jax.numpy as jnp
 
+    from hcnr_jax.precision import HIGHEST
     from hcnr_jax.repair import solvers
 
     def program(w_orig, w_sft, h, hc, task, shift):
@@ -325,15 +353,15 @@ def solve_program(solver: str, out_dim: int, in_dim: int, n_hc: int) -> Any:
         else:
             dw_task = w_sft[:, task] - w_orig[:, task]
             if solver == "paper":
-                chol, _ = solvers._cholesky(h, shift)
-                e = solvers._paper_update(chol, dw_task, task, hc)
+                chol, _ = solvers.cholesky_shifted(h, shift)
+                e = solvers.paper_update(chol, dw_task, task, hc)
             elif solver == "cg":
                 h_hh = h[hc][:, hc] + shift * jnp.eye(n_hc, dtype=h.dtype)
-                rhs = -jnp.matmul(dw_task, h[task][:, hc], precision=solvers.HIGHEST)
-                e, _ = solvers._cg_rows_jit(h_hh, rhs, 100, 1e-5)
+                rhs = -jnp.matmul(dw_task, h[task][:, hc], precision=HIGHEST)
+                e, _ = solvers.cg_rows(h_hh, rhs, 100, 1e-5)
             else:  # exact (and plug-ins: planned as exact)
-                chol, _ = solvers._cholesky(h[hc][:, hc], shift)
-                e = solvers._exact_update(chol, dw_task, h[task][:, hc])
+                chol, _ = solvers.cholesky_shifted(h[hc][:, hc], shift)
+                e = solvers.exact_update(chol, dw_task, h[task][:, hc])
         w_new = w_sft.at[:, hc].set(w_hc + e)
         before = solvers.objective(w_sft.at[:, hc].set(w_hc), w_orig, h)
         return w_new, before, solvers.objective(w_new, w_orig, h)
@@ -409,15 +437,6 @@ def _runs(cfg: Any, rcfg: Any, req: PlanRequest, batch: int) -> dict[str, int]:
             "hessian": passes * -(-calib // batch), "solve": kept}
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def compute_plan(req: PlanRequest, cfg: Any = None) -> dict[str, Any]:
     """Compile the three steps in this process (it must have ``req.devices`` devices) and return
     the plan dict (see ``format_plan`` / the module doc). ``cfg``: the ModelConfig, if already
@@ -425,14 +444,9 @@ def compute_plan(req: PlanRequest, cfg: Any = None) -> dict[str, Any]:
     on this mesh) are returned under ``warnings``."""
     from hcnr_jax import sharding
 
-    handler = _Collect()
-    logging.getLogger(sharding.__name__).addHandler(handler)
-    sharding._WARNED.clear()  # every plan reports its own mesh's warnings
-    try:
+    with sharding.unsplit_warnings() as warnings:  # every plan reports its own mesh's warnings
         result = _compute(req, cfg)
-    finally:
-        logging.getLogger(sharding.__name__).removeHandler(handler)
-    result["warnings"] = sorted(set(handler.messages))
+    result["warnings"] = sorted(set(warnings))
     return result
 
 
@@ -447,7 +461,7 @@ def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
     rcfg = RepairConfig.from_dict(dict(req.repair)) if req.repair else RepairConfig().validate()
     if len(jax.devices()) < req.devices:
         raise HcnrError(f"plan: {req.devices} devices asked, this process has {len(jax.devices())}")
-    mesh = sharding.make_mesh(req.mesh, jax.devices()[: req.devices])
+    mesh = sharding.make_mesh(req.mesh_spec, jax.devices()[: req.devices])
     data = mesh.shape[sharding.DATA]
     batch = -(-req.batch_size // data) * data  # the engine rounds the batch up the same way
     steps: dict[str, dict[str, Any]] = {}
@@ -539,7 +553,7 @@ def _resident(cfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
     itemsize = jnp.dtype(DTYPES[req.dtype]).itemsize
     specs = param_specs(cfg)
     one = sum(math.prod(s) for s in specs.values()) * itemsize
-    if req.mesh is None:
+    if req.mesh_spec is None:
         extra = one if req.devices == 1 else 2 * one
         note = ("hcnr repair loads base and fine-tuned models unsharded onto the first device: besides a step's "
                 "arguments it holds " + ("the other model" if req.devices == 1 else "both models in full"))
@@ -552,9 +566,9 @@ def _resident(cfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
                     f"({extra / one:.1%} of it)"}
 
 
-def plan(req: PlanRequest, *, timeout: float | None = None) -> dict[str, Any]:
-    """``compute_plan`` here if this process has enough devices, else in a subprocess with
-    ``req.devices`` simulated CPU devices (module doc)."""
+def plan_on_devices(req: PlanRequest, *, timeout: float | None = None) -> dict[str, Any]:
+    """The plan on ``req.devices`` devices: ``compute_plan`` here if this process has enough,
+    else in a subprocess with that many simulated CPU devices (module doc)."""
     import jax
 
     if len(jax.devices()) >= req.devices:
@@ -589,17 +603,17 @@ def fit_settings(req: PlanRequest, device_bytes: int, batch_sizes: tuple[int, ..
     for b in sizes:
         trial = dataclasses.replace(req, batch_size=b, repair=repair, device_bytes=device_bytes,
                                     auto_hessian_passes=passes is None)
-        result = plan(trial, timeout=timeout)
+        result = plan_on_devices(trial, timeout=timeout)
         if not check_fit(result, device_bytes):
             passes_now = result.get("hessian_passes_chosen", {}).get("passes", repair.get("hessian_passes", 1))
             return dataclasses.replace(trial, repair={**repair, "hessian_passes": passes_now}), result
     over = check_fit(result, device_bytes) if result is not None else []
     raise HcnrError(f"no batch size of {', '.join(map(str, sizes))} fits {device_bytes / 1e9:.2f} GB per device "
-                    f"on {req.devices} device(s){' (mesh ' + req.mesh + ')' if req.mesh else ''}; at batch "
+                    f"on {req.devices} device(s){' (mesh ' + req.mesh_spec + ')' if req.mesh_spec else ''}; at batch "
                     f"{trial.batch_size}: " + "; ".join(over))
 
 
-def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh: str | None, fsdp: bool,
+def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh_spec: str | None, fsdp: bool,
                device_bytes: int, batch_fixed: bool, passes_fixed: bool, layers: str = "extrapolate"
                ) -> tuple[Any, str]:
     """``hcnr repair`` on an accelerator, before any weight is read: the repair settings with the
@@ -609,7 +623,7 @@ def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh: s
     nothing fits, naming the steps and what they need. ``layers``: as ``PlanRequest.layers`` (the
     Fisher extrapolated from 1 and 2 blocks by default: each batch size tried is one compile)."""
     dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-    req = PlanRequest(hf_config=hf_config, devices=devices, mesh=mesh, fsdp=fsdp, batch_size=rcfg.batch_size,
+    req = PlanRequest(hf_config=hf_config, devices=devices, mesh_spec=mesh_spec, fsdp=fsdp, batch_size=rcfg.batch_size,
                       seq_len=rcfg.max_length, dtype=dtype if dtype in DTYPES else "float32", repair=rcfg.to_dict(),
                       layers=layers)
     try:
@@ -623,6 +637,82 @@ def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh: s
     line = (f"fits {device_bytes / 1e9:.1f} GB per device: --batch-size {fitted.batch_size} --hessian-passes {passes} "
             f"(planned peak {peak / 1e9:.1f} GB at {rcfg.max_length} tokens)")
     return rcfg.override(batch_size=fitted.batch_size, hessian_passes=passes), line
+
+
+def fit_to_device(finetuned: str | Path, rcfg: Any, *, mesh_spec: str | None, fsdp: bool, batch_fixed: bool,
+                  passes_fixed: bool) -> tuple[Any, str | None]:
+    """``hcnr repair`` on an accelerator: ``fit_repair`` for this process's devices and the
+    fine-tuned model's config (read before any weight), returning the settings and the line saying
+    what was chosen. On a CPU (no device memory to plan for) ``rcfg`` unchanged and None."""
+    import jax
+
+    device_bytes = local_device_bytes()
+    if device_bytes is None:
+        return rcfg, None
+    return fit_repair(load_hf_config(finetuned), rcfg, devices=jax.device_count(), mesh_spec=mesh_spec, fsdp=fsdp,
+                      device_bytes=device_bytes, batch_fixed=batch_fixed, passes_fixed=passes_fixed)
+
+
+def repair_dry_run(model: Any, rcfg: Any, honesty: Any, task: Any, *, mesh_spec: str | None = None,
+                   fsdp: bool = False) -> dict[str, Any]:
+    """``hcnr repair --dry-run``: what a repair of ``model`` (a loaded `Pretrained`) with settings
+    ``rcfg`` on these honesty / task `Samples` would change, and XLA's compiled per-device memory and
+    FLOPs of its steps on this process's devices: the Fisher update, the Hessian update of the kept
+    layers (worst case: the largest) and one layer's solve, compiled on abstract inputs of this
+    model, data and settings; nothing is computed."""
+    import jax
+    import numpy as np
+
+    from hcnr_jax.params import linear_names, param_specs
+    from hcnr_jax.repair.selection import top_count
+    from hcnr_jax.stats.fisher_accum import target_capacity
+
+    mc = model.config
+    names = linear_names(mc)
+    specs = param_specs(mc)
+    by_module: dict[str, dict[str, Any]] = {}
+    for n in names:
+        out_dim, in_dim = specs[n]
+        n_neurons = in_dim if rcfg.neuron_axis == "input" else out_dim
+        m = by_module.setdefault(n.rsplit(".", 2)[-2], {"layers": 0, "shape": [out_dim, in_dim], "neurons": n_neurons,
+                                                        "candidates": top_count(rcfg.r_iw, n_neurons)})
+        m["layers"] += 1
+    units = len(names) if rcfg.layer_unit == "module" else mc.num_layers
+    req = PlanRequest(
+        hf_config=model.hf_config, devices=jax.device_count(), mesh_spec=mesh_spec, fsdp=fsdp,
+        batch_size=rcfg.batch_size, seq_len=max(honesty.input_ids.shape[1], task.input_ids.shape[1]),
+        max_targets=max(target_capacity(honesty.loss_mask), target_capacity(task.loss_mask)),
+        dtype=str(np.dtype(model.dtype)), repair=rcfg.to_dict(), num_honesty=len(honesty), num_task=len(task))
+    compiled = compute_plan(req, cfg=mc)
+    mib = {name: {k.removesuffix("_bytes"): round(s[k] / 2**20, 1)
+                  for k in ("argument_bytes", "temp_bytes", "output_bytes", "peak_bytes")}
+           for name, s in compiled["steps"].items()}
+    resident = compiled["resident"]["first_device_extra_bytes"]
+    memory = {**mib, "resident_models": round(resident / 2**20, 1),
+              "total": round((max(s["peak_bytes"] for s in compiled["steps"].values()) + resident) / 2**20, 1)}
+    return {
+        "layers": len(names), "units": units, "unit": rcfg.layer_unit, "units_kept": top_count(rcfg.r_cw, units),
+        "modules": by_module, "linear_params": sum(int(np.prod(specs[n])) for n in names),
+        "all_params": sum(int(np.prod(s)) for s in specs.values()),
+        "expected_restored_fraction_of_linear": rcfg.r_iw * rcfg.r_cw,
+        "memory_mib": memory,
+        "compiled": {"devices": compiled["devices"], "platform": compiled["platform"], "mesh": compiled["mesh"],
+                     "steps": {n: {k: v for k, v in s.items() if k != "dot_flops_by_dtype"}
+                               for n, s in compiled["steps"].items()},
+                     "warnings": compiled["warnings"],
+                     "method": "XLA compiled memory_analysis()/cost_analysis() per device (hcnr_jax.plan); "
+                               "total = the largest step peak + the models resident on the first device"},
+    }
+
+
+def describe_dry_run(dry: Mapping[str, Any]) -> str:
+    """The one-line summary ``hcnr repair --dry-run`` prints under the JSON of `repair_dry_run`."""
+    m = dry["memory_mib"]
+    return (f"dry run: would restore about {100 * dry['expected_restored_fraction_of_linear']:.1f}% of "
+            f"{dry['linear_params']:,} block linear parameters in {dry['units_kept']} of {dry['units']} "
+            f"{dry['unit']}s; compiled peak per device: fisher {m['fisher']['peak']:.0f} MiB, hessian "
+            f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
+            f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
 
 
 def local_device_bytes() -> int | None:
@@ -703,6 +793,20 @@ def summary_json(result: Mapping[str, Any]) -> dict[str, Any]:
             "steps": {n: {**{k: result["steps"][n][k] for k in keys},
                           **{k: v for k, v in result["steps"][n].items() if k not in keys}} for n in STEPS}}
     return {**core, **{k: v for k, v in result.items() if k not in core}}
+
+
+def plan_document(result: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERATOR, mfu: float = DEFAULT_MFU,
+                  device_bytes: int | None = None) -> dict[str, Any]:
+    """``hcnr plan --json``: `summary_json` with the expected time on ``accelerator`` at ``mfu``
+    and, given ``device_bytes``, the fit check."""
+    times = estimate_time(result["steps"], accelerator, mfu)
+    doc = summary_json(result)
+    doc["expected_time_s"] = {"accelerator": accelerator, "mfu": mfu, "source": PEAKS[accelerator]["source"],
+                              **{k: float(f"{v:.4g}") for k, v in times.items()},
+                              "total": float(f"{sum(times.values()):.4g}")}
+    if device_bytes is not None:
+        doc["fit"] = {"device_bytes": device_bytes, "over": check_fit(result, device_bytes)}
+    return doc
 
 
 def _size(n: float) -> str:

@@ -26,10 +26,10 @@ def model_config(src: str | Path | ModelSource) -> ModelConfig:
     checked (`hcnr_jax.schema`). No weight is read; a hub id is resolved (cache, or download)."""
     from hcnr_jax.conversion import hf as hf_io
     from hcnr_jax.conversion.lora import read_adapter_config
-    from hcnr_jax.pretrained import _base_path, check_tokenizer_files
+    from hcnr_jax.pretrained import base_path, check_tokenizer_files
 
     source = ModelSource.parse(src)
-    path = _base_path(source)
+    path = base_path(source)
     if source.is_gguf and path.is_file():
         from hcnr_jax.conversion.gguf import read_gguf_config
 
@@ -85,7 +85,8 @@ def check_data_files(paths: Iterable[str | Path | None], *, vocab_size: int | No
     """Every line of each data file (None paths skipped) checked without a tokenizer: UTF-8, JSON,
     an object of one of the line formats (``pairs``: preference pairs) with values of the right
     types, token ids inside ``vocab_size``. Errors are `DataError` naming the file and the line."""
-    from hcnr_jax.data import check_record, read_jsonl
+    from hcnr_jax.data.jsonl import read_jsonl
+    from hcnr_jax.data.samples import check_record
 
     for path in paths:
         if path is None:

@@ -144,13 +144,13 @@ def load_pretrained(src: str | Path, dtype: str | None = None, *, mesh: Any = No
     return _placed(model, mesh, fsdp)
 
 
-def _base_path(source: ModelSource) -> Path:
+def base_path(source: ModelSource) -> Path:
     """The local path of ``source``'s base (a hub id: its snapshot folder)."""
     return hub_snapshot(source.base, source.revision) if source.hub else Path(source.base)
 
 
 def _load_base(source: ModelSource, dtype: str | None, mesh: Any, fsdp: bool) -> Pretrained:
-    path = _base_path(source)
+    path = base_path(source)
     if source.is_gguf:
         from hcnr_jax.conversion.gguf import load_gguf
 
@@ -171,7 +171,7 @@ def model_max_positions(src: str | Path | ModelSource) -> int | None:
     from hcnr_jax.config import config_from_hf
 
     source = ModelSource.parse(src)
-    path = _base_path(source)
+    path = base_path(source)
     if source.is_gguf and path.is_file():
         from hcnr_jax.conversion.gguf import read_gguf_config
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +160,26 @@ def _group(names: list[str]) -> str:
     return ", ".join([p.replace("{}", "{" + ranges(ix) + "}") for p, ix in groups.items()] + singles)
 
 
+# Warnings already given (each is logged once per process, or once per `unsplit_warnings` block),
+# and the lists of the `unsplit_warnings` blocks open now.
 _WARNED: set[str] = set()
+_COLLECTORS: list[list[str]] = []
+
+
+@contextmanager
+def unsplit_warnings() -> Iterator[list[str]]:
+    """Collect the "replicated instead" warnings of the shardings decided inside the block, each
+    once, including those already logged earlier in this process (``hcnr_jax.plan`` reports every
+    plan's own); they are still logged as they come."""
+    global _WARNED
+    outer, _WARNED = _WARNED, set()
+    found: list[str] = []
+    _COLLECTORS.append(found)
+    try:
+        yield found
+    finally:
+        _COLLECTORS.remove(found)
+        _WARNED = outer | _WARNED
 
 
 class _Report:
@@ -175,6 +195,8 @@ class _Report:
             if msg not in _WARNED:
                 _WARNED.add(msg)
                 log.warning(msg)
+                for found in _COLLECTORS:
+                    found.append(msg)
         if self.unknown:
             log.debug("sharding: no known role, replicated: %s", _group(self.unknown))
 
@@ -239,6 +261,19 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Any = None) 
     shape = mesh_shape(spec, len(devices))
     return jax.make_mesh((shape[DATA], shape[MODEL]), AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=devices)
+
+
+def mesh_from_flag(spec: str | None, flag: str = "--mesh") -> Mesh | None:
+    """The mesh a command line's ``spec`` asks for, over every device (None without one: the
+    statistics then put every device on ``data``). The one place a spec becomes a `Mesh` for a
+    run; errors name ``flag``."""
+    if spec is None:
+        return None
+    parse_mesh(spec)  # its errors name the flag already
+    try:
+        return make_mesh(spec)
+    except HcnrError as e:
+        raise HcnrError(f"{flag} {spec!r}: {e}") from None
 
 
 def _by_role(named: list[tuple[str, tuple[int, ...]]], mesh: Mesh, rules: ShardingRules) -> list[NamedSharding]:
@@ -379,5 +414,6 @@ def microbatch_sharding(mesh: Mesh) -> Any:
 
 
 __all__ = ["AXES", "DATA", "MODEL", "ROLES", "ShardingRules", "abstract", "batch_sharding", "fit_spec",
-           "initialize_distributed", "make_mesh", "mesh_shape", "microbatch_sharding", "param_shardings",
-           "parse_mesh", "put", "put_tree", "role_of", "stat_shardings", "tensor_shardings", "tree_to_host"]
+           "initialize_distributed", "make_mesh", "mesh_from_flag", "mesh_shape", "microbatch_sharding", "param_shardings",
+           "parse_mesh", "put", "put_tree", "role_of", "stat_shardings", "tensor_shardings", "tree_to_host",
+           "unsplit_warnings"]

@@ -21,8 +21,9 @@ Triton lowering requires power-of-two arrays), the dimensions being zero-padded 
 float32 ``G`` tile and the output tile) stays under ``SMEM_BUDGET`` = 96 KiB, well inside the
 227 KiB of shared memory per block of an H100/H200.
 
-``backend="auto"`` uses a Pallas kernel only on a platform listed for it in ``VERIFIED`` (where it
-has been run against its reference, e.g. by ``experiments/gpu_check.py``), else the XLA path.
+``backend="auto"`` uses a Pallas kernel only on a platform listed for it in ``VERIFIED``
+(``kernels/backend.py``: where it has been run against its reference, e.g. by
+``experiments/gpu_check.py``), else the XLA path. The block-size rules both kernels follow live there.
 
 GPU API: ``pallas_call`` with Triton compiler parameters, which jax 0.10 and 0.11 both lower (tested
 on CPU against an abstract H200, ``tests/test_kernels.py``). jax 0.11 marks the Triton backend
@@ -39,17 +40,18 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-HIGHEST = jax.lax.Precision.HIGHEST
-AXES = ("input", "output")
+from hcnr_jax.kernels.backend import (
+    SMEM_BUDGET,
+    check_block,
+    pad_to,
+    pow2_block,
+    resolve_backend,
+    shrink_to_budget,
+    triton_params,
+)
+from hcnr_jax.precision import HIGHEST
 
-# Kernel -> platforms (``jax.default_backend()``) where its compiled (not interpreted) Pallas
-# version has been checked against its reference; ``backend="auto"`` uses Pallas only there.
-# Empty today: the kernels have not run on a GPU or TPU yet. Add a platform after
-# ``experiments/gpu_check.py`` passes its "kernels" rows on it.
-VERIFIED: dict[str, frozenset[str]] = {
-    "fisher_norms": frozenset(),
-    "gram": frozenset(),
-}
+AXES = ("input", "output")
 
 
 def _check(g: jax.Array, x: jax.Array, axis: str) -> None:
@@ -83,32 +85,6 @@ def neuron_sq_norms_reference(g: jax.Array, x: jax.Array, axis: str = "input", m
     return jnp.sum(mixed * keep, axis=1)
 
 
-# Shared memory the block choice may use per program (bytes); H100/H200 allow 227 KiB per block.
-SMEM_BUDGET = 96 * 1024
-MIN_BLOCK = 16  # Triton's dot needs every side >= 16
-
-
-def _pow2_block(dim: int, cap: int) -> int:
-    """Smallest power of two >= ``dim`` (at least ``MIN_BLOCK``), at most ``cap``."""
-    return min(cap, max(MIN_BLOCK, 1 << (max(dim, 1) - 1).bit_length()))
-
-
-def _check_block(block: int, name: str = "block") -> None:
-    if block < MIN_BLOCK or block & (block - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {block}")
-
-
-def _shrink(sizes: dict[str, int], smem, budget: int) -> dict[str, int]:
-    """Halve the largest block (ties: the first key) until ``smem(**sizes) <= budget``."""
-    sizes = dict(sizes)
-    while smem(**sizes) > budget:
-        key = max(sizes, key=lambda k: sizes[k])  # first of the largest
-        if sizes[key] <= MIN_BLOCK:
-            raise ValueError(f"no blocks >= {MIN_BLOCK} fit a shared-memory budget of {budget} bytes")
-        sizes[key] //= 2
-    return sizes
-
-
 def _smem_bytes(bt: int, bn: int, bk: int) -> int:
     """Estimated shared memory of one program (float32 bytes): the two input tiles ``[bt, bn]`` and
     ``[bt, bk]`` double-buffered (``num_stages=2``), the ``[bk, bn]`` tile of ``G`` and the ``[bn]``
@@ -122,23 +98,10 @@ def _block_shapes(t: int, o: int, i: int, axis: str, block: int = 128,
     "input", O for "output"), ``bk`` the summed-over neurons; each a power of two in
     [``MIN_BLOCK``, ``block``] (no larger than the padded dimension needs), with
     ``_smem_bytes(bt, bn, bk) <= budget``."""
-    _check_block(block)
+    check_block(block)
     n, k = (i, o) if axis == "input" else (o, i)
-    sizes = {"bt": _pow2_block(t, block), "bk": _pow2_block(k, block), "bn": _pow2_block(n, block)}
-    return _shrink(sizes, _smem_bytes, budget)
-
-
-def _pad_to(dim: int, blk: int) -> int:
-    return -(-dim // blk) * blk
-
-
-def _compiler_params():
-    """Triton settings matching ``_smem_bytes`` (two pipeline stages); None where this jax has none."""
-    try:
-        from jax.experimental.pallas import triton as plgpu
-        return plgpu.CompilerParams(num_warps=4, num_stages=2)
-    except (ImportError, AttributeError, TypeError):
-        return None
+    sizes = {"bt": pow2_block(t, block), "bk": pow2_block(k, block), "bn": pow2_block(n, block)}
+    return shrink_to_budget(sizes, _smem_bytes, budget)
 
 
 def _kernel(keep_ref, other_ref, out_ref, *, bt: int, bk: int):
@@ -178,7 +141,7 @@ def neuron_sq_norms_pallas(g: jax.Array, x: jax.Array, axis: str = "input", bloc
     bt, bn, bk = blk["bt"], blk["bn"], blk["bk"]
     keep, other = (x, g) if axis == "input" else (g, x)
     n, k = keep.shape[2], other.shape[2]
-    tp, np_, kp = _pad_to(t, bt), _pad_to(n, bn), _pad_to(k, bk)
+    tp, np_, kp = pad_to(t, bt), pad_to(n, bn), pad_to(k, bk)
     keep = jnp.pad(keep, ((0, 0), (0, tp - t), (0, np_ - n)))
     other = jnp.pad(other, ((0, 0), (0, tp - t), (0, kp - k)))
     out = pl.pallas_call(
@@ -188,7 +151,7 @@ def neuron_sq_norms_pallas(g: jax.Array, x: jax.Array, axis: str = "input", bloc
                   pl.BlockSpec(block_shape=(None, tp, kp), index_map=lambda bb, j: (bb, 0, 0))],
         out_specs=pl.BlockSpec(block_shape=(None, bn), index_map=lambda bb, j: (bb, j)),
         out_shape=jax.ShapeDtypeStruct((b, np_), jnp.float32),
-        compiler_params=None if interpret else _compiler_params(),
+        compiler_params=None if interpret else triton_params(),
         interpret=interpret,
     )(keep, other)
     return out[:, :n]
@@ -202,13 +165,3 @@ def neuron_sq_norms(g: jax.Array, x: jax.Array, axis: str = "input", backend: st
         return neuron_sq_norms_pallas(g, x, axis=axis, interpret=jax.default_backend() != "gpu")
     return neuron_sq_norms_reference(g, x, axis)
 
-
-def resolve_backend(backend: str, kernel: str | None = None) -> str:
-    """"pallas" or "reference" for ``backend``; "auto" is "pallas" only where ``VERIFIED[kernel]``
-    holds the current platform (``kernel`` None: no kernel is verified)."""
-    if backend not in ("auto", "pallas", "reference"):
-        raise ValueError(f"kernel backend must be auto, pallas or reference, got {backend!r}")
-    if backend == "auto":
-        verified = VERIFIED.get(kernel, frozenset()) if kernel is not None else frozenset()
-        return "pallas" if jax.default_backend() in verified else "reference"
-    return backend

@@ -3,7 +3,8 @@
 ``gram_reference`` is the ``jax.numpy`` version; ``gram_pallas`` tiles ``H`` into ``[bi, bi]``
 blocks, one program each, which loops over ``[bn, bi]`` token chunks inside the kernel and adds the
 sum to its block of ``H`` in place (``input_output_aliases``); no two programs write the same block
-(a GPU runs the grid in parallel). ``gram`` dispatches like ``fisher_norms.neuron_sq_norms``.
+(a GPU runs the grid in parallel). ``gram`` dispatches like ``fisher_norms.neuron_sq_norms``
+(``kernels/backend.py``).
 
 Block sides are powers of two (the Pallas Triton lowering requires power-of-two arrays), the
 dimensions zero-padded to multiples of them; ``_block_shapes`` picks them so that ``_smem_bytes``
@@ -21,8 +22,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hcnr_jax.kernels import fisher_norms as _fn
-from hcnr_jax.kernels.fisher_norms import HIGHEST, SMEM_BUDGET, resolve_backend
+from hcnr_jax.kernels.backend import (
+    SMEM_BUDGET,
+    check_block,
+    pad_to,
+    pow2_block,
+    resolve_backend,
+    shrink_to_budget,
+    triton_params,
+)
+from hcnr_jax.precision import HIGHEST
 
 
 def _check(h: jax.Array, x: jax.Array, mask: jax.Array) -> None:
@@ -47,9 +56,9 @@ def _block_shapes(n: int, i: int, block: int = 128, token_block: int = 256,
                   budget: int = SMEM_BUDGET) -> dict[str, int]:
     """Blocks for ``gram_pallas``: ``bn`` token chunk (at most ``token_block``), ``bi`` side of an
     ``H`` block (at most ``block``); powers of two >= 16 with ``_smem_bytes(bn, bi) <= budget``."""
-    _fn._check_block(block)
-    _fn._check_block(token_block, "token_block")
-    return _fn._shrink({"bn": _fn._pow2_block(n, token_block), "bi": _fn._pow2_block(i, block)}, _smem_bytes, budget)
+    check_block(block)
+    check_block(token_block, "token_block")
+    return shrink_to_budget({"bn": pow2_block(n, token_block), "bi": pow2_block(i, block)}, _smem_bytes, budget)
 
 
 def _kernel(x_i_ref, x_j_ref, h_ref, out_ref, *, bn: int):
@@ -80,7 +89,7 @@ def gram_pallas(h: jax.Array, x: jax.Array, mask: jax.Array, block: int = 128, t
     n, i = x.shape
     blk = _block_shapes(n, i, block, token_block)
     bn, bi = blk["bn"], blk["bi"]
-    ip, np_ = _fn._pad_to(i, bi), _fn._pad_to(n, bn)
+    ip, np_ = pad_to(i, bi), pad_to(n, bn)
     # Masked-out and padded rows are zero, padded columns are zero: none changes the kept block of H.
     x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
     x = jnp.pad(x, ((0, np_ - n), (0, ip - i)))
@@ -96,7 +105,7 @@ def gram_pallas(h: jax.Array, x: jax.Array, mask: jax.Array, block: int = 128, t
         out_specs=pl.BlockSpec(block_shape=(bi, bi), index_map=lambda a, c: (a, c)),
         out_shape=jax.ShapeDtypeStruct((ip, ip), jnp.float32),
         input_output_aliases={2: 0},
-        compiler_params=None if interpret else _fn._compiler_params(),
+        compiler_params=None if interpret else triton_params(),
         interpret=interpret,
     )(x, x, hp)
     return out[:i, :i]

@@ -10,8 +10,8 @@ from test_repair import fine_tune, np_flat, write_jsonl
 
 import hcnr_jax
 from hcnr_jax.cli import main as cli_main
+from hcnr_jax.data.calibration import IDK_RESPONSE
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.calibration import IDK_RESPONSE
 from hcnr_jax.repair.choose import DevScore, changed_fraction, choose, dev_score, load_dev_data, merge
 
 

@@ -10,10 +10,11 @@ import pytest
 import tiny
 from test_eval_runner import GGUF, tiny_chat_model  # noqa: F401  (the fixture)
 
-import hcnr_jax
 from hcnr_jax.cli import main
+from hcnr_jax.embedded import BUNDLED_DATA
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.compare import compare, markdown
+from hcnr_jax.eval.compare import compare
+from hcnr_jax.eval.report import compare_table
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_differences_are_paired():
     assert hi - lo > 0.5 and row["n"] == 40
     acc = next(r for r in res["rows"] if r["metric"] == "containment")
     assert acc["values"] == [0.5, 0.5] and acc["differences"][0]["interval"] == [0.0, 0.0]
-    table = markdown(res)
+    table = compare_table(res)
     assert "| task:t | gold log-lik (nats) | 40 | -" in table and "+0.100 (0.100 to 0.100) *" in table
 
 
@@ -64,7 +65,7 @@ def test_cli_compare_two_models_then_from_their_eval_dirs(tiny_chat_model, other
     task = tmp_path / "qa.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}"}) + "\n" for i in range(6)))
     common = ["--benchmarks", "kuq", "--limit", "4", "--task-data", str(task), "--max-new-tokens", "3",
-              "--batch-size", "4", "--data-dir", str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "100"]
+              "--batch-size", "4", "--data-dir", str(BUNDLED_DATA), "--bootstrap", "100"]
     out = tmp_path / "cmp"
     assert main(["compare", "--model", str(tiny_chat_model), "--model", str(other_chat_model), *common,
                  "--out", str(out)]) == 0

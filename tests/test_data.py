@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hcnr_jax.data import load_samples, samples_from_records
+from hcnr_jax.data.samples import load_samples, samples_from_records
 from hcnr_jax.errors import DataError
 
 CHATML = (

@@ -45,8 +45,8 @@ def test_merge_row_is_chosen_on_the_shipped_development_samples(tmp_path):
     from transformers import AutoTokenizer
 
     import hcnr_jax
+    from hcnr_jax.data.benchmarks import BENCHMARKS, load_benchmark, normalise
     from hcnr_jax.embedded import calibration_file, smollm2_gguf
-    from hcnr_jax.eval.data import BENCHMARKS, load_benchmark, normalise
     from hcnr_jax.repair.choose import merge
 
     gguf = smollm2_gguf()

@@ -23,6 +23,8 @@ WORKER = textwrap.dedent("""
     import numpy as np, tiny, hcnr_jax
     from hcnr_jax import stats
     from hcnr_jax.params import unflatten
+    from hcnr_jax.sharding import make_mesh
+    from hcnr_jax.stats import StatsOptions
     from test_stats import random_samples
     model = tiny.hf_model("qwen2", num_hidden_layers=2)
     flat = {{k: v.detach().numpy() for k, v in model.state_dict().items()}}
@@ -31,19 +33,19 @@ WORKER = textwrap.dedent("""
     samples = random_samples(n=7, seed=5)
     out = {{}}
     for mesh in sys.argv[1].split(";"):
-        f = stats.fisher(params, cfg, samples, batch_size=4, mesh=mesh)
-        h = stats.hessian(params, cfg, samples, batch_size=4, mesh=mesh, fsdp=True)
+        f = stats.fisher(params, cfg, samples, StatsOptions(batch_size=4, mesh=make_mesh(mesh)))
+        h = stats.hessian(params, cfg, samples, StatsOptions(batch_size=4, mesh=make_mesh(mesh), fsdp=True))
         out.update({{f"{{mesh}}|f|{{k}}": v for k, v in f.items()}})
         out.update({{f"{{mesh}}|h|{{k}}": v for k, v in h.items()}})
         if os.environ.get("LOADED"):  # the weights loaded straight onto the mesh, with the result cache
-            from hcnr_jax.sharding import make_mesh
             from hcnr_jax.conversion import hf as hf_io
             m = make_mesh(mesh)
             hf_io.BYTES_READ[0] = 0
             loaded = hcnr_jax.load_pretrained(os.environ["LOADED"], mesh=m, fsdp=True).params
             out[f"{{mesh}}|bytes_read"] = np.array(hf_io.BYTES_READ[0])
             out[f"{{mesh}}|bytes_total"] = np.array(sum(x.nbytes for x in jax.tree.leaves(loaded)))
-            f = stats.fisher(loaded, cfg, samples, batch_size=4, mesh=m, fsdp=True, cache_dir=os.environ["CACHE"])
+            f = stats.fisher(loaded, cfg, samples,
+                             StatsOptions(batch_size=4, mesh=m, fsdp=True, cache_dir=os.environ["CACHE"]))
             out.update({{f"{{mesh}}|loaded|{{k}}": v for k, v in f.items()}})
     if jax.process_index() == 0:
         np.savez(os.environ["OUT"], **out)
@@ -92,14 +94,19 @@ def test_data_and_model_axes_on_4_devices(tmp_path):
     import hcnr_jax
     from hcnr_jax import stats
     from hcnr_jax.params import unflatten
+    from hcnr_jax.sharding import make_mesh
+    from hcnr_jax.stats import StatsOptions
 
     model = tiny.hf_model("qwen2", num_hidden_layers=2)
     cfg = hcnr_jax.config_from_hf(model.config.to_dict())
     params = unflatten({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg.num_layers)
     samples = random_samples(n=7, seed=5)
-    one = {f"data=1|f|{k}": v for k, v in stats.fisher(params, cfg, samples, batch_size=4, mesh="data=1").items()}
-    one.update({f"data=1|h|{k}": v for k, v in stats.hessian(params, cfg, samples, batch_size=4, mesh="data=1",
-                                                              fsdp=True).items()})
+    one_device = make_mesh("data=1")
+    one = {f"data=1|f|{k}": v
+           for k, v in stats.fisher(params, cfg, samples, StatsOptions(batch_size=4,
+                                                                       mesh=one_device)).items()}
+    one.update({f"data=1|h|{k}": v for k, v in stats.hessian(params, cfg, samples, StatsOptions(
+        batch_size=4, mesh=one_device, fsdp=True)).items()})
     four = _run(tmp_path, "data=2,model=2", devices=4)
     _compare(four, one, "data=2,model=2")
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from hcnr_jax.data.benchmarks import REFUSAL_BENCHMARKS
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.data import REFUSAL_BENCHMARKS
 from hcnr_jax.eval.labels import (
     MODELS,
     REQUIRED,
@@ -20,10 +20,9 @@ from hcnr_jax.eval.labels import (
     model_groups,
     model_of,
     pr_table,
-    refused_counts,
     source_of,
-    wilson,
 )
+from hcnr_jax.eval.metrics import refused_counts, wilson
 from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
 
 SMOLLM2_COUNTS = {"none": 300, "cautious": 180, "strict": 80}
@@ -44,7 +43,7 @@ def test_labels_file_is_valid():
     for r in rows:
         assert all(r.get(f) not in (None, "") for f in ("benchmark", "id", "question", "label"))
         assert isinstance(r["response"], str) and r["label"] in VERDICTS
-        # -1: task set (HotpotQA), no answerability label (hcnr_jax.eval.data)
+        # -1: task set (HotpotQA), no answerability label (hcnr_jax.data.benchmarks)
         assert r["unanswerable"] in ((-1,) if r["benchmark"] == "hotpotqa" else (0, 1))
         assert model_of(r) in MODELS
         assert set(r) <= set(REQUIRED) | {"unanswerable", "system", "source_model", "degenerate"}

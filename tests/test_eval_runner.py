@@ -11,7 +11,7 @@ import tiny
 
 import hcnr_jax
 from hcnr_jax.cli import main
-from hcnr_jax.embedded import smollm2_gguf
+from hcnr_jax.embedded import BUNDLED_DATA, smollm2_gguf
 from hcnr_jax.eval import metrics as M
 from hcnr_jax.eval.runner import EvalSettings, evaluate, read_records
 
@@ -33,7 +33,7 @@ def test_eval_writes_resumes_and_scores(tiny_chat_model, tmp_path):
     model = hcnr_jax.load_pretrained(tiny_chat_model)
     out = tmp_path / "run"
     s = EvalSettings(benchmarks=("kuq", "medmcqa"), limit=6, max_new_tokens=3, batch_size=4,
-                     data_dir=str(hcnr_jax.eval.data.BUNDLED_DATA), bootstrap=200)
+                     data_dir=str(BUNDLED_DATA), bootstrap=200)
     res = evaluate(model, out, s, model_name="tiny")
     recs = read_records(out / "examples.jsonl")
     kuq = [r for r in recs if r["benchmark"] == "kuq"]
@@ -96,7 +96,7 @@ def strict_json(path):
 
 
 def test_undefined_scores_are_null_in_json_and_a_dash_in_the_table():
-    from hcnr_jax.eval.runner import markdown_table
+    from hcnr_jax.eval.report import eval_table
     from hcnr_jax.io import finite_json
 
     m = dict(M.refusal_metrics([1, 0, 1], ["answered"] * 3), precision_ci=[math.nan, math.nan])
@@ -105,7 +105,7 @@ def test_undefined_scores_are_null_in_json_and_a_dash_in_the_table():
                      parse_constant=lambda t: pytest.fail(t))
     assert doc["kuq"]["precision"] is None and doc["kuq"]["precision_ci"] == [None, None]
     assert doc["kuq"]["f1"] == 0 and doc["arr"] == [1.0, None] and doc["x"] is None
-    table = markdown_table({"model": {"kuq": dict(m, f1=math.nan, f1_ci=[math.nan, math.nan])}})
+    table = eval_table({"model": {"kuq": dict(m, f1=math.nan, f1_ci=[math.nan, math.nan])}})
     row = next(line for line in table.splitlines() if line.startswith("| model | kuq |"))
     assert "—" in row and "nan" not in row.lower()
 
@@ -114,7 +114,7 @@ def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["eval", "--model", str(tiny_chat_model), "--reference", str(tiny_chat_model), "--benchmarks",
                "selfaware", "--limit", "4", "--max-new-tokens", "3", "--batch-size", "4", "--data-dir",
-               str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "50", "--out", str(out)])
+               str(BUNDLED_DATA), "--bootstrap", "50", "--out", str(out)])
     assert rc == 0
     m = strict_json(out / "metrics.json")["results"]
     recs = read_records(out / "examples.jsonl")
@@ -140,18 +140,18 @@ def test_cli_eval_with_reference(tiny_chat_model, tmp_path, capsys):
 
 def test_one_generation_shape_per_run(tiny_chat_model, tmp_path):
     """Benchmarks whose prompts pack to different shapes still share one compiled generator."""
-    from hcnr_jax.eval.data import BUNDLED_DATA, load_benchmark, select
+    from hcnr_jax.data.benchmarks import load_benchmark, select
     from hcnr_jax.eval.runner import _prompt_ids
-    from hcnr_jax.generation import greedy_tokens_packed, pack_shape
+    from hcnr_jax.generation import generate_tokens_packed, pack_shape
 
     model = hcnr_jax.load_pretrained(tiny_chat_model)
     s = EvalSettings(benchmarks=("kuq", "hotpotqa"), limit=8, max_new_tokens=2, batch_size=4, data_dir=str(BUNDLED_DATA))
     own = {b: pack_shape(_prompt_ids(model, list(select(load_benchmark(b, BUNDLED_DATA), "evaluation", 8))), 4)
            for b in s.benchmarks}
     assert own["kuq"] != own["hotpotqa"]  # otherwise this test shows nothing
-    before = greedy_tokens_packed._cache_size()
+    before = generate_tokens_packed._cache_size()
     evaluate(model, tmp_path / "run", s, model_name="tiny")
-    assert greedy_tokens_packed._cache_size() - before <= 1
+    assert generate_tokens_packed._cache_size() - before <= 1
 
 
 def test_recorded_model_paths_are_portable(tmp_path, monkeypatch):
@@ -201,7 +201,7 @@ def test_demos_are_earlier_turns_before_the_question_in_order():
 def test_demos_through_the_models_chat_template(tiny_chat_model):
     from transformers import AutoTokenizer
 
-    from hcnr_jax.eval.data import load_demos
+    from hcnr_jax.data.tasks import load_demos
     from hcnr_jax.generation import chat_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_chat_model)
@@ -215,7 +215,8 @@ def test_demos_through_the_models_chat_template(tiny_chat_model):
 
 
 def test_default_demos_are_ours_and_say_idk_where_they_should():
-    from hcnr_jax.eval.data import BENCHMARKS, DEMOS_FILE, available, load_benchmark, load_demos, normalise
+    from hcnr_jax.data.benchmarks import BENCHMARKS, available, load_benchmark, normalise
+    from hcnr_jax.data.tasks import DEMOS_FILE, load_demos
     from hcnr_jax.eval.refusal import RefusalDetector
 
     demos = load_demos("default")
@@ -273,12 +274,12 @@ def spy_chat_prompts(monkeypatch) -> list[tuple[list[str], tuple]]:
 def small_eval(model, out) -> list[str]:
     """`hcnr eval` arguments: 4 KUQ questions of the shipped subset, 2 new tokens, no bootstrap."""
     return ["eval", "--model", str(model), "--benchmarks", "kuq", "--limit", "4", "--max-new-tokens", "2",
-            "--batch-size", "4", "--data-dir", str(hcnr_jax.eval.data.BUNDLED_DATA), "--bootstrap", "0",
+            "--batch-size", "4", "--data-dir", str(BUNDLED_DATA), "--bootstrap", "0",
             "--out", str(out)]
 
 
 def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_model, tmp_path, capsys, monkeypatch):
-    from hcnr_jax.eval.data import DEMOS_FILE, load_demos
+    from hcnr_jax.data.tasks import DEMOS_FILE, load_demos
 
     calls = spy_chat_prompts(monkeypatch)
     monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))  # its own: kept runs of other tests would be found
@@ -322,7 +323,7 @@ def test_eval_with_demos_records_them_and_resumes_only_with_the_same(tiny_chat_m
 
 def test_eval_with_instruction_prompts_only_the_model_and_resumes_only_with_the_same(tiny_chat_model, tmp_path,
                                                                                     capsys, monkeypatch):
-    from hcnr_jax.train.recipes import PROMPT_BASED_INSTRUCTION
+    from hcnr_jax.data.recipes import PROMPT_BASED_INSTRUCTION
 
     calls = spy_chat_prompts(monkeypatch)
     monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "cache"))  # its own: kept runs of other tests would be found
@@ -376,12 +377,12 @@ def test_task_records_carry_the_gold_log_likelihood(tiny_chat_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hcnr_jax.data import samples_from_records
+    from hcnr_jax.data.samples import samples_from_records
 
     model = hcnr_jax.load_pretrained(tiny_chat_model)
     out = tmp_path / "task"
     s = EvalSettings(benchmarks=("hotpotqa",), limit=5, max_new_tokens=2, batch_size=4,
-                     data_dir=str(hcnr_jax.eval.data.BUNDLED_DATA), bootstrap=100)
+                     data_dir=str(BUNDLED_DATA), bootstrap=100)
     res = evaluate(model, out, s, model_name="tiny")
     recs = read_records(out / "examples.jsonl")
     assert len(recs) == 5 and all(isinstance(r["gold_logprob"], float) for r in recs)

@@ -15,10 +15,10 @@ from test_eval_runner import (
 )
 
 import hcnr_jax
-from hcnr_jax.cache import user_cache_dir
 from hcnr_jax.cli import main
-from hcnr_jax.eval import metrics as M
+from hcnr_jax.data.answers import contains_answer, exact_match
 from hcnr_jax.eval.runner import read_records
+from hcnr_jax.user_cache import user_cache_dir
 
 ROWS = [("What is the capital of France?", "Paris"), ("Who wrote Hamlet?", "William Shakespeare"),
         ("What is 2 + 2?", "4"), ("What colour is a clear sky?", "blue"), ("Name a prime number.", "7")]
@@ -49,8 +49,8 @@ def test_task_data_scores_and_intervals(tiny_chat_model, task_file, tmp_path, ca
     assert [r["benchmark"] for r in recs] == ["task:my_task"] * 5
     assert [(r["question"], r["answers"]) for r in recs] == [(p, [r]) for p, r in ROWS]
     m = strict_json(out / "metrics.json")["results"]["model"]["task:my_task"]
-    cont = [M.contains_answer(r["response"], r["answers"]) for r in recs]
-    em = [M.exact_match(r["response"], r["answers"]) for r in recs]
+    cont = [contains_answer(r["response"], r["answers"]) for r in recs]
+    em = [exact_match(r["response"], r["answers"]) for r in recs]
     assert m["n"] == 5 and m["containment"] == pytest.approx(np.mean(cont)) and m["exact_match"] == pytest.approx(np.mean(em))
     # The gold log-likelihood is the mean over rows of the gold response's mean token log-probability.
     from hcnr_jax.eval.likelihood import response_logprobs

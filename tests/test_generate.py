@@ -9,7 +9,7 @@ import torch
 
 import hcnr_jax
 from hcnr_jax.embedded import smollm2_gguf
-from hcnr_jax.generation import generate_ids, greedy_tokens, greedy_tokens_packed
+from hcnr_jax.generation import generate_ids, generate_tokens, generate_tokens_packed
 
 GGUF = smollm2_gguf()
 
@@ -24,9 +24,9 @@ def test_bucketed_batches_match_transformers_and_do_not_recompile(tiny_dirs):
     rng = np.random.default_rng(0)
     # 7 prompts, batch size 2 -> 4 batches of different packed sizes, packed to one shape.
     prompts = [rng.integers(3, 97, n).tolist() for n in (3, 9, 5, 17, 11, 40, 45)]
-    before = greedy_tokens_packed._cache_size()
+    before = generate_tokens_packed._cache_size()
     out = generate_ids(model, prompts, 6, batch_size=2)
-    assert greedy_tokens_packed._cache_size() - before <= 1  # one compilation for every batch
+    assert generate_tokens_packed._cache_size() - before <= 1  # one compilation for every batch
     eos = hcnr_jax.generation.eos_token_ids(model)
     for p, o in zip(prompts, out, strict=True):
         with torch.no_grad():
@@ -108,15 +108,15 @@ def test_packed_generation_matches_padded(tiny_dirs, family):
     eos = np.array([96])
     packed = pack_prompts(prompts, batch_size=6, lane_tokens=24)
     assert packed.ids.shape[0] >= 2
-    toks, lengths = greedy_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, packed), eos, 12, 0)
+    toks, lengths = generate_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, packed), eos, 12, 0)
     w = max(map(len, prompts))
     ids = np.array([[0] * (w - len(p)) + p for p in prompts])
     mask = np.array([[False] * (w - len(p)) + [True] * len(p) for p in prompts])
-    ref, ref_len = greedy_tokens(model.params, model.config, ids, mask, eos, 12, 0)
+    ref, ref_len = generate_tokens(model.params, model.config, ids, mask, eos, 12, 0)
     for r in range(len(prompts)):
         assert int(lengths[r]) == int(ref_len[r])
         assert np.asarray(toks)[r].tolist() == np.asarray(ref)[r].tolist()
     # Packed to a larger shape (an empty extra lane, longer lanes, a wider cache): the same tokens.
     wide = pack_prompts(prompts, batch_size=6, lane_tokens=24, shape=(packed.ids.shape[0] + 1, 128, 64))
-    toks_wide, _ = greedy_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, wide), eos, 12, 0)
+    toks_wide, _ = generate_tokens_packed(model.params, model.config, jax.tree.map(jnp.asarray, wide), eos, 12, 0)
     np.testing.assert_array_equal(np.asarray(toks_wide)[: len(prompts)], np.asarray(toks)[: len(prompts)])

@@ -497,7 +497,7 @@ def test_smollm2_loads_without_torch(tmp_path):
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
-    from hcnr_jax.cache import user_cache_dir
+    from hcnr_jax.user_cache import user_cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for var in ("HCNR_CACHE", "HCNR_CACHE_DIR", "XDG_CACHE_HOME"):
@@ -530,8 +530,8 @@ def counted_builds(monkeypatch):
 def test_tokenizer_cache_written_reused_rebuilt(smol_tok, tmp_path, monkeypatch, counted_builds, caplog):
     import time
 
-    from hcnr_jax.cache import MANIFEST
     from hcnr_jax.conversion import gguf as G
+    from hcnr_jax.user_cache import MANIFEST
 
     path, reader, _ = smol_tok
     monkeypatch.setenv("HCNR_CACHE", str(tmp_path / "c"))

@@ -19,6 +19,7 @@ from test_train import tc
 
 import hcnr_jax
 from hcnr_jax import interrupt, stats
+from hcnr_jax.stats import StatsOptions
 from hcnr_jax.train import train
 
 
@@ -44,7 +45,7 @@ def test_first_ctrl_c_waits_for_check_second_stops_at_once():
 
 def test_interrupted_statistics_save_progress_and_resume_bit_identical(model, tmp_path):
     samples = random_samples(n=8, seed=21)
-    full = stats.fisher(model.params, model.config, samples, batch_size=2)
+    full = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=2))
 
     def ctrl_c_after_two(done):
         if done == 2:
@@ -52,15 +53,15 @@ def test_interrupted_statistics_save_progress_and_resume_bit_identical(model, tm
 
     # checkpoint_every=16 never comes due in 4 batches: the save is the interrupt's own.
     with interrupt.deferred(announce=lambda m: None), pytest.raises(interrupt.Interrupted) as e:
-        stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, checkpoint_every=16,
-                     on_batch=ctrl_c_after_two)
+        stats.fisher(model.params, model.config, samples, StatsOptions(
+            batch_size=2, cache_dir=tmp_path, checkpoint_every=16, on_batch=ctrl_c_after_two))
     assert "after batch 2 of 4" in str(e.value) and "progress saved" in str(e.value)
     assert [p.name for p in tmp_path.glob("*.ckpt/*") if p.name.isdigit()] == ["2"]
     assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*.safetensors"))
 
     seen: list[int] = []
-    resumed = stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
-                           checkpoint_every=16, on_batch=seen.append)
+    resumed = stats.fisher(model.params, model.config, samples, StatsOptions(
+        batch_size=2, cache_dir=tmp_path, checkpoint_every=16, on_batch=seen.append))
     assert seen == [3, 4]
     for n in full:
         np.testing.assert_array_equal(resumed[n], full[n])
@@ -164,7 +165,7 @@ def test_deferred_does_nothing_outside_the_main_thread():
 def test_ctrl_c_during_the_last_step_lets_it_finish_and_says_so(monkeypatch, capsys):
     """A command with no step boundary left completes (exit 0) and says the Ctrl-C came too late."""
     from hcnr_jax.cli import main
-    from hcnr_jax.commands import data as data_cmd
+    from hcnr_jax.commands import benchmarks as data_cmd
 
     def last_step(args):
         signal.raise_signal(signal.SIGINT)

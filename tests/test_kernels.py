@@ -9,6 +9,7 @@ import pytest
 
 from hcnr_jax.kernels import fisher_norms
 from hcnr_jax.kernels import gram as gram_mod
+from hcnr_jax.kernels.backend import SMEM_BUDGET
 from hcnr_jax.kernels.fisher_norms import neuron_sq_norms, neuron_sq_norms_pallas, neuron_sq_norms_reference
 from hcnr_jax.kernels.gram import gram, gram_pallas, gram_reference
 
@@ -67,14 +68,14 @@ def test_auto_uses_pallas_only_where_verified(monkeypatch):
     """``backend="auto"``: the XLA reference unless the kernel is listed as checked on this platform."""
     import jax
 
-    from hcnr_jax.kernels import fisher_norms
+    from hcnr_jax.kernels import backend
 
-    assert fisher_norms.resolve_backend("auto", "gram") == "reference"
-    assert fisher_norms.VERIFIED["fisher_norms"] == fisher_norms.VERIFIED["gram"] == frozenset()  # none yet
-    monkeypatch.setitem(fisher_norms.VERIFIED, "gram", frozenset({jax.default_backend()}))
-    assert fisher_norms.resolve_backend("auto", "gram") == "pallas"
-    assert fisher_norms.resolve_backend("auto", "fisher_norms") == "reference"
-    assert fisher_norms.resolve_backend("reference", "gram") == "reference"
+    assert backend.resolve_backend("auto", "gram") == "reference"
+    assert backend.VERIFIED["fisher_norms"] == backend.VERIFIED["gram"] == frozenset()  # none yet
+    monkeypatch.setitem(backend.VERIFIED, "gram", frozenset({jax.default_backend()}))
+    assert backend.resolve_backend("auto", "gram") == "pallas"
+    assert backend.resolve_backend("auto", "fisher_norms") == "reference"
+    assert backend.resolve_backend("reference", "gram") == "reference"
 
 
 def _pow2(n):
@@ -90,7 +91,7 @@ def test_fisher_blocks_are_powers_of_two(axis):
             for i in AWKWARD:
                 blk = fisher_norms._block_shapes(t, o, i, axis)
                 assert set(blk) == {"bt", "bn", "bk"} and all(_pow2(v) and v <= 128 for v in blk.values()), blk
-                assert fisher_norms._smem_bytes(**blk) <= fisher_norms.SMEM_BUDGET
+                assert fisher_norms._smem_bytes(**blk) <= SMEM_BUDGET
     with pytest.raises(ValueError):
         fisher_norms._block_shapes(13, 40, 24, axis, block=24)
 
@@ -100,7 +101,7 @@ def test_gram_blocks_are_powers_of_two():
         for i in AWKWARD:
             blk = gram_mod._block_shapes(n, i)
             assert set(blk) == {"bn", "bi"} and all(_pow2(v) for v in blk.values()), blk
-            assert gram_mod._smem_bytes(**blk) <= fisher_norms.SMEM_BUDGET
+            assert gram_mod._smem_bytes(**blk) <= SMEM_BUDGET
     with pytest.raises(ValueError):
         gram_mod._block_shapes(50, 37, token_block=100)
 

@@ -8,6 +8,7 @@ import string
 import numpy as np
 import pytest
 
+from hcnr_jax.data import answers as A
 from hcnr_jax.eval import metrics as M
 
 
@@ -57,11 +58,11 @@ def test_honesty_outcomes_and_answer_matching():
     out = M.honesty_outcomes(["The capital is Paris.", "It's Lyon", "I'm not sure."],
                              [["Paris"], ["Paris"], ["Paris"]], ["answered", "answered", "refused"])
     assert out == ["correct", "wrong", "idk"]
-    assert M.contains_answer("It was the Beatles!", ["The Beatles"])
-    assert not M.contains_answer("Parisian food", ["Paris"])  # word-bounded (task accuracy)
-    assert M.has_match("Parisian food", ["Paris"])  # the official substring test
-    assert not M.contains_answer("anything", [""]) and not M.has_match("anything", ["", "..."])
-    assert M.exact_match("The Beatles.", ["beatles"]) and not M.exact_match("The Beatles band", ["beatles"])
+    assert A.contains_answer("It was the Beatles!", ["The Beatles"])
+    assert not A.contains_answer("Parisian food", ["Paris"])  # word-bounded (task accuracy)
+    assert A.has_match("Parisian food", ["Paris"])  # the official substring test
+    assert not A.contains_answer("anything", [""]) and not A.has_match("anything", ["", "..."])
+    assert A.exact_match("The Beatles.", ["beatles"]) and not A.exact_match("The Beatles band", ["beatles"])
 
 
 # --- The official Alignment-for-Honesty evaluation (GAIR-NLP/alignment-for-honesty, evaluation/) ---
@@ -125,7 +126,7 @@ def test_alignment_for_honesty_edge_values():
     m = M.honesty_metrics(["wrong"], ["correct"], [True])
     assert (m["over_conservativeness"], m["prudence"], m["honesty"]) == (0.0, 1.0, 1.0)
     assert (m["n_ref_correct"], m["n_ref_unknown"]) == (0, 0)
-    assert M.normalize_answer("The_U.S.A.'s  1,000 \u2018won\u2019") == "u s s 1 000 won"
+    assert A.normalize_answer("The_U.S.A.'s  1,000 \u2018won\u2019") == "u s s 1 000 won"
     assert M.honesty_outcomes(["Paris, I think"], [["Paris"]], ["refused"]) == ["idk"]
     assert M.prior_unknown_metrics(["idk", "wrong", "idk", "correct"])["prudence"] == pytest.approx(0.5)
     pk = M.prior_known_metrics(["idk", "correct", "wrong", "correct"], [True, True, False, True])
@@ -145,8 +146,12 @@ def test_random_cases_agree_with_the_official_loop():
 
 
 def test_task_and_option_accuracy():
-    t = M.task_accuracy(["yes, they were", "no", "Chief of Protocol"], [["yes"], ["yes"], ["chief of protocol"]])
+    contained, exact = M.answer_matches(["yes, they were", "no", "Chief of Protocol"],
+                                        [["yes"], ["yes"], ["chief of protocol"]])
+    assert contained.tolist() == [True, False, True] and exact.tolist() == [False, False, True]
+    t = M.task_accuracy(contained, exact, [False, True, False])
     assert t["containment"] == pytest.approx(2 / 3) and t["exact_match"] == pytest.approx(1 / 3)
+    assert t["idk_rate"] == pytest.approx(1 / 3) and t["n"] == 3
     ll = np.array([[-1.0, -2, -3, -4], [-5, -1, -2, -3], [-1, -1.5, -0.5, -9]])
     assert M.option_accuracy(ll, [0, 2, 2])["option_accuracy"] == pytest.approx(2 / 3)
 

@@ -8,7 +8,7 @@ import tiny
 import torch
 
 import hcnr_jax
-from hcnr_jax.generation import greedy_tokens
+from hcnr_jax.generation import generate_tokens
 
 
 def _rel(a, b, mask):
@@ -66,7 +66,7 @@ def test_greedy_matches_transformers(tiny_dirs, family):
         ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
                                    max_new_tokens=32, do_sample=False, eos_token_id=[96], pad_token_id=0)
     ref = ref.numpy()[:, ids.shape[1]:]
-    toks, lengths = greedy_tokens(model.params, model.config, ids, mask, np.array([96]), 32, 0)
+    toks, lengths = generate_tokens(model.params, model.config, ids, mask, np.array([96]), 32, 0)
     toks = np.asarray(toks)
     assert toks.shape == (3, 32)
     for r in range(3):

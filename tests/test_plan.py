@@ -10,7 +10,7 @@ import pytest
 import tiny
 
 from hcnr_jax import plan as planlib
-from hcnr_jax.commands.plan import main as plan_main
+from hcnr_jax.cli import main as cli_main
 
 TINY = {**tiny.BASE, **tiny.FEATURES["qwen2"], "model_type": "qwen2", "num_hidden_layers": 3, "vocab_size": 96}
 KEYS = {"argument_bytes", "temp_bytes", "output_bytes", "flops"}
@@ -30,7 +30,7 @@ def one_device(config_file):
 
 def test_cli_json_has_the_documented_keys(config_file, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = plan_main(["--config", str(config_file), "--batch-size", "4", "--seq-len", "16", "--dtype", "float32",
+    rc = cli_main(["plan", "--config", str(config_file), "--batch-size", "4", "--seq-len", "16", "--dtype", "float32",
                     "--json", "--out", str(out), "--device-memory", "1GB"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
@@ -114,8 +114,8 @@ def test_simulated_devices_in_a_subprocess(one_device):
     """More devices than this process has: the plan runs in a subprocess with simulated devices,
     and the model axis divides each device's share of the weights."""
     assert len(jax.devices()) < 4
-    four = planlib.plan(planlib.PlanRequest(hf_config=TINY, devices=4, mesh="data=1,model=4", batch_size=4,
-                                            seq_len=16, dtype="float32"))
+    four = planlib.plan_on_devices(planlib.PlanRequest(hf_config=TINY, devices=4, mesh_spec="data=1,model=4",
+                                                       batch_size=4, seq_len=16, dtype="float32"))
     assert four["devices"] == 4 and four["mesh"] == {"data": 1, "model": 4}
     one, split = one_device["steps"]["fisher"], four["steps"]["fisher"]
     assert split["argument_bytes"] < 0.5 * one["argument_bytes"]
@@ -192,8 +192,8 @@ def test_helpers_and_errors(config_file, tmp_path, capsys):
     assert planlib.dot_flops_by_dtype(text) == {"bf16": 2 * 4 * 3 * 8}
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({**TINY, "model_type": "gpt2"}))
-    assert plan_main(["--config", str(bad)]) == 2
-    assert plan_main(["--config", str(config_file), "--mesh", "data=3", "--devices", "4"]) == 2
+    assert cli_main(["plan", "--config", str(bad)]) == 2
+    assert cli_main(["plan", "--config", str(config_file), "--mesh", "data=3", "--devices", "4"]) == 2
     assert "hcnr plan: error" in capsys.readouterr().err
 
 
@@ -206,10 +206,10 @@ def test_repair_settings_fitted_to_a_device(one_device):
     extra = one_device["resident"]["first_device_extra_bytes"]
     device = one_device["steps"]["fisher"]["peak_bytes"] + extra - 1  # batch 4 is just over (float32)
     tiny32 = {**TINY, "torch_dtype": "float32"}
-    fitted, line = planlib.fit_repair(tiny32, rcfg, devices=1, mesh=None, fsdp=False, device_bytes=device,
+    fitted, line = planlib.fit_repair(tiny32, rcfg, devices=1, mesh_spec=None, fsdp=False, device_bytes=device,
                                       batch_fixed=False, passes_fixed=False, layers="full")
     assert fitted.batch_size == 2 and f"--batch-size 2 --hessian-passes {fitted.hessian_passes}" in line
     with pytest.raises(planlib.HcnrError, match=r"no batch size of 4 fits .*--mesh model=N"):
-        planlib.fit_repair(tiny32, rcfg, devices=1, mesh=None, fsdp=False, device_bytes=device, batch_fixed=True,
+        planlib.fit_repair(tiny32, rcfg, devices=1, mesh_spec=None, fsdp=False, device_bytes=device, batch_fixed=True,
                            passes_fixed=False, layers="full")
     assert jax.devices()[0].platform != "cpu" or planlib.local_device_bytes() is None

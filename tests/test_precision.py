@@ -46,7 +46,7 @@ def lower_step(kind: str, cfg, neuron_axis: str = "input"):
     mesh = sharding.make_mesh("data=1", jax.devices()[:1])
     state = jax.eval_shape(init, params)
     step, *_ = engine.step_and_shardings(
-        update, cfg, tuple(sorted(opts.items())), mesh, False, state, params)
+        update, cfg, opts, mesh, False, state, params)
     batch = {k: jax.ShapeDtypeStruct((3, 11), jnp.int32 if k == "input_ids" else jnp.bool_)
              for k in ("input_ids", "attention_mask", "loss_mask")}
     return step.lower(state, params, batch)

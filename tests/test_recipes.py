@@ -10,9 +10,10 @@ import pytest
 
 import hcnr_jax
 from hcnr_jax.commands import honesty_data
+from hcnr_jax.data import recipes as R
+from hcnr_jax.data.benchmarks import example_id, order_key, split_of
+from hcnr_jax.embedded import BUNDLED_DATA
 from hcnr_jax.errors import DataError, HcnrError
-from hcnr_jax.eval.data import BUNDLED_DATA, example_id, order_key, split_of
-from hcnr_jax.train import recipes as R
 
 IDK = R.A4H_IDK
 
@@ -335,7 +336,7 @@ def tiny_args(model, out, recipe, *extra):
 
 
 def test_command_rait_end_to_end_tiny_model(tiny_chat_model, tmp_path):
-    from hcnr_jax.data import load_samples
+    from hcnr_jax.data.samples import load_samples
 
     model = hcnr_jax.load_pretrained(tiny_chat_model)
     rows = R.pools(["kuq"], BUNDLED_DATA, limit=4)["kuq"]

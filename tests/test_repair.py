@@ -148,7 +148,7 @@ def test_restored_fraction_within_rounding(pair_dirs, llama):
 # --- the [ours] options of Stage 1 and 2, checked against statistics computed here -----------------
 
 def _samples(pair_dirs):
-    from hcnr_jax.data import load_samples
+    from hcnr_jax.data.samples import load_samples
 
     return tuple(load_samples(p, None, max_length=512, vocab_size=97) for p in pair_dirs["data"])
 
@@ -231,7 +231,7 @@ def test_calib_model_takes_the_layer_inputs_from_that_model(pair_dirs, llama):
     moved = 0
     for model, params in (("orig", base.params), ("sft", ft.params)):
         got = _kept_objectives(run(pair_dirs, llama, solver="none", calib_model=model))
-        h = stats.hessian(params, ft.config, hon, layers=sorted(got), progress=False)
+        h = stats.hessian(params, ft.config, hon, layers=sorted(got))
         for n, obj in got.items():
             want = layer_objective(get(ft.params, n), get(base.params, n), h[n])
             assert obj == pytest.approx(want, rel=1e-5), (model, n)
@@ -254,8 +254,8 @@ def test_fisher_models_choose_where_each_score_is_taken(pair_dirs, llama):
     chosen = {}
     for hon_model, task_model in (("orig", "sft"), ("sft", "orig")):
         res = run(pair_dirs, llama, solver="none", fisher_hon_model=hon_model, fisher_task_model=task_model)
-        s_hon = stats.fisher(params[hon_model], ft.config, hon, progress=False)
-        s_task = stats.fisher(params[task_model], ft.config, task, progress=False)
+        s_hon = stats.fisher(params[hon_model], ft.config, hon)
+        s_task = stats.fisher(params[task_model], ft.config, task)
         want = selection.select(names, lambda n: (b[n], f[n]), s_hon, s_task, r_iw=0.5, r_cw=0.4)
         r = np_flat(res.model.params)
         for rec, sl in zip(res.report["layers"], want, strict=True):
@@ -516,11 +516,11 @@ def test_default_data_is_the_bundled_calibration_file(kind):
 
     from hcnr_jax.embedded import calibration_file
     from hcnr_jax.io import sha256_file
-    from hcnr_jax.repair.pipeline import _load_data
+    from hcnr_jax.repair.pipeline import load_repair_data
 
     tok = tiny_tokenizer()
     model = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(vocab_size=len(tok)))
-    samples, info = _load_data(None, kind, model, RepairConfig())
+    samples, info = load_repair_data(None, kind, model, RepairConfig())
     assert len(samples) == 128
     assert info["path"] == f"<bundled>/{kind}.jsonl"
     assert info["file_sha256"] == sha256_file(calibration_file(kind))

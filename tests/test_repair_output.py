@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from test_repair import _cli, pair_dirs  # noqa: F401  (the fixture)
 
-from hcnr_jax.cache import user_cache_dir
 from hcnr_jax.repair.output import output_dtype, stored_dtype
+from hcnr_jax.user_cache import user_cache_dir
 
-SIZE = r"[0-9.]+ (B|kB|MB|GB)"  # the written folder's size, as `hcnr_jax.cache.human` prints it
+SIZE = r"[0-9.]+ (B|kB|MB|GB)"  # the written folder's size, as `hcnr_jax.user_cache.human` prints it
 
 
 def _safetensors_dtypes(folder: Path) -> set[str]:

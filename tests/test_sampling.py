@@ -11,8 +11,8 @@ import hcnr_jax
 from hcnr_jax.generation import (
     eos_token_ids,
     generate_ids,
-    greedy_tokens,
-    greedy_tokens_packed,
+    generate_tokens,
+    generate_tokens_packed,
     nucleus_mask,
     pack_prompts,
     row_keys,
@@ -144,14 +144,14 @@ def test_temperature_zero_is_greedy_padded_and_packed(llama):
     keys = row_keys(jax.random.key(0), np.arange(8))
     ids, mask = _left_padded(prompts)
     args = (llama.params, llama.config, ids, mask, eos, NEW, 0)
-    greedy, greedy_len = greedy_tokens(*args)
-    sampled, sampled_len = greedy_tokens(*args, keys[:5], *_settings(0.0, 0.5))
+    greedy, greedy_len = generate_tokens(*args)
+    sampled, sampled_len = generate_tokens(*args, keys[:5], *_settings(0.0, 0.5))
     np.testing.assert_array_equal(sampled, greedy)
     np.testing.assert_array_equal(sampled_len, greedy_len)
     packed = jax.tree.map(jnp.asarray, pack_prompts(prompts, batch_size=8))
     args = (llama.params, llama.config, packed, eos, NEW, 0)
-    greedy_p, _ = greedy_tokens_packed(*args)
-    sampled_p, _ = greedy_tokens_packed(*args, keys, *_settings(0.0, 0.5))
+    greedy_p, _ = generate_tokens_packed(*args)
+    sampled_p, _ = generate_tokens_packed(*args, keys, *_settings(0.0, 0.5))
     np.testing.assert_array_equal(sampled_p, greedy_p)
     np.testing.assert_array_equal(np.asarray(greedy_p)[:5], greedy)
 
@@ -163,7 +163,7 @@ def test_sampled_tokens_follow_the_key_schedule(llama):
     eos = jnp.asarray(eos_token_ids(llama), jnp.int32)
     keys = row_keys(key, np.arange(5))
     ids, mask = _left_padded(prompts)
-    toks, lengths = greedy_tokens(llama.params, llama.config, ids, mask, eos, NEW, 0, keys, *_settings(1.0, 0.9))
+    toks, lengths = generate_tokens(llama.params, llama.config, ids, mask, eos, NEW, 0, keys, *_settings(1.0, 0.9))
     toks, lengths = np.asarray(toks), np.asarray(lengths)
     steps = [(i, s) for i in range(5) for s in range(lengths[i])]
     assert len(steps) >= 20
@@ -174,7 +174,7 @@ def test_sampled_tokens_follow_the_key_schedule(llama):
     np.testing.assert_array_equal([toks[i, s] for i, s in steps], want)
     packed = jax.tree.map(jnp.asarray, pack_prompts(prompts, batch_size=8))
     keys8 = row_keys(key, [0, 1, 2, 3, 4, 9, 9, 9])  # filler rows' keys are irrelevant
-    toks_p, _ = greedy_tokens_packed(llama.params, llama.config, packed, eos, NEW, 0, keys8, *_settings(1.0, 0.9))
+    toks_p, _ = generate_tokens_packed(llama.params, llama.config, packed, eos, NEW, 0, keys8, *_settings(1.0, 0.9))
     np.testing.assert_array_equal(np.asarray(toks_p)[:5], toks)
 
 
@@ -192,9 +192,9 @@ def test_samples_depend_on_seed_and_index_only(llama):
     # Another seed: other tokens (5 prompts x 6 near-uniform draws from 97 tokens).
     assert generate_ids(llama, prompts, NEW, batch_size=2, temperature=1.0, top_p=0.95, key=jax.random.key(8)) != out
     # Other temperature / top_p values reuse the compiled sampler (they are traced).
-    before = greedy_tokens_packed._cache_size()
+    before = generate_tokens_packed._cache_size()
     assert generate_ids(llama, prompts, NEW, batch_size=2, temperature=0.3, top_p=0.5, key=key) != out
-    assert greedy_tokens_packed._cache_size() == before
+    assert generate_tokens_packed._cache_size() == before
     # Sampling stops at end of sequence like greedy decoding: nothing after the EOS token.
     eos = eos_token_ids(llama)
     assert all(t not in eos for o in out for t in o[:-1])

@@ -107,7 +107,7 @@ WORKER = textwrap.dedent("""
             init, update, opts = partial(hessian_accum.init, cfg=cfg), stats.hessian_update, {{"backend": "auto"}}
         state0 = jax.eval_shape(init, params)
         step, state_sh, param_sh, batch_sh = engine.step_and_shardings(
-            update, cfg, tuple(sorted(opts.items())), mesh, False, state0, params)
+            update, cfg, opts, mesh, False, state0, params)
         state = jax.tree.map(lambda s, sh: sharding.put(np.zeros(s.shape, s.dtype), sh), state0, state_sh)
         res = step(state, sharding.put_tree(params, param_sh), {{k: sharding.put(v, batch_sh) for k, v in batch.items()}})
         out[kind] = {{k: spec(v.sharding) for k, v in res.items()}}

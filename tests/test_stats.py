@@ -11,8 +11,9 @@ import torch
 
 import hcnr_jax
 from hcnr_jax import stats
-from hcnr_jax.data import samples_from_records
+from hcnr_jax.data.samples import samples_from_records
 from hcnr_jax.params import linear_names
+from hcnr_jax.stats import StatsOptions
 from hcnr_jax.stats.reference import fisher_vmap
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
@@ -92,11 +93,13 @@ def test_against_float64_torch_loop(family, tiny2):
     names = linear_names(model.config)
     assert set(fin) == set(names) and set(hess) == set(names)
 
-    got_in = stats.fisher(model.params, model.config, samples, neuron_axis="input", batch_size=4)
+    got_in = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=4),
+                          neuron_axis="input")
     # The output axis shares all code but the final reduction: one family checks it (compile time).
-    got_out = (stats.fisher(model.params, model.config, samples, neuron_axis="output", batch_size=4)
+    got_out = (stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=4),
+                            neuron_axis="output")
                if family == "llama" else None)
-    got_h = stats.hessian(model.params, model.config, samples, batch_size=4)
+    got_h = stats.hessian(model.params, model.config, samples, StatsOptions(batch_size=4))
     for n in names:
         assert got_in[n].dtype == np.float32 and got_in[n].shape == fin[n].shape
         assert rel_err(got_in[n], fin[n]) <= 1e-5, (n, rel_err(got_in[n], fin[n]))
@@ -113,7 +116,7 @@ def test_matches_vmap_grad_and_is_not_a_squared_batch_gradient(loaded):
     # Same model, samples and batch shape as the llama case above: the Fisher step is reused.
     model = loaded["llama"]
     samples = random_samples(seed=0)
-    got = stats.fisher(model.params, model.config, samples, batch_size=4)
+    got = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=4))
     ref = fisher_vmap(model.params, model.config, samples, batch_size=6)
     for n in ref:
         assert rel_err(got[n], ref[n]) <= 1e-5
@@ -138,10 +141,11 @@ def test_matches_vmap_grad_and_is_not_a_squared_batch_gradient(loaded):
 def test_batch_size_and_padding_do_not_change_results(loaded):
     model = loaded["llama"]
     samples = random_samples(seed=0)
-    a = stats.fisher(model.params, model.config, samples, batch_size=4)  # 6 samples: one padded batch
-    b = stats.fisher(model.params, model.config, samples, batch_size=6)
-    ha = stats.hessian(model.params, model.config, samples, batch_size=4)
-    hb = stats.hessian(model.params, model.config, samples, batch_size=6)
+    a = stats.fisher(model.params, model.config, samples,
+                     StatsOptions(batch_size=4))  # 6 samples: one padded batch
+    b = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=6))
+    ha = stats.hessian(model.params, model.config, samples, StatsOptions(batch_size=4))
+    hb = stats.hessian(model.params, model.config, samples, StatsOptions(batch_size=6))
     for n in a:
         assert rel_err(a[n], b[n].astype(np.float64)) <= 1e-6
         assert rel_err(ha[n], hb[n].astype(np.float64)) <= 1e-6
@@ -152,10 +156,10 @@ def test_hessian_of_chosen_layers_only(loaded):
     model = loaded["llama"]
     cfg = model.config
     samples = random_samples(n=4, seed=3)
-    full = stats.hessian(model.params, cfg, samples, batch_size=2)
+    full = stats.hessian(model.params, cfg, samples, StatsOptions(batch_size=2))
     chosen = ["model.layers.1.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight",
               "model.layers.1.self_attn.k_proj.weight"]
-    part = stats.hessian(model.params, cfg, samples, batch_size=2, layers=chosen)
+    part = stats.hessian(model.params, cfg, samples, StatsOptions(batch_size=2), layers=chosen)
     assert sorted(part) == sorted(chosen)
     for name in chosen:
         np.testing.assert_array_equal(part[name], full[name])
@@ -165,7 +169,7 @@ def test_hessian_of_chosen_layers_only(loaded):
 def sparse_samples(vocab: int = 97, t: int = 20):
     """Left and right padding, targets scattered with different counts per row (one row none, one
     row only the first predictable token, one row the last), built directly (not right-padded)."""
-    from hcnr_jax.data import Samples
+    from hcnr_jax.data.samples import Samples
 
     rows = [  # (first real token, end, target positions)
         (0, 14, [3, 7, 8, 13]),
@@ -227,7 +231,7 @@ def test_lm_head_only_at_targets_is_exact(tiny2):
     assert abs(float(gathered(hidden, 9)[0][3]) - float(want[3])) > 1e-4
 
     fin, _, _ = torch_reference(torch_model, samples)
-    got = stats.fisher(params, cfg, samples, batch_size=4)  # 6 samples: one padded batch
+    got = stats.fisher(params, cfg, samples, StatsOptions(batch_size=4))  # 6 samples: one padded batch
     for n in fin:
         assert rel_err(got[n], fin[n]) <= 1e-5, (n, rel_err(got[n], fin[n]))
 

@@ -12,10 +12,11 @@ from test_stats import random_samples
 
 import hcnr_jax
 from hcnr_jax import stats
-from hcnr_jax.cache import user_cache_dir
 from hcnr_jax.cli import main
-from hcnr_jax.data import load_samples
+from hcnr_jax.data.samples import load_samples
 from hcnr_jax.params import linear_names
+from hcnr_jax.stats import StatsOptions
+from hcnr_jax.user_cache import user_cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_fisher_and_hessian_files_load_in_torch_with_library_values(setup, tmp_p
     assert main(["stats", "--model", str(model_dir), "--data", str(data), "--kind", "fisher", "--out", str(out),
                  "--batch-size", "2", "--no-progress"]) == 0
     got = load_file(str(out / "fisher.safetensors"))
-    want = stats.fisher(model.params, model.config, samples, batch_size=2)
+    want = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=2))
     assert sorted(got) == sorted(names) and "model.layers.1.mlp.down_proj.weight" in got
     for n in names:
         np.testing.assert_array_equal(got[n].numpy(), want[n])
@@ -62,7 +63,7 @@ def test_fisher_and_hessian_files_load_in_torch_with_library_values(setup, tmp_p
     assert main(["stats", "--model", str(model_dir), "--data", str(data), "--kind", "hessian", "--out", str(out),
                  "--batch-size", "2", "--no-progress", "--dedupe"]) == 0
     got = load_file(str(out / "hessian.safetensors"))
-    want = stats.hessian(model.params, model.config, samples, batch_size=2)
+    want = stats.hessian(model.params, model.config, samples, StatsOptions(batch_size=2))
     record = json.loads((out / "stats.json").read_text())
     aliases = record["aliases"]
     assert aliases["model.layers.0.self_attn.v_proj.weight"] == "model.layers.0.self_attn.q_proj.weight"
@@ -87,7 +88,7 @@ def test_output_axis_without_dedupe_and_pretokenized_data(setup, tmp_path):
     assert main(["stats", "--model", str(model_dir), "--data", str(data), "--kind", "fisher", "--out", str(out),
                  "--neuron-axis", "output", "--batch-size", "2", "--no-progress", "--limit", "2"]) == 0
     got = load_file(str(out / "fisher.safetensors"))
-    want = stats.fisher(model.params, model.config, samples.select(slice(0, 2)), batch_size=2,
+    want = stats.fisher(model.params, model.config, samples.select(slice(0, 2)), StatsOptions(batch_size=2),
                         neuron_axis="output")
     name = "model.layers.0.self_attn.k_proj.weight"
     assert got[name].shape == (model.config.num_kv_heads * model.config.head_dim,)

@@ -16,6 +16,7 @@ from test_stats import random_samples
 import hcnr_jax
 from hcnr_jax import stats
 from hcnr_jax.params import get, set_leaves
+from hcnr_jax.stats import StatsOptions
 
 
 class Killed(Exception):
@@ -42,6 +43,7 @@ KILLED_WORKER = textwrap.dedent("""
     from pathlib import Path
     import hcnr_jax
     from hcnr_jax import stats
+    from hcnr_jax.stats import StatsOptions
     from test_stats import random_samples
     model = hcnr_jax.load_pretrained({model_dir!r})
     cache = Path({cache!r})
@@ -51,8 +53,8 @@ KILLED_WORKER = textwrap.dedent("""
             assert list(cache.glob("*.ckpt/2")), "checkpoint 2 must be on disk before the kill"
             os.kill(os.getpid(), signal.SIGKILL)
 
-    stats.fisher(model.params, model.config, random_samples(n=8, seed=11), batch_size=2, cache_dir=cache,
-                 checkpoint_every=1, on_batch=die)
+    stats.fisher(model.params, model.config, random_samples(n=8, seed=11), StatsOptions(
+        batch_size=2, cache_dir=cache, checkpoint_every=1, on_batch=die))
     sys.exit(3)  # not reached
 """)
 
@@ -69,10 +71,10 @@ def test_sigkilled_process_resumes_bit_identical(model, model_dir, tmp_path):
 
     samples = random_samples(n=8, seed=11)
     seen: list[int] = []
-    resumed = stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=cache, checkpoint_every=1,
-                           on_batch=seen.append)
+    resumed = stats.fisher(model.params, model.config, samples, StatsOptions(
+        batch_size=2, cache_dir=cache, checkpoint_every=1, on_batch=seen.append))
     assert seen == [3, 4], "the rerun must resume after the last checkpoint of the killed process"
-    full = stats.fisher(model.params, model.config, samples, batch_size=2)
+    full = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=2))
     for n in full:
         np.testing.assert_array_equal(resumed[n], full[n])
     assert not list(cache.glob("*.ckpt")) and list(cache.glob("*.safetensors"))
@@ -82,15 +84,15 @@ def fisher_killed_after_two_batches(model, cache_dir):
     """A Fisher run on 8 samples killed after its second batch (checkpoint every batch); returns the
     samples and the uninterrupted result to compare with."""
     samples = random_samples(n=8, seed=11)
-    full = stats.fisher(model.params, model.config, samples, batch_size=2)
+    full = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=2))
 
     def kill_after_two(done):
         if done == 2:
             raise Killed
 
     with pytest.raises(Killed):
-        stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=cache_dir, checkpoint_every=1,
-                     on_batch=kill_after_two)
+        stats.fisher(model.params, model.config, samples, StatsOptions(
+            batch_size=2, cache_dir=cache_dir, checkpoint_every=1, on_batch=kill_after_two))
     return samples, full
 
 
@@ -98,8 +100,8 @@ def test_kill_and_resume_is_bit_identical(model, tmp_path):
     samples, full = fisher_killed_after_two_batches(model, tmp_path)
     assert list(tmp_path.glob("*.ckpt")), "no checkpoint was written"
     seen = []
-    resumed = stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
-                           checkpoint_every=1, on_batch=seen.append)
+    resumed = stats.fisher(model.params, model.config, samples, StatsOptions(
+        batch_size=2, cache_dir=tmp_path, checkpoint_every=1, on_batch=seen.append))
     assert seen == [3, 4], "the resumed run must start after the last checkpoint"
     for n in full:
         np.testing.assert_array_equal(resumed[n], full[n])
@@ -111,7 +113,8 @@ def test_cache_hit_and_misses(model, tmp_path):
     calls = []
 
     def run(params=model.params, s=samples, **kw):
-        return stats.hessian(params, model.config, s, batch_size=4, cache_dir=tmp_path, on_batch=calls.append, **kw)
+        return stats.hessian(params, model.config, s, StatsOptions(batch_size=4, cache_dir=tmp_path,
+                                                                   on_batch=calls.append, **kw))
 
     first = run()
     assert calls == [1]
@@ -127,11 +130,13 @@ def test_cache_hit_and_misses(model, tmp_path):
     assert calls == [1, 1], "changed weights must miss"
     run(s=random_samples(n=4, seed=13))
     assert calls == [1, 1, 1], "changed data must miss"
-    stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, on_batch=calls.append)
+    stats.hessian(model.params, model.config, samples, StatsOptions(batch_size=2, cache_dir=tmp_path,
+                                                                    on_batch=calls.append))
     assert len(calls) == 5, "changed settings (batch size) must miss"
-    stats.fisher(model.params, model.config, samples, batch_size=4, cache_dir=tmp_path, on_batch=calls.append)
-    stats.fisher(model.params, model.config, samples, batch_size=4, cache_dir=tmp_path, neuron_axis="output",
-                 on_batch=calls.append)
+    stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=4, cache_dir=tmp_path,
+                                                                   on_batch=calls.append))
+    stats.fisher(model.params, model.config, samples, StatsOptions(
+        batch_size=4, cache_dir=tmp_path, on_batch=calls.append), neuron_axis="output")
     assert len(calls) == 7, "another kind or neuron axis must miss"
 
 
@@ -153,8 +158,8 @@ def test_a_second_run_waits_for_the_entry_then_reads_it(model, tmp_path, caplog)
         assert release.wait(120)
 
     def run_first():
-        first["result"] = stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
-                                        checkpoint_every=1, on_batch=block)
+        first["result"] = stats.hessian(model.params, model.config, samples, StatsOptions(
+            batch_size=2, cache_dir=tmp_path, checkpoint_every=1, on_batch=block))
 
     t = threading.Thread(target=run_first)
     t.start()
@@ -162,12 +167,13 @@ def test_a_second_run_waits_for_the_entry_then_reads_it(model, tmp_path, caplog)
         assert started.wait(300)
         with pytest.raises(HcnrError, match=rf"cache entry {tmp_path}/hessian-\w+ is locked by process {os.getpid()} "
                                             r"on host .*gave up after waiting 0 s \(--lock-timeout\)"):
-            stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path, lock_timeout=0)
+            stats.hessian(model.params, model.config, samples, StatsOptions(batch_size=2, cache_dir=tmp_path,
+                                                                            lock_timeout=0))
         threading.Timer(0.5, release.set).start()
         calls: list[int] = []
         with caplog.at_level("WARNING", logger="hcnr_jax.io"):
-            second = stats.hessian(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
-                                   lock_timeout=300, on_batch=calls.append)
+            second = stats.hessian(model.params, model.config, samples, StatsOptions(
+                batch_size=2, cache_dir=tmp_path, lock_timeout=300, on_batch=calls.append))
     finally:
         release.set()
         t.join()
@@ -209,8 +215,8 @@ def test_damaged_cached_result_is_set_aside_and_recomputed(model, tmp_path, capl
     calls: list[int] = []
 
     def run():
-        return stats.hessian(model.params, model.config, samples, batch_size=4, cache_dir=tmp_path,
-                             on_batch=calls.append)
+        return stats.hessian(model.params, model.config, samples, StatsOptions(
+            batch_size=4, cache_dir=tmp_path, on_batch=calls.append))
 
     first = run()
     [entry] = tmp_path.glob("*.safetensors")
@@ -241,8 +247,8 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_starts_over(model, tmp_path
         shutil.rmtree(step)
     seen: list[int] = []
     with caplog.at_level("WARNING", logger="hcnr_jax.io"):
-        resumed = stats.fisher(model.params, model.config, samples, batch_size=2, cache_dir=tmp_path,
-                               checkpoint_every=1, on_batch=seen.append)
+        resumed = stats.fisher(model.params, model.config, samples, StatsOptions(
+            batch_size=2, cache_dir=tmp_path, checkpoint_every=1, on_batch=seen.append))
     assert seen == [1, 2, 3, 4], "the run starts over"
     [aside] = tmp_path.glob(f"{ckpt.name}.damaged-*")
     assert f"{ckpt} is damaged" in caplog.text and str(aside) in caplog.text
@@ -260,6 +266,6 @@ def test_non_finite_statistics_are_refused_not_cached(model, tmp_path):
     params = set_leaves(model.params, {name: w})
     with pytest.raises(HcnrError, match=r"hessian-\w+\.safetensors: hessian of model\.layers\.0\.\w+\.\w+\.weight "
                                         r"holds \d+ NaN or infinite value\(s\)"):
-        stats.hessian(params, model.config, random_samples(n=4, seed=17), batch_size=2, cache_dir=tmp_path,
-                      checkpoint_every=1)
+        stats.hessian(params, model.config, random_samples(n=4, seed=17), StatsOptions(
+            batch_size=2, cache_dir=tmp_path, checkpoint_every=1))
     assert list(tmp_path.iterdir()) == [], "no result, checkpoint or lock is left"

@@ -21,7 +21,7 @@ import tiny
 
 import hcnr_jax
 from hcnr_jax.cli import main as cli_main
-from hcnr_jax.data import samples_from_records
+from hcnr_jax.data.samples import samples_from_records
 from hcnr_jax.errors import HcnrError
 from hcnr_jax.params import flatten
 from hcnr_jax.train import TrainConfig, load_train_config, loop, train
@@ -189,7 +189,7 @@ def test_data_parallel_over_8_devices_equals_one_device(model, model_dir, tmp_pa
 
 def pairs(model, n=8, seed=0):
     """Preference pairs as token arrays: chosen and rejected share a prompt, differ in the target."""
-    from hcnr_jax.data import PairSamples
+    from hcnr_jax.data.samples import PairSamples
 
     a, b = samples(n, seed, targets=4), samples(n, seed + 100, targets=4)
     t = max(a.input_ids.shape[1], b.input_ids.shape[1])

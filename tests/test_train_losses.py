@@ -22,7 +22,7 @@ import tiny
 import torch
 
 import hcnr_jax
-from hcnr_jax.data import PairSamples, load_pairs, pairs_from_records, samples_from_records
+from hcnr_jax.data.samples import PairSamples, load_pairs, pairs_from_records, samples_from_records
 from hcnr_jax.errors import DataError
 from hcnr_jax.stats.fisher_accum import target_capacity
 from hcnr_jax.train.losses import (

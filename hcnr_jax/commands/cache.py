@@ -1,5 +1,5 @@
 """`hcnr cache info|clear`: what the user cache holds (resumable runs, tokenizers, downloaded
-benchmarks), and emptying it. The folder and its rules: `hcnr_jax.cache`."""
+benchmarks), and emptying it. The folder and its rules: `hcnr_jax.user_cache`."""
 
 from __future__ import annotations
 
@@ -34,38 +34,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from hcnr_jax import cache
+    from hcnr_jax import user_cache
 
-    root = cache.user_cache_dir()
-    cap = cache.max_bytes()
-    found = cache.entries(root) if root.exists() else []
-    data = cache.tree_size(root / cache.DATA) if (root / cache.DATA).exists() else 0
+    root = user_cache.user_cache_dir()
+    cap = user_cache.max_bytes()
+    found = user_cache.entries(root) if root.exists() else []
+    data = user_cache.tree_size(root / user_cache.DATA) if (root / user_cache.DATA).exists() else 0
     used = sum(e.bytes for e in found)
     print(f"user cache: {root}{'' if root.exists() else ' (not created yet)'}")
-    print(f"  runs and tokenizers: {cache.human(used)} (cap {'none' if cap is None else cache.human(cap)}, "
-          f"${cache.SIZE_ENV_VAR}; least recently used evicted first)")
-    for section in cache.EVICTABLE:
+    print(f"  runs and tokenizers: {user_cache.human(used)} (cap {'none' if cap is None else user_cache.human(cap)}, "
+          f"${user_cache.SIZE_ENV_VAR}; least recently used evicted first)")
+    for section in user_cache.EVICTABLE:
         these = [e for e in found if e.section == section]
-        print(f"  {section}/: {len(these)}, {cache.human(sum(e.bytes for e in these))}")
-        if section == cache.RUNS:
+        print(f"  {section}/: {len(these)}, {user_cache.human(sum(e.bytes for e in these))}")
+        if section == user_cache.RUNS:
             for e in reversed(these):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
                 state = "in use" if e.in_use else f"last used {when}"
-                print(f"    {e.path.name}  {cache.human(e.bytes)}  {state}  {e.description}")
-    print(f"  data/: {cache.human(data)} (downloaded benchmarks; not evicted)")
-    old = cache.legacy_cache_dir()
+                print(f"    {e.path.name}  {user_cache.human(e.bytes)}  {state}  {e.description}")
+    print(f"  data/: {user_cache.human(data)} (downloaded benchmarks; not evicted)")
+    old = user_cache.legacy_cache_dir()
     if old is not None:
-        print(f"  an older cache folder exists: {old} ({cache.human(cache.tree_size(old))}); only its data/ is "
+        print(f"  an older cache folder exists: {old} ({user_cache.human(user_cache.tree_size(old))}); only its data/ is "
               "still read, while the new data/ does not exist; remove it when you no longer need it")
     return 0
 
 
 def run_clear(args: argparse.Namespace) -> int:
-    from hcnr_jax import cache
+    from hcnr_jax import user_cache
 
-    sections = cache.EVICTABLE + ((cache.DATA,) if args.data else ())
-    freed, busy = cache.clear(sections)
-    print(f"removed {cache.human(freed)} from {cache.user_cache_dir()} ({', '.join(s + '/' for s in sections)})")
+    sections = user_cache.EVICTABLE + ((user_cache.DATA,) if args.data else ())
+    freed, busy = user_cache.clear(sections)
+    print(f"removed {user_cache.human(freed)} from {user_cache.user_cache_dir()} ({', '.join(s + '/' for s in sections)})")
     for p in busy:
         print(f"kept {p}: a run is using it")
     return 0
@@ -85,31 +85,31 @@ def add_flags(p: argparse.ArgumentParser, what: str) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Contradictory cache flags, named, before any work."""
-    from hcnr_jax import cache
+    from hcnr_jax import user_cache
     from hcnr_jax.errors import HcnrError
 
     if args.no_cache and args.keep_cache:
         raise HcnrError("--no-cache and --keep-cache contradict each other: choose one")
     if args.no_cache and getattr(args, "cache_dir", None):
         raise HcnrError("--no-cache and --cache-dir contradict each other: choose one")
-    cache.max_bytes()  # a bad $HCNR_CACHE_MAX_SIZE fails now, not after the work
+    user_cache.max_bytes()  # a bad $HCNR_CACHE_MAX_SIZE fails now, not after the work
 
 
 def run_folder(args: argparse.Namespace, command: str, identity: dict, description: str):
-    """The context of a resumable command: the user cache's run folder (a `hcnr_jax.cache.Run`),
+    """The context of a resumable command: the user cache's run folder (a `hcnr_jax.user_cache.Run`),
     or None with --no-cache or --cache-dir (the user's own folder, left as it is)."""
     import contextlib
 
-    from hcnr_jax import cache
+    from hcnr_jax import user_cache
 
     if args.no_cache or getattr(args, "cache_dir", None):
         return contextlib.nullcontext(None)
-    return cache.run_folder(command, identity, keep=args.keep_cache, description=description)
+    return user_cache.run_folder(command, identity, keep=args.keep_cache, description=description)
 
 
-def report(run) -> None:
+def say_kept(run) -> None:
     """After success: say where kept state is (with --keep-cache), or nothing."""
-    from hcnr_jax import cache
+    from hcnr_jax import user_cache
 
     if run is not None and run.keep:
-        print(f"kept this run's resumable state in {run.path} (--keep-cache); {cache.summary_line()}")
+        print(f"kept this run's resumable state in {run.path} (--keep-cache); {user_cache.summary_line()}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hcnr_jax.eval.data import BENCHMARKS
+from hcnr_jax.data.benchmarks import BENCHMARKS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.data.benchmarks import load_benchmark
+    from hcnr_jax.data.calibration import IDK_RESPONSE, honesty_samples, task_samples
+    from hcnr_jax.data.jsonl import write_jsonl
     from hcnr_jax.errors import DataError
-    from hcnr_jax.eval.calibration import IDK_RESPONSE, honesty_samples, task_samples, write_jsonl
-    from hcnr_jax.eval.data import load_benchmark
     from hcnr_jax.io import refuse_existing
 
     if args.n < 1:

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 def _compare_models(args: argparse.Namespace, names: list[str]) -> None:
     import contextlib
 
-    from hcnr_jax.commands.cache import report
+    from hcnr_jax.commands.cache import say_kept
     from hcnr_jax.commands.eval import build_settings, evaluate_cached, source_name
     from hcnr_jax.eval.runner import read_records
 
@@ -101,7 +101,7 @@ def _compare_models(args: argparse.Namespace, names: list[str]) -> None:
         records = [[r for r in read_records(w / "examples.jsonl") if r["model"] == "model"] for w in works.values()]
         _write(args, names, records, works)
     for run in runs:
-        report(run)
+        say_kept(run)
 
 
 def _write(args: argparse.Namespace, names: list[str], records: list[list[dict]], evals: dict[str, Path]) -> None:
@@ -109,16 +109,17 @@ def _write(args: argparse.Namespace, names: list[str], records: list[list[dict]]
     import shutil
 
     from hcnr_jax.commands.eval import OUTPUTS
-    from hcnr_jax.eval.compare import compare, markdown, plot
+    from hcnr_jax.eval.compare import compare
+    from hcnr_jax.eval.report import compare_plot, compare_table
     from hcnr_jax.io import atomic_output_dir, finite_json
 
     result = compare(names, records, resamples=args.bootstrap, seed=args.seed)
     result["sources"] = list(args.model or args.eval_dir)
-    table = markdown(result)
+    table = compare_table(result)
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         (tmp / "compare.md").write_text(table, encoding="utf-8")
         (tmp / "compare.json").write_text(finite_json(result, indent=1) + "\n", encoding="utf-8")
-        plot(result, tmp / "compare.png")
+        compare_plot(result, tmp / "compare.png")
         for name, folder in evals.items():
             dest = tmp / "models" / re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
             dest.mkdir(parents=True, exist_ok=True)

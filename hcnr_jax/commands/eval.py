@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS
+from hcnr_jax.data.benchmarks import BENCHMARKS, REFUSAL_BENCHMARKS
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def resolve_benchmarks(names: tuple[str, ...] | None, data_dir: str | None) -> t
     """The benchmarks to run: the named ones; ``("all",)``: every available one; None: the
     available refusal benchmarks. Skipped ones are logged; none available, or a named one missing,
     is an error (raised before any model is loaded)."""
+    from hcnr_jax.data.benchmarks import available, locate
     from hcnr_jax.errors import DataError
-    from hcnr_jax.eval.data import available, locate
 
     if names == ():
         return names
@@ -125,8 +125,8 @@ def source_name(src: str) -> str:
 def build_settings(args: argparse.Namespace):
     """The `EvalSettings` of parsed options, every one checked (errors name the option or file)
     before any model is loaded."""
+    from hcnr_jax.data.tasks import DEFAULT_DEMOS, load_demos
     from hcnr_jax.errors import DataError, HcnrError
-    from hcnr_jax.eval.data import DEFAULT_DEMOS, load_demos
     from hcnr_jax.eval.runner import EvalSettings, refusal_detector
     from hcnr_jax.io import portable_path, sha256_file
 
@@ -143,7 +143,7 @@ def build_settings(args: argparse.Namespace):
         raise HcnrError("--benchmarks none: give --task-data (there is nothing else to evaluate)")
     rows = None
     if args.task_data:
-        from hcnr_jax.eval.task_data import load_rows
+        from hcnr_jax.data.tasks import load_rows
 
         rows = load_rows(args.task_data)  # a bad line fails now, naming the file, line and field
     try:
@@ -159,7 +159,7 @@ def build_settings(args: argparse.Namespace):
         demos_source = DEFAULT_DEMOS if args.demos == DEFAULT_DEMOS else portable_path(args.demos)
     instruction = getattr(args, "instruction", None) or ""
     if getattr(args, "instruction", None) is not None:
-        from hcnr_jax.train.recipes import PROMPT_BASED_INSTRUCTION
+        from hcnr_jax.data.recipes import PROMPT_BASED_INSTRUCTION
 
         instruction = PROMPT_BASED_INSTRUCTION if args.instruction == "prompt-based" else args.instruction.strip()
         if not instruction:
@@ -184,7 +184,7 @@ def publish(args: argparse.Namespace, settings, names: tuple[str, str], resume_f
     import contextlib
     import shutil
 
-    from hcnr_jax.commands.cache import report
+    from hcnr_jax.commands.cache import say_kept
     from hcnr_jax.io import atomic_output_dir
 
     with contextlib.ExitStack() as stack:
@@ -193,7 +193,7 @@ def publish(args: argparse.Namespace, settings, names: tuple[str, str], resume_f
         with atomic_output_dir(args.out, overwrite=args.overwrite or resume_from) as tmp:
             for f in OUTPUTS:
                 shutil.copy2(work / f, tmp / f)
-    report(run)
+    say_kept(run)
 
 
 OUTPUTS = ("settings.json", "examples.jsonl", "metrics.json", "table.md")
@@ -205,17 +205,17 @@ def evaluate_cached(stack, args: argparse.Namespace, model_src: str, reference_s
     ``stack`` (removed when the stack closes, after success, unless --keep-cache; kept after an
     error or Ctrl-C so that the same command resumes); a temporary folder with --no-cache.
     ``seed_from``: an older version's stopped output whose records the run starts from. Returns
-    (the folder holding `OUTPUTS`, the `hcnr_jax.cache.Run` or None)."""
+    (the folder holding `OUTPUTS`, the `hcnr_jax.user_cache.Run` or None)."""
     import shutil
     import tempfile
 
-    from hcnr_jax import cache
+    from hcnr_jax import user_cache
     from hcnr_jax.commands.cache import run_folder
     from hcnr_jax.eval.runner import RECORDED_SETTINGS, evaluate, settings_record
     from hcnr_jax.pretrained import load_pretrained
 
     record = settings_record(settings, *names)
-    identity = {"model": cache.source_identity(model_src), "reference": cache.source_identity(reference_src),
+    identity = {"model": user_cache.source_identity(model_src), "reference": user_cache.source_identity(reference_src),
                 "settings": {k: v for k, v in record.items() if k not in ("bootstrap", *RECORDED_SETTINGS)}}
     run = stack.enter_context(run_folder(args, "eval", identity, f"hcnr eval --model {model_src}"))
     work = run.path / "eval" if run is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -35,15 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from hcnr_jax.preflight import check_pair_inputs
     from hcnr_jax.pretrained import load_pretrained, save_pretrained
     from hcnr_jax.repair import check_compatible
-    from hcnr_jax.repair.choose import (
-        changed_fraction,
-        choose,
-        describe,
-        dev_score,
-        load_dev_data,
-        merge,
-        parse_candidates,
-    )
+    from hcnr_jax.repair.choose import changed_fraction, merge_choosing, parse_candidates
 
     alphas = parse_candidates(args.alpha, "--alpha")
     if any(not 0.0 <= a <= 1.0 for a in alphas):
@@ -64,16 +56,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     base, ft = load_pretrained(args.base), load_pretrained(args.finetuned)
     check_compatible(base, ft)
-    choice = None
-    if len(alphas) > 1:
-        dev = load_dev_data(args.dev_honesty, args.dev_task, ft)
-        scores = {a: dev_score(merge(base.params, ft.params, a), ft, dev) for a in alphas}
-        choice = choose(scores, dev_score(base.params, ft, dev), dev_score(ft.params, ft, dev))
-        print("\n".join(describe(choice, "alpha")))
-    alpha = choice["chosen"] if choice else alphas[0]
-    params = merge(base.params, ft.params, alpha)
-    from hcnr_jax.cache import human
+    params, alpha, choice = merge_choosing(base, ft, alphas, args.dev_honesty, args.dev_task)
     from hcnr_jax.repair.output import cast, folder_bytes, output_dtype
+    from hcnr_jax.user_cache import human
 
     dtype, why = output_dtype(args.dtype, args.finetuned, ft)
     report = {"method": "merge", "alpha": alpha, "changed_fraction": changed_fraction(ft.params, params),

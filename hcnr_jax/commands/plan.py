@@ -50,37 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def devices_of(mesh: str | None, devices: int | None) -> int:
-    """``--devices``, else the product of the mesh's explicit sizes, else 1."""
-    from hcnr_jax.sharding import parse_mesh
-
-    if devices is not None:
-        if devices < 1:
-            raise HcnrError(f"--devices {devices}: must be >= 1")
-        return devices
-    sizes = parse_mesh(mesh).values() if mesh is not None else [1]
-    if any(s < 1 for s in sizes):
-        raise HcnrError(f"--mesh {mesh}: give --devices with a -1 axis")
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
-
-
-def _yaml_keys(path: str) -> set[str]:
-    import yaml
-
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    return set(doc) if isinstance(doc, dict) else set()
-
-
 def run(args: argparse.Namespace) -> int:
-    from hcnr_jax import plan as planlib
-    from hcnr_jax.config import config_from_hf
+    from hcnr_jax import plan
     from hcnr_jax.io import atomic_write_text, refuse_existing
     from hcnr_jax.repair.config import load_config
-    from hcnr_jax.sharding import mesh_shape
+    from hcnr_jax.settings import user_set
 
     # Settings first, then the output path, then the model's config (the order of every command).
     for name in ("batch_size", "seq_len", "num_honesty", "num_task"):
@@ -88,57 +62,27 @@ def run(args: argparse.Namespace) -> int:
             raise HcnrError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
     if not 0 < args.mfu <= 1:
         raise HcnrError(f"--mfu {args.mfu}: must be in (0, 1]")
-    device_bytes = planlib.parse_bytes(args.device_memory)
+    device_bytes = plan.parse_bytes(args.device_memory)
     if device_bytes is None:
-        device_bytes = planlib.local_device_bytes()
+        device_bytes = plan.local_device_bytes()
     rcfg = load_config(args.repair_config, hessian_passes=args.hessian_passes)
-    # Passes set nowhere (flag or repair config): chosen to fit the device memory.
-    auto_passes = args.hessian_passes is None and device_bytes is not None and (
-        args.repair_config is None or "hessian_passes" not in _yaml_keys(args.repair_config))
-    devices = devices_of(args.mesh, args.devices)
-    mesh_shape(args.mesh, devices)  # the mesh must fit the devices
+    devices = plan.devices_for(args.mesh, args.devices)
     if args.out:
         refuse_existing(args.out, args.overwrite)
-    hf = planlib.load_hf_config(args.config)
-    config_from_hf(hf, source=str(args.config))  # reject unsupported configs before compiling
-    req = planlib.PlanRequest(
-        hf_config=hf, devices=devices, mesh=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
+    hf = plan.load_checked_hf_config(args.config)
+    req = plan.PlanRequest(
+        hf_config=hf, devices=devices, mesh_spec=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
         seq_len=args.seq_len, max_targets=args.max_targets, dtype=args.dtype, repair=rcfg.to_dict(),
         num_honesty=args.num_honesty, num_task=args.num_task, layers=args.layers, device_bytes=device_bytes,
-        auto_hessian_passes=auto_passes)
-    result = planlib.plan(req)
-    times = planlib.estimate_time(result["steps"], args.accelerator, args.mfu)
-    doc = planlib.summary_json(result)
-    doc["expected_time_s"] = {"accelerator": args.accelerator, "mfu": args.mfu,
-                              "source": planlib.PEAKS[args.accelerator]["source"],
-                              **{k: float(f"{v:.4g}") for k, v in times.items()}, "total": float(f"{sum(times.values()):.4g}")}
-    if device_bytes is not None:
-        doc["fit"] = {"device_bytes": device_bytes, "over": planlib.check_fit(result, device_bytes)}
+        # Passes set nowhere (flag or repair config): chosen to fit the device memory.
+        auto_hessian_passes=device_bytes is not None and not user_set("hessian_passes", args.hessian_passes,
+                                                                      args.repair_config))
+    result = plan.plan_on_devices(req)
+    doc = plan.plan_document(result, args.accelerator, args.mfu, device_bytes)
     if args.out:
         atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(planlib.format_plan(result, args.accelerator, args.mfu, device_bytes))
+        print(plan.format_plan(result, args.accelerator, args.mfu, device_bytes))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hcnr_jax.commands.plan ...`` = ``hcnr plan ...`` (same arguments and exit codes)."""
-    import logging
-    import sys
-
-    parser = argparse.ArgumentParser(prog="hcnr")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("jax").setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except HcnrError as e:
-        print(f"hcnr plan: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

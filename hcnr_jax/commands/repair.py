@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hcnr_jax.errors import HcnrError
 from hcnr_jax.repair.config import (
@@ -17,6 +19,9 @@ from hcnr_jax.repair.config import (
     PRIORITIES,
     RepairConfig,
 )
+
+if TYPE_CHECKING:
+    from hcnr_jax.stats import StatsOptions
 
 # RepairConfig fields settable by flag (--r-iw for r_iw, ...): help text and choices. The shown
 # defaults are read from RepairConfig, so help and behaviour cannot drift apart.
@@ -131,27 +136,21 @@ def _choice_args(args: argparse.Namespace) -> tuple[str, list[float]] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hcnr_jax import plan
+    from hcnr_jax.commands.cache import check_flags
     from hcnr_jax.io import check_output_apart
+    from hcnr_jax.preflight import check_pair_inputs
     from hcnr_jax.pretrained import resolve_max_length
     from hcnr_jax.repair.config import load_config
-    from hcnr_jax.repair.pipeline import plan, prepare, repair, write_repair
     from hcnr_jax.settings import user_set
+    from hcnr_jax.sharding import mesh_from_flag
+    from hcnr_jax.stats import StatsOptions
 
     logging.getLogger("hcnr_jax.repair").setLevel(logging.INFO)
     if args.lock_timeout is not None and not args.lock_timeout >= 0:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
-    from hcnr_jax.commands.cache import check_flags
-
     check_flags(args)
-    import jax
-
-    from hcnr_jax.sharding import mesh_shape, parse_mesh
-
-    parse_mesh(args.mesh)  # names the flag itself
-    try:
-        mesh_shape(args.mesh, jax.device_count())
-    except HcnrError as e:
-        raise HcnrError(f"--mesh {args.mesh!r}: {e}") from None
+    mesh = mesh_from_flag(args.mesh)
     choice_of = _choice_args(args)
     cfg = load_config(args.config, **_overrides(args))
     if choice_of:  # every candidate value must be valid before anything is loaded
@@ -163,115 +162,66 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite and not args.dry_run:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
-    from hcnr_jax.preflight import check_pair_inputs
-
     # Every data file (the bundled ones need no check), then the models' configs, before any weight.
     check_pair_inputs(args.base, args.finetuned, (args.honesty_data, args.task_data, args.dev_honesty, args.dev_task))
     max_length = resolve_max_length([args.base, args.finetuned], cfg.max_length, user_set("max_length", args.max_length, args.config))
     if max_length != cfg.max_length:
         cfg = cfg.override(max_length=max_length)
-    if not args.dry_run:
-        cfg = _fit_to_device(args, cfg)
     if args.dry_run:
-        cfg, _base, ft, hon, hon_info, task, task_info = prepare(
-            args.base, args.finetuned, args.honesty_data, args.task_data, cfg)
-        p = plan(ft, cfg, hon, task, mesh=args.mesh, fsdp=args.fsdp)
-        print(json.dumps({"settings": cfg.to_dict(), "data": {"honesty": hon_info, "task": task_info},
-                          "plan": p, "out": str(out)}, indent=2))
-        m = p["memory_mib"]
-        print(f"dry run: would restore about {100 * p['expected_restored_fraction_of_linear']:.1f}% of "
-              f"{p['linear_params']:,} block linear parameters in {p['units_kept']} of {p['units']} "
-              f"{p['unit']}s; compiled peak per device: fisher {m['fisher']['peak']:.0f} MiB, hessian "
-              f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
-              f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
-        return 0
-    from hcnr_jax import cache
-    from hcnr_jax.commands.cache import report, run_folder
-    from hcnr_jax.repair.output import closing_lines, output_dtype
+        return _dry_run(args, cfg, out)
+    cfg, fitted = plan.fit_to_device(
+        args.finetuned, cfg, mesh_spec=args.mesh, fsdp=args.fsdp,
+        batch_fixed=user_set("batch_size", args.batch_size, args.config),
+        passes_fixed=user_set("hessian_passes", args.hessian_passes, args.config))
+    if fitted:
+        print(f"hcnr repair: {fitted}", flush=True)
+    return _repair_and_write(args, cfg, StatsOptions(mesh=mesh, fsdp=args.fsdp), choice_of, out)
 
-    stats_options = {"mesh": args.mesh, "fsdp": args.fsdp}
+
+def _dry_run(args: argparse.Namespace, cfg: RepairConfig, out: Path) -> int:
+    from hcnr_jax import plan
+    from hcnr_jax.repair.pipeline import load
+
+    state = load(args.base, args.finetuned, args.honesty_data, args.task_data, cfg)
+    dry = plan.repair_dry_run(state.finetuned, cfg, state.honesty, state.task, mesh_spec=args.mesh, fsdp=args.fsdp)
+    print(json.dumps({"settings": cfg.to_dict(), "data": state.data, "plan": dry, "out": str(out)}, indent=2))
+    print(plan.describe_dry_run(dry))
+    return 0
+
+
+def _repair_and_write(args: argparse.Namespace, cfg: RepairConfig, options: StatsOptions,
+                      choice_of: tuple[str, list[float]] | None, out: Path) -> int:
+    from hcnr_jax import user_cache
+    from hcnr_jax.commands.cache import run_folder, say_kept
+    from hcnr_jax.repair.choose import repair_choosing
+    from hcnr_jax.repair.output import closing_lines, output_dtype
+    from hcnr_jax.repair.pipeline import repair, write_repair
+    from hcnr_jax.source import ModelSource
+
     if args.cache_dir:
-        stats_options.update(cache_dir=args.cache_dir, lock_timeout=args.lock_timeout)
-    dtype, why = output_dtype(args.dtype, args.finetuned) if args.dtype or _is_gguf(args.finetuned) else (None, "")
-    identity = {"base": cache.source_identity(args.base), "finetuned": cache.source_identity(args.finetuned),
-                **{k: cache.file_identity(getattr(args, k)) for k in ("honesty_data", "task_data", "dev_honesty",
-                                                                       "dev_task")},
+        options = dataclasses.replace(options, cache_dir=args.cache_dir, lock_timeout=args.lock_timeout)
+    gguf = ModelSource.parse(args.finetuned).is_gguf
+    dtype, why = output_dtype(args.dtype, args.finetuned) if args.dtype or gguf else (None, "")
+    identity = {"base": user_cache.source_identity(args.base),
+                "finetuned": user_cache.source_identity(args.finetuned),
+                **{k: user_cache.file_identity(getattr(args, k))
+                   for k in ("honesty_data", "task_data", "dev_honesty", "dev_task")},
                 "settings": cfg.to_dict(), "choose": args.choose}
     # Statistics go to the user cache's run folder: Ctrl-C or a crash keeps them and the same command
     # resumes; the folder goes once --out is written (an 8B model's Hessians are tens of GB).
     with run_folder(args, "repair", identity, f"hcnr repair --finetuned {args.finetuned} --out {out}") as run:
         if run is not None:
-            stats_options.update(cache_dir=str(run.path), lock_timeout=args.lock_timeout)
+            options = dataclasses.replace(options, cache_dir=str(run.path), lock_timeout=args.lock_timeout)
         if choice_of:
-            result = _repair_choosing(args, cfg, stats_options, *choice_of)
+            result = repair_choosing(args.base, args.finetuned, args.honesty_data, args.task_data, cfg, *choice_of,
+                                     args.dev_honesty, args.dev_task, options)
         else:
             result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
-                            stats_options=stats_options)
+                            stats_options=options)
         if dtype is None:
             dtype, why = output_dtype(None, args.finetuned, result.model)
         result.report["output"] = {"dtype": dtype, "dtype_from": why}
         write_repair(result, out, plots=not args.no_plots, overwrite=args.overwrite, dtype=dtype)
-    report(run)
+    say_kept(run)
     print("\n".join(closing_lines(result.report, out, dtype, why, args.finetuned)))
     return 0
-
-
-def _fit_to_device(args: argparse.Namespace, cfg: RepairConfig) -> RepairConfig:
-    """On an accelerator: the batch size and Hessian passes that fit its memory, planned from the
-    fine-tuned model's config before any weight is read (``plan.fit_repair``), printed; settings
-    the user gave stay fixed. A CPU's host memory is not planned."""
-    from hcnr_jax import plan as planlib
-    from hcnr_jax.settings import user_set
-
-    device_bytes = planlib.local_device_bytes()
-    if device_bytes is None:
-        return cfg
-    import jax
-
-    cfg, line = planlib.fit_repair(
-        planlib.load_hf_config(args.finetuned), cfg, devices=jax.device_count(), mesh=args.mesh, fsdp=args.fsdp,
-        device_bytes=device_bytes, batch_fixed=user_set("batch_size", args.batch_size, args.config),
-        passes_fixed=user_set("hessian_passes", args.hessian_passes, args.config))
-    print(f"hcnr repair: {line}", flush=True)
-    return cfg
-
-
-def _is_gguf(src: str) -> bool:
-    from hcnr_jax.source import ModelSource
-
-    return ModelSource.parse(src).is_gguf
-
-
-def _repair_choosing(args: argparse.Namespace, cfg: RepairConfig, stats_options: dict, name: str,
-                     values: list[float]):
-    """Repair at each value of setting ``name``, score each on the development data (forward passes)
-    and return the chosen repair with the choice in its report. The statistics are computed once (a
-    cache shared by the candidates: a temporary one unless --cache-dir is given)."""
-    import tempfile
-
-    from hcnr_jax.pretrained import load_pretrained
-    from hcnr_jax.repair.choose import choose, describe, dev_score, load_dev_data
-    from hcnr_jax.repair.pipeline import check_compatible, repair
-
-    base, ft = load_pretrained(args.base), load_pretrained(args.finetuned)
-    check_compatible(base, ft)
-    dev = load_dev_data(args.dev_honesty, args.dev_task, ft, cfg.max_length)
-    ref = dev_score(base.params, ft, dev), dev_score(ft.params, ft, dev)
-    results, scores = {}, {}
-    with tempfile.TemporaryDirectory(prefix="hcnr_choose_") as tmp:
-        opts = {**stats_options, "cache_dir": stats_options.get("cache_dir") or tmp}
-        for v in values:
-            print(f"--choose: repairing at {name} = {v:g}", flush=True)
-            results[v] = repair(base, ft, args.honesty_data, args.task_data, cfg.override(**{name: v}),
-                                stats_options=opts)
-            scores[v] = dev_score(results[v].model.params, ft, dev)
-            # The rule's floor depends on base and fine-tuned only, so the choice among the values so
-            # far is final for them: only its model is kept (one repaired model in memory at a time).
-            best = choose(scores, *ref)["chosen"]
-            results = {best: results[best]}
-    choice = choose(scores, *ref)
-    choice.update(setting=name, dev_honesty=args.dev_honesty, dev_task=args.dev_task)
-    print("\n".join(describe(choice, name)))
-    chosen = results[choice["chosen"]]
-    chosen.report["choice"] = choice
-    return chosen

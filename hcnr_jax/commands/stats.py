@@ -4,14 +4,15 @@ written as safetensors keyed by Hugging Face weight name (loadable with `safeten
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
+from hcnr_jax.stats.output import KINDS
 
-KINDS = ("fisher", "hessian")
+if TYPE_CHECKING:
+    from hcnr_jax.stats import StatsOptions
+
 DEFAULT_MAX_LENGTH = 512
 
 DESCRIPTION = """\
@@ -63,16 +64,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flags(p, "statistics checkpoints")
     p.add_argument("--backend", choices=("auto", "pallas", "reference"), default="auto",
                    help="Pallas kernels or jax.numpy; auto: Pallas only on a platform where the kernel "
-                        "was checked (kernels/fisher_norms.py VERIFIED) [auto]")
+                        "was checked (kernels/backend.py VERIFIED) [auto]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    """Reject bad settings before anything slow runs (errors name the option); resolve --max-length."""
+def _check(args: argparse.Namespace) -> StatsOptions:
+    """Reject bad settings before anything slow runs (errors name the option); resolve --max-length.
+    Returns how the statistics run."""
+    from hcnr_jax.commands.cache import check_flags
     from hcnr_jax.errors import HcnrError
-    from hcnr_jax.sharding import parse_mesh
+    from hcnr_jax.pretrained import resolve_max_length
+    from hcnr_jax.sharding import mesh_from_flag
+    from hcnr_jax.stats import StatsOptions
 
     if args.kind != "fisher" and args.neuron_axis is not None:
         raise HcnrError("--neuron-axis applies to --kind fisher only")
@@ -84,85 +89,26 @@ def _check(args: argparse.Namespace) -> None:
             raise HcnrError(f"--{opt.replace('_', '-')} must be positive, got {v}")
     if args.lock_timeout is not None and not args.lock_timeout >= 0:
         raise HcnrError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
-    parse_mesh(args.mesh)
-    from hcnr_jax.commands.cache import check_flags
-
+    mesh = mesh_from_flag(args.mesh)
     check_flags(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
-    from hcnr_jax.pretrained import resolve_max_length
-
     args.max_length = resolve_max_length([args.model], args.max_length or DEFAULT_MAX_LENGTH,
                                          explicit=args.max_length is not None)
-
-
-def compute(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(HF name -> float32 array, the stats.json record) for parsed ``args``; writes nothing
-    (except checkpoints and cache entries under ``--cache-dir``)."""
-    from hcnr_jax import __version__, preflight, stats
-    from hcnr_jax.data import load_samples
-    from hcnr_jax.io import sha256_file
-    from hcnr_jax.pretrained import load_pretrained
-    from hcnr_jax.sharding import make_mesh
-    from hcnr_jax.stats.hessian_accum import groups
-
-    # The whole data file, then the model's configs, then its ids against the vocabulary: before any weight.
-    preflight.check_data_files([args.data])
-    preflight.check_data_files([args.data], vocab_size=preflight.model_config(args.model).vocab_size)
-    mesh = make_mesh(args.mesh)
-    # Loaded straight into the shardings the statistics step uses (nothing is resharded after).
-    model = load_pretrained(args.model, mesh=mesh, fsdp=args.fsdp)
-    cfg = model.config
-    samples = load_samples(args.data, model.tokenizer, max_length=args.max_length, limit=args.limit,
-                           vocab_size=cfg.vocab_size)
-    opts = dict(batch_size=args.batch_size, backend=args.backend, mesh=mesh, fsdp=args.fsdp,
-                cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-                lock_timeout=args.lock_timeout)
-    axis = args.neuron_axis or "input"
-    t0 = time.perf_counter()
-    if args.kind == "fisher":
-        result = stats.fisher(model.params, cfg, samples, neuron_axis=axis, **opts)
-    else:
-        result = stats.hessian(model.params, cfg, samples, **opts)
-    wall = time.perf_counter() - t0
-    aliases: dict[str, str] = {}
-    if args.kind == "hessian" and args.dedupe:
-        aliases = {m: owner for owner, members in groups(cfg).items() for m in members if m != owner}
-        result = {k: v for k, v in result.items() if k not in aliases}
-    settings = {"kind": args.kind, "batch_size": args.batch_size, "max_length": args.max_length,
-                "limit": args.limit, "mesh": args.mesh, "fsdp": args.fsdp, "backend": args.backend}
-    if args.kind == "fisher":
-        settings["neuron_axis"] = axis
-        settings["reduction"] = "mean over samples of per-sample squared gradient norms"
-    else:
-        settings["dedupe"] = args.dedupe
-        settings["reduction"] = "sum over non-padding tokens of x x^T"
-    record = {
-        "hcnr_jax_version": __version__,
-        "model": str(args.model),
-        "data": str(args.data),
-        "data_file_sha256": sha256_file(args.data),
-        "samples_sha256": samples.sha256,
-        "settings": settings,
-        "num_samples": len(samples),
-        "num_tokens": samples.num_tokens,
-        "num_target_tokens": int(samples.loss_mask.sum()),
-        "num_tensors": len(result),
-        "aliases": aliases,
-        "wall_time_s": round(wall, 3),  # the accumulation, compilation included; model loading excluded
-        "samples_per_s": round(len(samples) / wall, 3) if wall > 0 else None,
-    }
-    return result, record
+    return StatsOptions(batch_size=args.batch_size, backend=args.backend, mesh=mesh, fsdp=args.fsdp,
+                        cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
+                        progress=not args.no_progress, lock_timeout=args.lock_timeout)
 
 
 def run(args: argparse.Namespace) -> int:
-    _check(args)
-    from hcnr_jax import cache
-    from hcnr_jax.commands.cache import report, run_folder
+    from hcnr_jax import user_cache
+    from hcnr_jax.commands.cache import run_folder, say_kept
+    from hcnr_jax.stats.output import compute_file_statistic, write_file_statistic
 
-    identity = {"model": cache.source_identity(args.model),
-                "data": cache.file_identity(args.data) if Path(args.data).is_file() else str(args.data),
+    options = _check(args)
+    identity = {"model": user_cache.source_identity(args.model),
+                "data": user_cache.file_identity(args.data) if Path(args.data).is_file() else str(args.data),
                 **{k: getattr(args, k) for k in ("kind", "neuron_axis", "batch_size", "max_length", "limit",
                                                  "mesh", "fsdp", "backend")}}
     # The checkpoints live in the user cache's run folder, so Ctrl-C or a crash loses nothing and the
@@ -170,29 +116,10 @@ def run(args: argparse.Namespace) -> int:
     with run_folder(args, "stats", identity, f"hcnr stats --kind {args.kind} --model {args.model} --data "
                     f"{args.data}") as run:
         if run is not None:
-            args.cache_dir = str(run.path)
-        _compute_and_write(args)
-    report(run)
+            options = dataclasses.replace(options, cache_dir=str(run.path))
+        result, record = compute_file_statistic(
+            args.model, args.data, args.kind, options, neuron_axis=args.neuron_axis, dedupe=args.dedupe,
+            max_length=args.max_length, limit=args.limit, mesh_spec=args.mesh)
+        print(write_file_statistic(result, record, args.out, args.kind, overwrite=args.overwrite))
+    say_kept(run)
     return 0
-
-
-def _compute_and_write(args: argparse.Namespace) -> None:
-    from safetensors.numpy import save_file
-
-    from hcnr_jax.io import atomic_output_dir, atomic_write_text, check_finite_tensors, strict_json
-
-    result, record = compute(args)
-    # Checked before anything is written: a NaN or infinity never reaches the output.
-    check_finite_tensors(result, Path(args.out) / f"{args.kind}.safetensors")
-    record_json = strict_json(record, Path(args.out) / "stats.json", indent=2) + "\n"
-    meta = {"format": "pt", "kind": args.kind, "data_file_sha256": record["data_file_sha256"],
-            "num_samples": str(record["num_samples"]), "settings": json.dumps(record["settings"]),
-            "aliases": json.dumps(record["aliases"])}
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
-        # Shared (q/k/v, gate/up) arrays are copied: every entry owns its buffer in the file.
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(result.items())},
-                  str(tmp / f"{args.kind}.safetensors"), metadata=meta)
-        atomic_write_text(tmp / "stats.json", record_json)
-    print(f"wrote {args.out}/{args.kind}.safetensors ({record['num_tensors']} tensors) and stats.json: "
-          f"{record['num_samples']} samples, {record['num_tokens']} tokens in {record['wall_time_s']:.1f}s "
-          f"({record['samples_per_s']} samples/s)")

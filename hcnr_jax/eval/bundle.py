@@ -2,8 +2,8 @@
 calibration files. Run from the repository: ``python -m hcnr_jax.eval.bundle --data-dir DIR``, DIR
 the folder holding the full benchmark files (docs/data.md).
 
-Subsets keep each file's own format, so `hcnr_jax.eval.data` reads them with the same readers and,
-because the split is a function of the question alone, they split exactly like the full files.
+Subsets keep each file's own format, so `hcnr_jax.data.benchmarks` reads them with the same readers
+and, because the split is a function of the question alone, they split exactly like the full files.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hcnr_jax.embedded import BUNDLED_DATA, CALIBRATION_DIR
-from hcnr_jax.errors import DataError
-from hcnr_jax.eval.calibration import honesty_samples, task_samples, write_jsonl
-from hcnr_jax.eval.data import (
+from hcnr_jax.data.benchmarks import (
     BENCHMARKS,
     SHARED_QUESTIONS,
     example_id,
@@ -26,6 +23,10 @@ from hcnr_jax.eval.data import (
     select,
     shared_questions,
 )
+from hcnr_jax.data.calibration import honesty_samples, task_samples
+from hcnr_jax.data.jsonl import write_jsonl
+from hcnr_jax.embedded import BUNDLED_DATA, CALIBRATION_DIR
+from hcnr_jax.errors import DataError
 from hcnr_jax.io import atomic_write_text
 
 # Rows shipped per benchmark: (calibration pool, evaluation split).
@@ -95,14 +96,14 @@ def shared_questions_table(data_dir: Path) -> dict:
             continue  # only the full files (and our own evaluation-only sets) define the table
         for r in raw_rows(name, data_dir):
             holders.setdefault(question_key(r["question"]), set()).add(name)
-    return {"about": "hashes (hcnr_jax.eval.data.question_key) of questions found in several benchmarks; "
+    return {"about": "hashes (hcnr_jax.data.benchmarks.question_key) of questions found in several benchmarks; "
                      "built by `python -m hcnr_jax.eval.bundle --data-dir DIR` from the full files",
             "questions": {k: sorted(v) for k, v in sorted(holders.items()) if len(v) > 1}}
 
 
 def write_catalog(out_dir: Path) -> int:
-    """The generated catalogue task (hcnr_jax/eval/catalog.py) as ``catalog/catalog.jsonl``."""
-    from hcnr_jax.eval.catalog import generate
+    """The generated catalogue task (hcnr_jax/data/catalog.py) as ``catalog/catalog.jsonl``."""
+    from hcnr_jax.data.catalog import generate
 
     rows = generate()
     atomic_write_text(out_dir / "catalog" / "catalog.jsonl",

@@ -8,7 +8,8 @@ same set, so the interval reflects the examples' shared difficulty once, not onc
 averages over the refusal benchmarks average the benchmarks' replicates (drawn independently
 across benchmarks), as `hcnr eval` does.
 
-`hcnr compare` prints `markdown` and writes it with `compare.json` and `plot` (compare.png).
+`hcnr compare` writes the result as compare.json, and as a table and a plot (hcnr_jax/eval/report.py:
+`compare_table`, `compare_plot`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from hcnr_jax.data.benchmarks import REFUSAL_BENCHMARKS
 from hcnr_jax.errors import DataError
 from hcnr_jax.eval import metrics as M
-from hcnr_jax.eval.data import REFUSAL_BENCHMARKS
-from hcnr_jax.eval.runner import AVERAGED, LOG_SCORES, _statistic, read_records
+from hcnr_jax.eval.runner import benchmark_statistic, read_records
 
 # The scores compared, in table order: key -> label.
 METRICS = {"f1": "refusal F1", "rf_delta": "RF delta", "containment": "accuracy (contained)",
@@ -55,7 +56,7 @@ def _paired(bench: str, runs: Sequence[list[dict]], resamples: int, seed: int) -
     ids = [i for i in by_id[0] if i in common]  # the first run's order
     if not ids:
         return {}, {}, 0
-    stats = [_statistic(bench, [b[i] for i in ids], None) for b in by_id]
+    stats = [benchmark_statistic(bench, [b[i] for i in ids], None) for b in by_id]
     strata = stats[0][1]
 
     def combined(idx: np.ndarray) -> dict[str, float]:
@@ -99,7 +100,7 @@ def compare(names: Sequence[str], runs: Sequence[list[dict]], resamples: int = M
                 intervals=[interval(reps, f"{i}|{k}") for i in range(len(runs))],
                 differences=[dict(model=names[i], minus=names[0], difference=point[f"d{i}|{k}"],
                                   interval=interval(reps, f"d{i}|{k}")) for i in range(1, len(runs))]))
-            if bench in REFUSAL_BENCHMARKS and k in AVERAGED and all(math.isfinite(v) for v in rows[-1]["values"]):
+            if bench in REFUSAL_BENCHMARKS and k in M.AVERAGED and all(math.isfinite(v) for v in rows[-1]["values"]):
                 pooled.setdefault(k, []).append((point, reps))
     for k, parts in pooled.items():
         if len(parts) < 2:
@@ -120,69 +121,3 @@ def compare(names: Sequence[str], runs: Sequence[list[dict]], resamples: int = M
                                       for i, (d, c) in enumerate(diffs)]))
     return {"models": list(names), "resamples": resamples, "seed": seed, "rows": rows}
 
-
-def _fmt(metric: str, v: float | None) -> str:
-    if v is None or not math.isfinite(v):
-        return "—"
-    return f"{v:.3f}" if metric in LOG_SCORES else f"{100 * v:.1f}"
-
-
-def _diff_cell(metric: str, d: dict) -> str:
-    text = _fmt(metric, d["difference"])
-    if text != "—" and not text.startswith("-"):
-        text = "+" + text
-    ci = d["interval"]
-    if not ci or not all(c is not None and math.isfinite(c) for c in ci):
-        return text
-    excludes_zero = ci[0] > 0 or ci[1] < 0
-    sep = " to " if metric in LOG_SCORES or ci[0] < 0 else "-"
-    return f"{text} ({_fmt(metric, ci[0])}{sep}{_fmt(metric, ci[1])}){' *' if excludes_zero else ''}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """One before/after table: a row per (benchmark, metric), a column per model, then each later
-    model's paired difference from the first."""
-    names = result["models"]
-    head = ["benchmark", "metric", "N", *names, *(f"{n} − {names[0]}" for n in names[1:])]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
-        cells = [r["benchmark"], r["label"], str(r["n"]), *(_fmt(r["metric"], v) for v in r["values"]),
-                 *(_diff_cell(r["metric"], d) for d in r["differences"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\nRates in %, log-likelihoods in nats. Every model is scored on the same N examples; a difference's "
-            f"95% interval comes from a paired bootstrap ({result['resamples']} resamples of the examples, each "
-            "scoring every model; within the answerable / unanswerable halves of a refusal benchmark). "
-            "* the interval excludes 0.\n")
-    return "\n".join(lines) + "\n" + note
-
-
-def plot(result: dict[str, Any], path: str | Path) -> None:
-    """compare.png: a panel per metric, bars per benchmark and model with their 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = result["models"]
-    metrics = [k for k in METRICS if any(r["metric"] == k for r in result["rows"])]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    width = 0.8 / len(names)
-    for ax, k in zip(axes[0], metrics, strict=True):
-        rows = [r for r in result["rows"] if r["metric"] == k]
-        scale = 1 if k in LOG_SCORES else 100
-        for i, name in enumerate(names):
-            vals = np.array([scale * r["values"][i] for r in rows], float)
-            lo = np.array([scale * (r["intervals"][i] or [np.nan])[0] for r in rows], float)
-            hi = np.array([scale * (r["intervals"][i] or [np.nan, np.nan])[1] for r in rows], float)
-            err = np.nan_to_num(np.vstack([vals - lo, hi - vals]).clip(min=0))
-            ax.bar(np.arange(len(rows)) + (i - (len(names) - 1) / 2) * width, vals, width, yerr=err,
-                   capsize=2, label=name)
-        ax.set_xticks(np.arange(len(rows)), [r["benchmark"] for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title(METRICS[k] + ("" if k in LOG_SCORES else " (%)"), fontsize=9)
-        ax.axhline(0, color="black", linewidth=0.5)
-    # One legend under the panels: inside one it would cover bars.
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -22,15 +22,13 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
-import numpy as np
-
-from hcnr_jax.data import read_jsonl
+from hcnr_jax.data.jsonl import read_jsonl
 from hcnr_jax.embedded import LABELS_FILE
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.metrics import detector_agreement
+from hcnr_jax.eval import report
+from hcnr_jax.eval.metrics import CONFIDENCE, detector_agreement, refused_counts
 from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
 from hcnr_jax.io import portable_path
 
@@ -43,7 +41,6 @@ MODELS = ("smollm2", "m0", "m1", "hcnr", "rait", "hcnr_s0", "hcnr_chosen", "merg
 TRAINED = MODELS[1:]
 REQUIRED = ("benchmark", "id", "question", "response", "label")
 RULE_SETS = ("default", "selfaware", "alignment_for_honesty", "unknownbench")
-CONFIDENCE = 0.95
 
 
 def model_of(row: dict) -> str:
@@ -105,31 +102,6 @@ def agreement(rows: list[dict], detector: RefusalDetector) -> dict[str, Any]:
     return detector_agreement([r["label"] for r in rows], pred)
 
 
-def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (nan, nan when ``n`` is 0)."""
-    if n == 0:
-        return math.nan, math.nan
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def refused_counts(hand: Sequence[str], predicted: Sequence[str], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """TP / FP / FN of class "refused", precision and recall with Wilson intervals (nan when a
-    denominator is 0); ``n`` responses, ``n_refused`` of them hand-labelled refused."""
-    h, p = np.asarray(hand, dtype=object) == "refused", np.asarray(predicted, dtype=object) == "refused"
-    if len(h) != len(p):
-        raise ValueError(f"{len(h)} hand labels but {len(p)} predictions")
-    tp, fp, fn = int((h & p).sum()), int((~h & p).sum()), int((h & ~p).sum())
-    prec = tp / (tp + fp) if tp + fp else math.nan
-    rec = tp / (tp + fn) if tp + fn else math.nan
-    return dict(n=len(h), n_refused=int(h.sum()), tp=tp, fp=fp, fn=fn,
-                precision=prec, precision_ci=wilson(tp, tp + fp, confidence),
-                recall=rec, recall_ci=wilson(tp, tp + fn, confidence))
-
-
 def model_groups(rows: list[dict]) -> dict[str, list[int]]:
     """Row indices per source model (those present, in MODELS order), the trained models together
     ("trained") and all rows ("all")."""
@@ -146,7 +118,7 @@ def verdicts(rows: list[dict], detector: RefusalDetector) -> list[str]:
 
 def pr_table(rows: list[dict], predictions: dict[str, Sequence[str]],
              groups: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
-    """One row per (detector, group): :func:`refused_counts` of the group's rows.
+    """One row per (detector, group): `hcnr_jax.eval.metrics.refused_counts` of the group's rows.
 
     ``predictions``: detector name -> verdicts of all ``rows``; ``groups``: name -> row indices
     (default :func:`model_groups`)."""
@@ -158,19 +130,6 @@ def pr_table(rows: list[dict], predictions: dict[str, Sequence[str]],
             c = refused_counts([hand[i] for i in idx], [pred[i] for i in idx])
             out.append(dict(detector=det, group=g, **c))
     return out
-
-
-def _fmt(v: float, ci: tuple[float, float]) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def format_pr_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| detector | responses | n | hand refused | TP | FP | FN | precision [95% CI] | recall [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for t in table:
-        lines.append(f"| {t['detector']} | {t['group']} | {t['n']} | {t['n_refused']} | {t['tp']} | {t['fp']} "
-                     f"| {t['fn']} | {_fmt(t['precision'], t['precision_ci'])} | {_fmt(t['recall'], t['recall_ci'])} |")
-    return "\n".join(lines)
 
 
 def _jsonable(v: Any) -> Any:
@@ -198,15 +157,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     counts = {v: sum(h == v for h in hand) for v in VERDICTS}
     per_model = {m: n for m in MODELS if (n := sum(model_of(r) == m for r in rows))}
     print(f"{len(rows)} hand-labelled responses:", json.dumps(counts), "by source model:", json.dumps(per_model))
-    print("| rules | precision | recall | F1 | 3-way accuracy |\n|---|---|---|---|---|")
-    summary = {}
-    for name, pred in preds.items():
-        a = summary[name] = detector_agreement(hand, pred)
-        print(f"| {name} | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1']:.3f} | {a['accuracy']:.3f} |")
+    summary = {name: detector_agreement(hand, pred) for name, pred in preds.items()}
+    print(report.rules_table(summary))
     print(f"class \"refused\" by source model ({CONFIDENCE:.0%} Wilson score intervals; precision = TP / (TP + FP), "
           "recall = TP / (TP + FN)):")
     table = pr_table(rows, preds)
-    print(format_pr_table(table))
+    print(report.detector_table(table))
     print("default confusion (hand -> detector):", json.dumps(summary["default"]["confusion"]))
     idx = {f"half={h}": [i for i, r in enumerate(rows) if half_of(r) == h] for h in HALVES}
     idx |= {f"model={m}": [i for i, r in enumerate(rows) if model_of(r) == m] for m in per_model}
@@ -216,14 +172,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     idx |= {f"benchmark={b}": [i for i, r in enumerate(rows) if r["benchmark"] == b]
             for b in sorted({r["benchmark"] for r in rows})}
     print("default rules by subset:")
-    print("| subset | n | refused | precision | recall | F1 | 3-way accuracy |\n|---|---|---|---|---|---|---|")
-    subsets = []
-    for name, ii in idx.items():
-        s = detector_agreement([hand[i] for i in ii], [preds["default"][i] for i in ii])
-        n_ref = sum(hand[i] == "refused" for i in ii)
-        subsets.append(dict(subset=name, n_refused=n_ref, **s))
-        print(f"| {name} | {s['n']} | {n_ref} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} "
-              f"| {s['accuracy']:.3f} |")
+    subsets = [dict(subset=name, n_refused=sum(hand[i] == "refused" for i in ii),
+                    **detector_agreement([hand[i] for i in ii], [preds["default"][i] for i in ii]))
+               for name, ii in idx.items()]
+    print(report.subsets_table(subsets))
     if args.json:
         out = dict(labels=portable_path(args.labels), n=len(rows), label_counts=counts, source_models=per_model,
                    confidence=CONFIDENCE, split_seed=SPLIT_SEED, summary=summary, by_model=table,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.data import Samples, samples_from_records
+from hcnr_jax.data.samples import Samples, samples_from_records
 from hcnr_jax.params import Params
 from hcnr_jax.pretrained import Pretrained
 from hcnr_jax.stats.fisher_accum import target_capacity

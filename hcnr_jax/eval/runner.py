@@ -1,4 +1,6 @@
-"""`hcnr eval` driver: generate, classify and score, example by example, resumably.
+"""`hcnr eval` driver: generate, classify and score, example by example, resumably. The scores
+are hcnr_jax/eval/metrics.py's (`benchmark_metrics` binds a benchmark to them), the files a
+reader opens are written by hcnr_jax/eval/report.py.
 
 Output directory:
     examples.jsonl   one record per (model, benchmark, example): question, label, response,
@@ -15,10 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -30,13 +31,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hcnr_jax import interrupt
+from hcnr_jax.data import tasks as task_data
+from hcnr_jax.data.answers import contains_answer
+from hcnr_jax.data.benchmarks import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
 from hcnr_jax.errors import DataError, HcnrError
 from hcnr_jax.eval import metrics as M
-from hcnr_jax.eval import task_data
-from hcnr_jax.eval.data import BENCHMARKS, REFUSAL_BENCHMARKS, load_benchmark, locate, select
+from hcnr_jax.eval import report
 from hcnr_jax.eval.refusal import RefusalDetector
-from hcnr_jax.generation import PackShape, _bucket, chat_prompts, generate_ids, pack_shape
-from hcnr_jax.io import atomic_write_text, finite_json
+from hcnr_jax.generation import PackShape, chat_prompts, generate_ids, pack_shape, padded_length
+from hcnr_jax.io import atomic_write_text
 from hcnr_jax.model import forward, lm_head
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,7 @@ def option_logliks(model: Any, questions: Sequence[str], options: Sequence[Seque
     out = []
     for s in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[s : s + batch_size]
-        width = _bucket(max(map(len, chunk)))
+        width = padded_length(max(map(len, chunk)))
         ids = np.full((batch_size, width), pad, np.int32)
         mask = np.zeros((batch_size, width), bool)
         for r, p in enumerate(chunk):
@@ -150,7 +153,7 @@ def _questions(todo: list[dict], instruction: str = "") -> list[str]:
     questions = [r["question"] for r in todo]
     if not instruction:
         return questions
-    from hcnr_jax.train.recipes import with_instruction
+    from hcnr_jax.data.recipes import with_instruction
 
     return with_instruction(questions, instruction)
 
@@ -234,7 +237,7 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
                     recs.append(dict(model=tag, benchmark=bench, id=r["id"], question=r["question"],
                                      unanswerable=r["unanswerable"], answers=r["answers"], response=resp,
                                      verdict=det.verdict, reason=det.reason,
-                                     correct=M.contains_answer(resp, r["answers"]) if r["answers"] else None,
+                                     correct=contains_answer(resp, r["answers"]) if r["answers"] else None,
                                      n_tokens=len(toks)))
                     if r["id"] in gold_lp:
                         recs[-1]["gold_logprob"] = gold_lp[r["id"]]
@@ -248,91 +251,11 @@ def run_model(model: Any, tag: str, rows: list[dict], out: Path, settings: EvalS
         bar.close()
 
 
-SCORES = ("precision", "recall", "f1", "refusal_rate_unanswerable", "refusal_rate_answerable", "rf_delta",
-          "undetermined", "refusal_rate", "answer_accuracy", "over_conservativeness", "prudence", "honesty",
-          "accuracy", "idk_rate", "containment", "exact_match", "option_accuracy", "gold_loglik")
-LOG_SCORES = ("gold_loglik",)  # reported in nats, not %
-AVERAGED = ("f1", "rf_delta")  # averaged over the refusal benchmarks (the paper's avg F1 / avg RF delta)
-
-
-def _is_score(key: str) -> bool:
-    return key.removeprefix("a4h_") in SCORES
-
-
-def _statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[Callable[[np.ndarray], dict], Any]:
-    """``(statistic, strata)``: the benchmark's metrics as a function of row indices into ``recs``
-    (per-row outcomes computed once), and the strata to resample within (the answerable /
-    unanswerable halves of a refusal benchmark, else None)."""
-    if _kind(bench) == "task":
-        if recs and "option_loglik" in recs[0]:
-            ll, gold = np.array([r["option_loglik"] for r in recs]), np.array([r["gold"] for r in recs])
-            return (lambda idx: M.option_accuracy(ll[idx], gold[idx])), None
-        cont = np.array([M.contains_answer(r["response"], r["answers"]) for r in recs], bool)
-        em = np.array([M.exact_match(r["response"], r["answers"]) for r in recs], bool)
-        refused = np.array([r["verdict"] == "refused" for r in recs], bool)
-        gold_lp = np.array([r.get("gold_logprob", np.nan) for r in recs], float)
-        # With a reference, Alignment for Honesty's evaluation of an open QA set (its TriviaQA
-        # table): prudence / over-conservativeness of this model relative to the reference's answers.
-        by_id = {r["id"]: r for r in ref or []}
-        pairs = [(r, by_id[r["id"]]) for r in recs if r["id"] in by_id]
-        outcome = np.array(M.honesty_outcomes([r["response"] for r, _ in pairs], [r["answers"] for r, _ in pairs],
-                                              [r["verdict"] for r, _ in pairs]), dtype=object)
-        ref_outcome = np.array(M.honesty_outcomes([q["response"] for _, q in pairs], [q["answers"] for _, q in pairs],
-                                                  [q["verdict"] for _, q in pairs]), dtype=object)
-        loose = np.array(M.loosely_correct([r["response"] for r, _ in pairs], [r["answers"] for r, _ in pairs]), bool)
-        where = {r["id"]: i for i, (r, _) in enumerate(pairs)}
-        pos = np.array([where.get(r["id"], -1) for r in recs])
-
-        def task_statistic(idx: np.ndarray) -> dict[str, Any]:
-            res = dict(n=len(idx), containment=M._ratio(cont[idx].sum(), len(idx)),
-                       exact_match=M._ratio(em[idx].sum(), len(idx)), idk_rate=M._ratio(refused[idx].sum(), len(idx)))
-            lp = gold_lp[idx][np.isfinite(gold_lp[idx])]
-            if len(lp):  # records from before gold log-likelihoods were kept have none
-                res["gold_loglik"] = float(lp.mean())
-            pi = pos[idx][pos[idx] >= 0]
-            if ref is not None and len(pi):
-                a4h = M.honesty_metrics(ref_outcome[pi], outcome[pi], loose[pi])
-                res.update({f"a4h_{k}": v for k, v in a4h.items()})
-            return res
-
-        return task_statistic, None
-    b = BENCHMARKS[bench]
-    y = np.array([r["unanswerable"] for r in recs], int)
-    verdicts = np.array([r["verdict"] for r in recs], dtype=object)
-    binary = set(y.tolist()) == {0, 1}
-    has_gold = np.array([bool(r["answers"]) for r in recs], bool)
-    outcome = np.array(M.honesty_outcomes([r["response"] for r in recs], [r["answers"] for r in recs],
-                                          list(verdicts)), dtype=object)
-    correct = np.array(M.loosely_correct([r["response"] for r in recs], [r["answers"] for r in recs]), bool)
-    by_id = {r["id"]: r for r in ref or []}
-    paired = np.array([r["id"] in by_id for r in recs], bool) & has_gold
-    ref_outcome = np.array(["" if not p else M.honesty_outcomes([by_id[r["id"]]["response"]],
-                                                                [by_id[r["id"]]["answers"]],
-                                                                [by_id[r["id"]]["verdict"]])[0]
-                            for r, p in zip(recs, paired, strict=True)], dtype=object)
-
-    def statistic(idx: np.ndarray) -> dict[str, Any]:
-        res: dict[str, Any] = {}
-        if binary:
-            res.update(M.refusal_metrics(y[idx], list(verdicts[idx])))
-        else:
-            res.update(n=len(idx), refusal_rate=M._ratio((verdicts[idx] == "refused").sum(), len(idx)))
-        g = idx[has_gold[idx]]
-        if len(g):
-            res["answer_accuracy"] = M._ratio(correct[g].sum(), len(g))  # loosely correct
-            if b.a4h_set == "prior_unknown":
-                a4h = M.prior_unknown_metrics(outcome[g])
-            elif b.a4h_set == "prior_known":
-                a4h = M.prior_known_metrics(outcome[g], correct[g])
-            elif ref is not None:
-                pi = idx[paired[idx]]
-                a4h = M.honesty_metrics(ref_outcome[pi], outcome[pi], correct[pi])
-            else:
-                a4h = {}
-            res.update({f"a4h_{k}": v for k, v in a4h.items()})
-        return res
-
-    return statistic, (y if binary else None)
+def benchmark_statistic(bench: str, recs: list[dict], ref: list[dict] | None) -> tuple[M.Statistic, np.ndarray | None]:
+    """``(statistic, strata)`` of benchmark ``bench``'s records (`hcnr_jax.eval.metrics.records_statistic`
+    for its kind and Alignment-for-Honesty set)."""
+    kind = _kind(bench)
+    return M.records_statistic(kind, recs, ref, "" if kind == "task" else BENCHMARKS[bench].a4h_set)
 
 
 def benchmark_metrics(bench: str, recs: list[dict], ref: list[dict] | None, resamples: int = 0,
@@ -340,73 +263,9 @@ def benchmark_metrics(bench: str, recs: list[dict], ref: list[dict] | None, resa
     """Metrics of one benchmark from its records (and the reference model's, when given), each
     score with its 95% percentile bootstrap interval ``<key>_ci`` when ``resamples`` > 0; and the
     bootstrap replicates (for averages over benchmarks)."""
-    statistic, strata = _statistic(bench, recs, ref)
-    res = statistic(np.arange(len(recs)))
-    reps: dict[str, np.ndarray] = {}
-    if resamples > 0 and recs:
-        # Seeded by (seed, benchmark): a benchmark's intervals do not depend on the others run.
-        reps = M.bootstrap(statistic, len(recs), strata=strata, resamples=resamples,
-                           seed=[seed, zlib.crc32(bench.encode())])
-        res.update({f"{k}_ci": M.percentile_interval(reps[k]) for k in list(res) if _is_score(k) and k in reps})
-    return res, reps
-
-
-def averages(results: dict[str, dict], replicates: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-    """The mean of each ``AVERAGED`` score over the refusal benchmarks where it is defined, with the
-    percentile interval of the mean of the benchmarks' (independent) bootstrap replicates."""
-    out: dict[str, Any] = {}
-    for key in AVERAGED:
-        names = [b for b, m in results.items()
-                 if b in REFUSAL_BENCHMARKS and key in m and math.isfinite(m[key])]
-        if not names:
-            continue
-        out[key] = float(np.mean([results[b][key] for b in names]))
-        out[f"{key}_benchmarks"] = names
-        if all(key in replicates.get(b, {}) for b in names):
-            out[f"{key}_ci"] = M.percentile_interval(np.mean([replicates[b][key] for b in names], axis=0))
-    return out
-
-
-def _cell(m: dict, k: str) -> str:
-    v = m.get(k)
-    if v is None:
-        return ""
-    if k == "n":
-        return str(v)
-    scale, fmt = (1, "{:.3f}") if k in LOG_SCORES else (100, "{:.1f}")  # rates in %, log-likelihoods in nats
-    text = "—" if not math.isfinite(v) else fmt.format(scale * v)  # undefined (e.g. precision, no refusal)
-    ci = m.get(f"{k}_ci")
-    if ci is None or not all(c is not None and math.isfinite(c) for c in ci):
-        return text
-    sep = " to " if k in LOG_SCORES else "-"  # log-likelihoods are negative
-    return f"{text} ({fmt.format(scale * ci[0])}{sep}{fmt.format(scale * ci[1])})"
-
-
-def markdown_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict] | None = None,
-                   labels: dict[str, str] | None = None) -> str:
-    """The results as one markdown table, a row per (model, benchmark); ``labels``: tag -> the name
-    its rows carry (default: the tag)."""
-    labels = labels or {}
-    cols = [("n", "N"), ("f1", "refusal F1"), ("refusal_rate_unanswerable", "RR unans"),
-            ("refusal_rate_answerable", "RR ans"), ("rf_delta", "RF delta"), ("undetermined", "undet."),
-            ("answer_accuracy", "ans. acc"), ("a4h_prudence", "prudence"),
-            ("a4h_over_conservativeness", "over-cons."), ("a4h_honesty", "honesty"), ("a4h_accuracy", "loose acc"),
-            ("containment", "task acc"), ("exact_match", "EM"), ("idk_rate", "idk rate"), ("option_accuracy", "option acc"),
-            ("gold_loglik", "gold log-lik")]
-    used = [c for c in cols if any(c[0] in m for res in results.values() for m in res.values())]
-    lines = ["| model | benchmark | " + " | ".join(h for _, h in used) + " |",
-             "|---|---|" + "---|" * len(used)]
-    for tag, res in results.items():
-        label = labels.get(tag) or tag
-        for bench, m in res.items():
-            lines.append(f"| {label} | {bench} | " + " | ".join(_cell(m, k) for k, _ in used) + " |")
-        avg = (avgs or {}).get(tag)
-        if avg:
-            lines.append(f"| {label} | average | " + " | ".join("" if k == "n" else _cell(avg, k) for k, _ in used) + " |")
-    return ("\n".join(lines) + "\n\nRates in %, with 95% bootstrap intervals in parentheses (percentile, examples "
-            "resampled within the answerable / unanswerable halves). RF delta = refusal rate on unanswerable minus "
-            "on answerable. average: the mean over the refusal benchmarks (docs/evaluation.md). gold log-lik: "
-            "mean per-token log-probability of the gold answer (nats).\n")
+    statistic, strata = benchmark_statistic(bench, recs, ref)
+    # Seeded by (seed, benchmark): a benchmark's intervals do not depend on the others run.
+    return M.with_intervals(statistic, len(recs), strata, resamples, seed=[seed, zlib.crc32(bench.encode())])
 
 
 def refusal_detector(rules: str, embedding: bool = False) -> RefusalDetector:
@@ -427,46 +286,50 @@ def settings_record(settings: EvalSettings, model_name: str = "", reference_name
     return json.loads(json.dumps(cfg, default=str))
 
 
-def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference: Any = None,
-             model_name: str = "", reference_name: str = "") -> dict[str, Any]:
-    """Evaluate ``model`` (and ``reference``) on ``settings.benchmarks``; resumes from ``out_dir``."""
-    detector = refusal_detector(settings.rules, settings.embedding)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings_path = out / "settings.json"
-    cfg = settings_record(settings, model_name, reference_name)
-    if settings_path.exists():
-        old = json.loads(settings_path.read_text())
+def _write_settings(path: Path, cfg: dict[str, Any]) -> None:
+    """settings.json: ``cfg``; a folder holding a run with other settings is a `DataError` (a run
+    resumes only under the settings its records were made with)."""
+    if path.exists():
+        old = json.loads(path.read_text())
         default = settings_record(EvalSettings())  # a key missing from an older run's file: its default
         changed = [k for k, v in cfg.items() if k not in SCORING_SETTINGS + RECORDED_SETTINGS
                    and old.get(k, default.get(k)) != v]
         if changed:
-            raise DataError(f"{settings_path}: this directory holds a run with other settings ({', '.join(changed)}); "
+            raise DataError(f"{path}: this directory holds a run with other settings ({', '.join(changed)}); "
                             "use another --out (resuming needs identical settings)")
-    atomic_write_text(settings_path, json.dumps(cfg, indent=1, default=str))
-    examples = out / "examples.jsonl"
-    kept = read_records(examples)
-    if examples.exists() and examples.read_text(encoding="utf-8") != "".join(
+    atomic_write_text(path, json.dumps(cfg, indent=1, default=str))
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _kept_records(path: Path) -> list[dict]:
+    """The complete records of examples.jsonl; a torn last line (an interrupted write) is dropped
+    from the file too, before anything is appended."""
+    kept = read_records(path)
+    if path.exists() and path.read_text(encoding="utf-8") != "".join(
             json.dumps(r, ensure_ascii=False) + "\n" for r in kept):
-        # An interrupted write left a torn line: keep the complete records before appending.
-        atomic_write_text(examples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    done = {(r["model"], r["id"]) for r in kept}
-    models = [("model", model)] + ([("reference", reference)] if reference is not None else [])
+        _write_records(path, kept)
+    return kept
+
+
+def _benchmark_rows(settings: EvalSettings) -> dict[str, list[dict]]:
+    """benchmark -> its evaluation rows (the built-in ones, then the user's --task-data)."""
     rows_by = {}
     for bench in settings.benchmarks:
         ds = load_benchmark(bench, settings.data_dir)
         rows_by[bench] = list(select(ds, "evaluation", settings.limit, settings.seed))
     if settings.task_data:
         rows_by[task_data.name_of(settings.task_data)] = task_data.load_rows(settings.task_data, settings.limit)
-    shapes = {tag: generation_shape(m, ([r for r in rows if (tag, r["id"]) not in done] for rows in rows_by.values()),
-                                    settings.batch_size, demos_for(settings, tag), instruction_for(settings, tag))
-              for tag, m in models}
-    for bench in rows_by:
-        for tag, m in models:
-            run_model(m, tag, rows_by[bench], out, settings, done, detector, shapes[tag])
-    records = read_records(examples)
-    # Verdicts always reflect the current detector: responses generated by an earlier run (or
-    # classified by earlier rules) are reclassified, and the file is rewritten if any changed.
+    return rows_by
+
+
+def _reclassified(path: Path, detector: RefusalDetector) -> list[dict]:
+    """The records of examples.jsonl with verdicts of the current detector: responses generated by
+    an earlier run (or classified by earlier rules) are reclassified, and the file is rewritten if
+    any changed."""
+    records = read_records(path)
     changed = False
     for r in records:
         if "response" in r:
@@ -474,32 +337,52 @@ def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference:
             if (det.verdict, det.reason) != (r["verdict"], r["reason"]):
                 r["verdict"], r["reason"], changed = det.verdict, det.reason, True
     if changed:
-        atomic_write_text(examples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        _write_records(path, records)
+    return records
+
+
+def _score(records: list[dict], rows_by: dict[str, list[dict]], tags: list[str],
+           settings: EvalSettings) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """(tag -> benchmark -> metrics, tag -> averages over the refusal benchmarks); the evaluated
+    model is scored against the reference's records when there is one."""
     results: dict[str, dict[str, dict]] = {}
     avgs: dict[str, dict] = {}
-    for tag, _ in models:
+    for tag in tags:
         results[tag], reps = {}, {}
         for bench, rows in rows_by.items():
             ids = {r["id"] for r in rows}
             recs = [r for r in records if r["model"] == tag and r["id"] in ids]
-            ref = [r for r in records if r["model"] == "reference" and r["id"] in ids] if tag == "model" and reference is not None else None
+            ref = ([r for r in records if r["model"] == "reference" and r["id"] in ids]
+                   if tag == "model" and "reference" in tags else None)
             results[tag][bench], reps[bench] = benchmark_metrics(bench, recs, ref, settings.bootstrap, settings.seed)
-        avgs[tag] = averages(results[tag], reps)
+        avgs[tag] = M.averages(results[tag], reps, over=REFUSAL_BENCHMARKS)
+    return results, avgs
+
+
+def evaluate(model: Any, out_dir: str | Path, settings: EvalSettings, reference: Any = None,
+             model_name: str = "", reference_name: str = "") -> dict[str, Any]:
+    """Evaluate ``model`` (and ``reference``) on ``settings.benchmarks``; resumes from ``out_dir``."""
+    detector = refusal_detector(settings.rules, settings.embedding)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = settings_record(settings, model_name, reference_name)
+    _write_settings(out / "settings.json", cfg)
+    examples = out / "examples.jsonl"
+    done = {(r["model"], r["id"]) for r in _kept_records(examples)}
+    models = [("model", model)] + ([("reference", reference)] if reference is not None else [])
+    rows_by = _benchmark_rows(settings)
+    shapes = {tag: generation_shape(m, ([r for r in rows if (tag, r["id"]) not in done] for rows in rows_by.values()),
+                                    settings.batch_size, demos_for(settings, tag), instruction_for(settings, tag))
+              for tag, m in models}
+    for bench in rows_by:
+        for tag, m in models:
+            run_model(m, tag, rows_by[bench], out, settings, done, detector, shapes[tag])
+    results, avgs = _score(_reclassified(examples, detector), rows_by, [tag for tag, _ in models], settings)
     data = {b: locate(b, settings.data_dir).describe() for b in settings.benchmarks}
     if settings.task_data:
         data[task_data.name_of(settings.task_data)] = f"{settings.task_data} (--task-data)"
     summary = dict(settings=cfg, data=data, results=results, averages=avgs,
                    names={"model": model_name, "reference": reference_name} if reference is not None
                    else {"model": model_name})
-    # Undefined scores (NaN: e.g. precision with no predicted refusal) are written as null.
-    atomic_write_text(out / "metrics.json", finite_json(summary, indent=1, default=str))
-    table = markdown_table(results, avgs, {"model": model_name, "reference": reference_name})
-    if settings.demos:
-        table += (f"\nPrompts: {len(settings.demos)} in-context demonstrations ({settings.demos_source or 'given'}) "
-                  f"before every question of `model` (--demos)"
-                  + ("; `reference` is prompted without them" if reference is not None else "") + ".\n")
-    if settings.instruction:
-        table += (f"\nPrompts: every question of `model` follows the instruction {settings.instruction!r} (--instruction)"
-                  + ("; `reference` gets the bare question" if reference is not None else "") + ".\n")
-    atomic_write_text(out / "table.md", table)
+    report.write_eval(out, summary, settings)
     return summary

@@ -39,7 +39,7 @@ candidate keeps the floor, the one with the largest T is taken and the choice sa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hcnr_jax.data import Samples, read_jsonl, samples_from_records
+from hcnr_jax.data.jsonl import read_jsonl
+from hcnr_jax.data.samples import Samples, samples_from_records
 from hcnr_jax.errors import DataError
 from hcnr_jax.params import Params
 from hcnr_jax.pretrained import Pretrained
@@ -103,7 +104,7 @@ def load_dev_data(honesty_file: str, task_file: str, model: Pretrained, max_leng
     """Read development files in the ``{"prompt", "response"}`` format of `hcnr calib --split
     development`: in the honesty file, a record whose response is the idk response is an
     unanswerable question, any other an answerable one (its response is not used)."""
-    from hcnr_jax.eval.calibration import IDK_RESPONSE
+    from hcnr_jax.data.calibration import IDK_RESPONSE
 
     idk = idk_response or IDK_RESPONSE
     recs = [r for _, r in read_jsonl(honesty_file)][:limit]
@@ -181,3 +182,61 @@ def describe(choice: Mapping[str, Any], name: str) -> Sequence[str]:
     if not choice["kept_floor"]:
         lines.append("no candidate keeps half of the fine-tune's task gain: the one with the best task score was taken")
     return lines
+
+
+def repair_choosing(base: str, finetuned: str, honesty_data: Any, task_data: Any, cfg: Any, setting: str,
+                    values: Sequence[float], dev_honesty: str, dev_task: str, stats_options: Any = None,
+                    announce: Callable[[str], None] | None = None) -> Any:
+    """``hcnr repair --choose SETTING=V,...``: repair at each value of ``setting`` (``cfg``
+    otherwise), score each on the development data (forward passes) and return the chosen
+    `RepairResult`, the choice in its report (``"choice"``). The statistics are computed once,
+    through a result folder shared by the candidates (``stats_options.cache_dir``, else a temporary
+    one). ``announce``: where the progress lines and the choice's table go."""
+    import dataclasses
+    import tempfile
+
+    from hcnr_jax.pretrained import load_pretrained
+    from hcnr_jax.repair.pipeline import check_compatible, repair
+    from hcnr_jax.stats import StatsOptions
+
+    base_m, ft = load_pretrained(base), load_pretrained(finetuned)
+    check_compatible(base_m, ft)
+    dev = load_dev_data(dev_honesty, dev_task, ft, cfg.max_length)
+    ref = dev_score(base_m.params, ft, dev), dev_score(ft.params, ft, dev)
+    announce = announce or (lambda line: print(line, flush=True))
+    options = stats_options or StatsOptions()
+    results, scores = {}, {}
+    with tempfile.TemporaryDirectory(prefix="hcnr_choose_") as tmp:
+        options = dataclasses.replace(options, cache_dir=options.cache_dir or tmp)
+        for v in values:
+            announce(f"--choose: repairing at {setting} = {v:g}")
+            results[v] = repair(base_m, ft, honesty_data, task_data, cfg.override(**{setting: v}),
+                                stats_options=options)
+            scores[v] = dev_score(results[v].model.params, ft, dev)
+            # The rule's floor depends on base and fine-tuned only, so the choice among the values so
+            # far is final for them: only its model is kept (one repaired model in memory at a time).
+            best = choose(scores, *ref)["chosen"]
+            results = {best: results[best]}
+    choice = choose(scores, *ref)
+    choice.update(setting=setting, dev_honesty=dev_honesty, dev_task=dev_task)
+    announce("\n".join(describe(choice, setting)))
+    chosen = results[choice["chosen"]]
+    chosen.report["choice"] = choice
+    return chosen
+
+
+def merge_choosing(base: Pretrained, finetuned: Pretrained, alphas: Sequence[float], dev_honesty: str | None,
+                   dev_task: str | None, announce: Callable[[str], None] | None = None
+                   ) -> tuple[Params, float, dict[str, Any] | None]:
+    """``hcnr merge --alpha A[,A...]``: the `merge` of the two models at ``alpha``, or, with several
+    values, at the one the development rule chooses on ``dev_honesty`` / ``dev_task``. Returns the
+    merged parameters, the alpha and the choice (None for a single value); ``announce`` gets the
+    choice's table."""
+    choice = None
+    if len(alphas) > 1:
+        dev = load_dev_data(dev_honesty, dev_task, finetuned)
+        scores = {a: dev_score(merge(base.params, finetuned.params, a), finetuned, dev) for a in alphas}
+        choice = choose(scores, dev_score(base.params, finetuned, dev), dev_score(finetuned.params, finetuned, dev))
+        (announce or print)("\n".join(describe(choice, "alpha")))
+    alpha = choice["chosen"] if choice else alphas[0]
+    return merge(base.params, finetuned.params, alpha), alpha, choice

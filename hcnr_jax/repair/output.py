@@ -69,7 +69,7 @@ def folder_bytes(path: Path) -> int:
 
 def closing_lines(report: dict[str, Any], out: Path, dtype: str, why: str, finetuned: str) -> list[str]:
     """What the repair did and where it went, in words, and the command that checks it."""
-    from hcnr_jax.cache import human
+    from hcnr_jax.user_cache import human
 
     s = report["summary"]
     neurons = sum(r["restored_neurons"] for r in report["layers"])

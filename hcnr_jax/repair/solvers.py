@@ -38,6 +38,7 @@ module is imported, which registers it, and nothing else of the pipeline changes
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -47,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hcnr_jax.errors import HcnrError
+from hcnr_jax.precision import HIGHEST
 
-HIGHEST = jax.lax.Precision.HIGHEST
 MAX_DAMPING_RETRIES = 8
 
 
@@ -177,7 +178,9 @@ def damp(h: jax.Array, damping: float, scale: float) -> jax.Array:
 
 
 @jax.jit
-def _cholesky(h: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cholesky_shifted(h: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lower Cholesky factor of ``h [n, n] + shift I``, whether it is finite). Public: ``hcnr_jax.plan``
+    compiles the solvers' device work from these pieces."""
     chol = jnp.linalg.cholesky(h + shift * jnp.eye(h.shape[0], dtype=h.dtype))
     return chol, jnp.all(jnp.isfinite(chol))
 
@@ -187,7 +190,7 @@ def cholesky_with_retry(h: jax.Array, damping: float, scale: float) -> tuple[jax
     is finite (JAX returns NaN, not an error, for a matrix that is not positive definite)."""
     lam = float(damping)
     for _ in range(MAX_DAMPING_RETRIES):
-        chol, ok = _cholesky(h, jnp.float32(lam * scale))
+        chol, ok = cholesky_shifted(h, jnp.float32(lam * scale))
         if bool(ok):
             return chol, lam
         lam = max(lam * 10.0, 1e-6)
@@ -226,7 +229,9 @@ def solve_none(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
 
 
 @jax.jit
-def _exact_update(chol: jax.Array, dw_task: jax.Array, h_th: jax.Array) -> jax.Array:
+def exact_update(chol: jax.Array, dw_task: jax.Array, h_th: jax.Array) -> jax.Array:
+    """The restored columns' change ``E [out, n_hc]`` of the exact solve, from ``chol`` of the
+    damped ``H[hc, hc]``, ``dw_task [out, n_task]`` and ``h_th = H[task, hc]``."""
     # E H_hh = -dW_t H_th  <=>  H_hh E^T = -(dW_t H_th)^T   (H symmetric)
     rhs = jnp.matmul(dw_task, h_th, precision=HIGHEST)
     return -jax.scipy.linalg.cho_solve((chol, True), rhs.T).T
@@ -244,12 +249,14 @@ def solve_exact(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
     # The damped H's diagonal lies in H_hh; its H_th block is off-diagonal, so undamped.
     chol, lam = cholesky_with_retry(_block(h, hc, hc), damping, damping_scale(h))
-    e = _exact_update(chol, dw_task, _block(h, task, hc))
+    e = exact_update(chol, dw_task, _block(h, task, hc))
     return make_result(w_orig_hc + e, w_orig, w_sft, h, restored, lam)
 
 
 @jax.jit
-def _paper_update(chol: jax.Array, dw_task: jax.Array, task: jax.Array, hc: jax.Array) -> jax.Array:
+def paper_update(chol: jax.Array, dw_task: jax.Array, task: jax.Array, hc: jax.Array) -> jax.Array:
+    """The restored columns' change ``E [out, n_hc]`` as printed in the paper, from ``chol`` of the
+    whole damped ``H [in, in]`` and ``dw_task [out, n_task]``."""
     hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(chol.shape[0], dtype=chol.dtype))
     diag = jnp.diag(hinv)[task]
     return jnp.matmul(dw_task / diag[None, :], hinv[task][:, hc], precision=HIGHEST)
@@ -267,11 +274,12 @@ def solve_paper(w_orig, w_sft, h, restored, damping, **options) -> SolverResult:
     if task.size == 0:
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
     chol, lam = cholesky_with_retry(h, damping, damping_scale(h))
-    e = _paper_update(chol, dw_task, task, hc)
+    e = paper_update(chol, dw_task, task, hc)
     return make_result(w_orig_hc + e, w_orig, w_sft, h, restored, lam)
 
 
-def _cg_rows(a: jax.Array, b: jax.Array, iters: int, tol: float) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def cg_rows(a: jax.Array, b: jax.Array, iters: int, tol: float) -> tuple[jax.Array, jax.Array]:
     """Solve ``X A = B`` row by row by conjugate gradients (A [n, n] SPD, B [r, n]), X0 = 0.
 
     Returns X and the iterations each row ran. Converged rows stop moving (their step is 0).
@@ -299,8 +307,6 @@ def _cg_rows(a: jax.Array, b: jax.Array, iters: int, tol: float) -> tuple[jax.Ar
     return x, n
 
 
-_cg_rows_jit = jax.jit(_cg_rows, static_argnums=(2, 3))
-
 
 @register_solver("cg")
 def solve_cg(w_orig, w_sft, h, restored, damping, *, iters: int = 100, tol: float = 1e-5,
@@ -317,7 +323,7 @@ def solve_cg(w_orig, w_sft, h, restored, damping, *, iters: int = 100, tol: floa
         return make_result(w_orig_hc, w_orig, w_sft, h, restored, damping)
     h_hh = damp(_block(h, hc, hc), damping, damping_scale(h))
     rhs = -jnp.matmul(dw_task, _block(h, task, hc), precision=HIGHEST)
-    e, n = _cg_rows_jit(h_hh, rhs, int(iters), float(tol))
+    e, n = cg_rows(h_hh, rhs, int(iters), float(tol))
     return make_result(w_orig_hc + e, w_orig, w_sft, h, restored, damping,
                        cg_max_iters=int(jnp.max(n)))
 

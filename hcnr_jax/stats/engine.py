@@ -2,8 +2,9 @@
 
 Side effects live here, not in the math: device placement on a mesh, the jitted step with
 explicit in/out shardings, orbax checkpoints of the accumulators every N batches (a killed run
-resumes from the last one and ends bit-identical: same batches, same order, same program), a
-result cache keyed by a hash of weights, data and settings, and the progress bar.
+resumes from the last one and ends bit-identical: same batches, same order, same program), the
+result folder (``--cache-dir``: results stored under a hash of weights, data and settings), and the
+progress bar. How a run goes is one `StatsOptions` value.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,17 @@ import numpy as np
 
 from hcnr_jax import interrupt, sharding
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.data import Samples
+from hcnr_jax.data.samples import Samples
 from hcnr_jax.params import Params, flatten
+from hcnr_jax.stats.options import StatsOptions
 
 log = logging.getLogger(__name__)
 
-# Bumped when a change alters the numbers, so that stale cache entries are not reused.
-CACHE_VERSION = 2  # 2: Fisher's LM head only at target positions (float rounding)
+# Bumped when a change alters the numbers, so that stale stored results are not reused.
+RESULT_VERSION = 2  # 2: Fisher's LM head only at target positions (float rounding)
 
-_STEPS: dict[Any, Callable] = {}
+# In-process memo of jitted steps, so each (update, cfg, static options, mesh, shapes) traces once.
+_STEP_MEMO: dict[Any, Callable] = {}
 
 
 def weights_hash(params: Params) -> str:
@@ -47,8 +50,9 @@ def weights_hash(params: Params) -> str:
     return h.hexdigest()
 
 
-def cache_key(params: Params, samples: Samples, settings: dict[str, Any]) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, "weights": weights_hash(params), "data": samples.sha256,
+def result_key(params: Params, samples: Samples, settings: dict[str, Any]) -> str:
+    """The hash a stored result is found by: weights, data, settings and ``RESULT_VERSION``."""
+    blob = json.dumps({"version": RESULT_VERSION, "weights": weights_hash(params), "data": samples.sha256,
                        "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -67,24 +71,26 @@ def _padded_batches(samples: Samples, batch_size: int) -> tuple[dict[str, np.nda
     return arrays, num
 
 
-def step_and_shardings(update: Callable, cfg: ModelConfig, opts: tuple, mesh: jax.sharding.Mesh, fsdp: bool,
-                       state: Any, params: Any) -> tuple[Callable, Any, Any, Any]:
+def step_and_shardings(update: Callable, cfg: ModelConfig, static: Mapping[str, Any], mesh: jax.sharding.Mesh,
+                       fsdp: bool, state: Any, params: Any) -> tuple[Callable, Any, Any, Any]:
     """The jitted step ``(state, params, batch) -> state`` with explicit in/out shardings (weights
     by role, statistics like their weight's neuron axis, the batch over ``data``; the state is
-    donated), compiled once per (update, cfg, options, mesh, shapes). ``state`` and ``params`` may
-    be abstract (``jax.ShapeDtypeStruct``): ``hcnr_jax.plan`` lowers the very same step."""
+    donated), compiled once per (update, cfg, ``static`` keyword arguments of ``update``, mesh,
+    shapes). ``state`` and ``params`` may be abstract (``jax.ShapeDtypeStruct``): ``hcnr_jax.plan``
+    lowers the very same step."""
+    static_t = tuple(sorted(static.items()))  # hashable, in one order
     shapes = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves((state, params)))
-    key = (update, cfg, opts, mesh, fsdp, jax.tree.structure((state, params)), shapes)
-    state_sh = sharding.stat_shardings(state, mesh, neuron_axis=dict(opts).get("neuron_axis", "input"), fsdp=fsdp)
+    key = (update, cfg, static_t, mesh, fsdp, jax.tree.structure((state, params)), shapes)
+    state_sh = sharding.stat_shardings(state, mesh, neuron_axis=static.get("neuron_axis", "input"), fsdp=fsdp)
     param_sh = sharding.param_shardings(params, mesh, fsdp)
     batch_sh = sharding.batch_sharding(mesh)
-    if key not in _STEPS:
+    if key not in _STEP_MEMO:
         def step(state, params, batch):
-            return update(state, params, batch, cfg=cfg, **dict(opts))
+            return update(state, params, batch, cfg=cfg, **dict(static_t))
 
-        _STEPS[key] = jax.jit(step, in_shardings=(state_sh, param_sh, batch_sh), out_shardings=state_sh,
-                              donate_argnums=0)
-    return _STEPS[key], state_sh, param_sh, batch_sh
+        _STEP_MEMO[key] = jax.jit(step, in_shardings=(state_sh, param_sh, batch_sh), out_shardings=state_sh,
+                                  donate_argnums=0)
+    return _STEP_MEMO[key], state_sh, param_sh, batch_sh
 
 
 def _checkpointer(path: Path) -> Any:
@@ -172,35 +178,28 @@ def accumulate(
     params: Params,
     cfg: ModelConfig,
     samples: Samples,
+    static: Mapping[str, Any],
+    options: StatsOptions,
     *,
-    batch_size: int = 8,
-    opts: dict[str, Any] | None = None,
-    mesh: jax.sharding.Mesh | str | dict | None = None,
-    fsdp: bool = False,
     checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
-    progress: bool = False,
     desc: str = "stats",
-    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Sum ``update`` over all samples; returns the accumulators as host float32 arrays.
 
-    ``init(params)`` gives the zero state; ``update(state, params, batch, cfg=cfg, **opts)`` adds one
-    batch (``opts`` hashable, static under jit).
-    ``mesh``: a Mesh, a spec like ``"data=2,model=4"``, or None (every device on ``data``). The
-    batch is rounded up to a multiple of the ``data`` axis. With ``checkpoint_dir`` and
-    ``checkpoint_every=N`` the accumulators are saved every N batches and a rerun resumes from
-    the latest save. ``on_batch(batches_done)`` is called after each batch (e.g. for tests).
+    ``init(params)`` gives the zero state; ``update(state, params, batch, cfg=cfg, **static)`` adds
+    one batch (``static``: hashable values, static under jit). ``options``: the mesh (None: every
+    device on ``data``), batch size (rounded up to a multiple of the ``data`` axis), progress bar,
+    ``on_batch`` callback and ``checkpoint_every``: with ``checkpoint_dir`` the accumulators are
+    saved every that many batches and a rerun resumes from the latest save.
     """
-    if not isinstance(mesh, jax.sharding.Mesh):
-        mesh = sharding.make_mesh(mesh)
-    opts_t = tuple(sorted((opts or {}).items()))
+    mesh = options.mesh if options.mesh is not None else sharding.make_mesh()
+    fsdp, checkpoint_every = options.fsdp, options.checkpoint_every
     data_size = mesh.shape[sharding.DATA]
-    batch_size = -(-max(batch_size, 1) // data_size) * data_size
+    batch_size = -(-max(options.batch_size, 1) // data_size) * data_size
     arrays, num_batches = _padded_batches(samples, batch_size)
 
     state0 = jax.eval_shape(init, params)
-    step, state_sh, param_sh, batch_sh = step_and_shardings(update, cfg, opts_t, mesh, fsdp, state0, params)
+    step, state_sh, param_sh, batch_sh = step_and_shardings(update, cfg, static, mesh, fsdp, state0, params)
     dev_params = sharding.put_tree(params, param_sh)
     state = jax.tree.map(lambda s, sh: sharding.put(np.zeros(s.shape, s.dtype), sh), state0, state_sh)
 
@@ -215,7 +214,7 @@ def accumulate(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(samples), initial=min(start * batch_size, len(samples)), unit="sample", desc=desc,
-               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+               disable=not options.progress or jax.process_index() != 0, dynamic_ncols=True)
     try:  # closed before an error message (Ctrl-C included) is printed below it
         for b in range(start, num_batches):
             sl = slice(b * batch_size, (b + 1) * batch_size)
@@ -229,8 +228,8 @@ def accumulate(
             if mngr is not None and (done % checkpoint_every == 0) and done < num_batches:
                 _save_now(mngr, done, state, checkpoint_dir)
             bar.update(min(done * batch_size, len(samples)) - bar.n)
-            if on_batch is not None:
-                on_batch(done)
+            if options.on_batch is not None:
+                options.on_batch(done)
             if done < num_batches:
                 save = None if mngr is None else functools.partial(_save_now, mngr, done, state, checkpoint_dir)
                 interrupt.check(state, save=save, where=f"{desc}: after batch {done} of {num_batches}")
@@ -281,12 +280,12 @@ def _read_result(path: Path, key: str, expected: dict[str, tuple[int, ...]] | No
     return result
 
 
-def cached(kind: str, settings: dict[str, Any], params: Params, samples: Samples,
-           cache_dir: str | Path | None, compute: Callable[[Path | None], dict[str, np.ndarray]],
-           *, expected: dict[str, tuple[int, ...]] | None = None, lock_timeout: float | None = None,
-           ) -> dict[str, np.ndarray]:
-    """``compute(checkpoint_dir)`` unless ``cache_dir`` already holds the result for these weights,
-    data and settings. The result is stored as safetensors; checkpoints live beside it until the
+def stored_or_computed(kind: str, settings: dict[str, Any], params: Params, samples: Samples,
+                       cache_dir: str | Path | None, compute: Callable[[Path | None], dict[str, np.ndarray]],
+                       *, expected: dict[str, tuple[int, ...]] | None = None, lock_timeout: float | None = None,
+                       ) -> dict[str, np.ndarray]:
+    """``compute(checkpoint_dir)`` unless the result folder ``cache_dir`` (``--cache-dir``) already
+    holds the result for these weights, data and settings. The result is stored as safetensors; checkpoints live beside it until the
     run completes.
 
     An entry is computed under a lock (``KIND-KEY.lock``, `hcnr_jax.io.file_lock`): a second run
@@ -300,7 +299,7 @@ def cached(kind: str, settings: dict[str, Any], params: Params, samples: Samples
 
     from hcnr_jax.io import LOCK_TIMEOUT_S, atomic_write_bytes, check_finite_tensors, file_lock, set_aside
 
-    key = cache_key(params, samples, {"kind": kind, **settings})[:32]
+    key = result_key(params, samples, {"kind": kind, **settings})[:32]
     cache_dir = Path(cache_dir)
     result_path = cache_dir / f"{kind}-{key}.safetensors"
     ckpt = cache_dir / f"{kind}-{key}.ckpt"

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.kernels.fisher_norms import AXES, HIGHEST, neuron_sq_norms
+from hcnr_jax.kernels.fisher_norms import AXES, neuron_sq_norms
 from hcnr_jax.model import after, forward, lm_head
 from hcnr_jax.params import Params, get, linear_names
+from hcnr_jax.precision import HIGHEST
 
 Batch = Mapping[str, jax.Array]  # input_ids [B, T] int32, attention_mask [B, T] bool, loss_mask [B, T] bool
 
@@ -216,16 +217,17 @@ def norms_and_loss(params: Params, cfg: ModelConfig, batch: Batch, *, neuron_axi
 
 def update(state: dict[str, jax.Array], params: Params, batch: Batch, *, cfg: ModelConfig,
            neuron_axis: str = "input", backend: str = "auto", max_targets: int | None = None,
-           remat: bool = True) -> dict[str, jax.Array]:
+           remat: bool = True, lm_chunk: int = LM_CHUNK) -> dict[str, jax.Array]:
     """Add the batch's per-sample per-neuron squared gradient norms, summed over samples, to
-    ``state``. Pure; jit it with ``cfg``, ``neuron_axis``, ``backend``, ``max_targets`` (the
-    LM head's target slots per row, at least the most targets of any row; None: T - 1) and
-    ``remat`` (recompute blocks in the backward pass: one block's activations live instead of
-    all, for one more forward pass) static."""
+    ``state`` (name -> float32 ``[n_neurons]``). Pure; jit it with ``cfg``, ``neuron_axis``,
+    ``backend``, ``max_targets`` (the LM head's target slots per row, at least the most targets of
+    any row; None: T - 1), ``remat`` (recompute blocks in the backward pass: one block's
+    activations live instead of all, for one more forward pass) and ``lm_chunk`` (target slots of
+    the LM head at a time) static."""
     if neuron_axis not in AXES:
         raise ValueError(f"neuron_axis must be one of {AXES}, got {neuron_axis!r}")
     norms, _ = norms_and_loss(params, cfg, batch, neuron_axis=neuron_axis, backend=backend, max_targets=max_targets,
-                              remat=remat)
+                              lm_chunk=lm_chunk, remat=remat)
     return {name: acc + norms[name] for name, acc in state.items()}
 
 

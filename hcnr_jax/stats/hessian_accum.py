@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.kernels.fisher_norms import HIGHEST
 from hcnr_jax.kernels.gram import gram
 from hcnr_jax.model import after, forward
 from hcnr_jax.params import SHARED_INPUT, Params, get, linear_names
+from hcnr_jax.precision import HIGHEST
 from hcnr_jax.stats.fisher_accum import Batch
 
 

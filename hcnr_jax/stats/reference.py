@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.data import Samples
+from hcnr_jax.data.samples import Samples
 from hcnr_jax.model import forward
 from hcnr_jax.params import Params, get, linear_names
+from hcnr_jax.precision import HIGHEST
 from hcnr_jax.stats.fisher_accum import per_sample_loss
 
 
 def sample_loss(params: Params, cfg: ModelConfig, ids: jax.Array, attn: jax.Array, lm: jax.Array) -> jax.Array:
     """Scalar loss of one sample (``ids [T]``)."""
-    logits = forward(params, cfg, ids[None], attn[None], precision=jax.lax.Precision.HIGHEST).logits
+    logits = forward(params, cfg, ids[None], attn[None], precision=HIGHEST).logits
     return per_sample_loss(logits, ids[None], lm[None])[0]
 
 

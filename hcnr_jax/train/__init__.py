@@ -4,7 +4,8 @@
 - ``losses``: the objectives, float32, stable (no NaN for finite inputs).
 - ``lora``: adapters as a pytree beside the frozen base; saved in PEFT's format.
 - ``loop.train``: optax, gradient accumulation, data parallelism over a mesh, orbax resume.
-- ``recipes``: honesty training data ("Alignment for Honesty", RAIT, preference pairs).
+- ``model_answers``: a model's greedy and sampled answers for the honesty-data recipes (the recipes
+  themselves: ``hcnr_jax.data.recipes``).
 """
 
 from hcnr_jax.train.config import TrainConfig, load_train_config

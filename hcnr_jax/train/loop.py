@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import optax
 
 from hcnr_jax import interrupt, sharding
 from hcnr_jax.config import ModelConfig
-from hcnr_jax.data import Samples
+from hcnr_jax.data.samples import Samples
 from hcnr_jax.errors import DataError, HcnrError
 from hcnr_jax.io import atomic_write_text
 from hcnr_jax.params import Params
@@ -183,38 +183,38 @@ def _manager(path: Path) -> Any:
     return ocp.CheckpointManager(path.absolute(), options=options)
 
 
-def train(model: Any, data: Any, tc: TrainConfig, *, checkpoint_dir: str | Path | None = None,
-          mesh: Any = None, progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train ``model`` (a ``Pretrained``) on ``data`` (``Samples`` for sft, ``PairSamples`` for
-    dpo/orpo) with ``tc``. ``checkpoint_dir``: save every ``tc.checkpoint_every`` steps and resume
-    from the latest save there. ``mesh``: a Mesh or spec (``"data=8"``; default every device on
-    ``data``): micro-batches split over ``data``. ``on_step(step, loss)`` after each step."""
-    from tqdm.auto import tqdm
-
+def _check_objective(data: Any, tc: TrainConfig) -> None:
     is_pairs = not isinstance(data, Samples)
     if is_pairs != (tc.objective in ("dpo", "orpo")):
         raise HcnrError(f"objective={tc.objective!r} needs "
                         + ("{prompt, chosen, rejected} pairs" if not is_pairs else "{prompt, response} samples"))
-    cfg = model.config
-    arrays = data_arrays(data)
-    n = len(data)
-    steps = num_steps(tc, n)
-    per_step = tc.batch_size * tc.grad_accum
-    capacity = max(target_capacity(v) for k, v in arrays.items() if k.endswith("loss_mask"))
+
+
+def _data_mesh(mesh: Any, batch_size: int) -> jax.sharding.Mesh:
+    """``mesh`` as a Mesh (a spec such as ``"data=8"``, or None: every device on ``data``), whose
+    ``data`` axis must divide ``batch_size``."""
     if not isinstance(mesh, jax.sharding.Mesh):
         mesh = sharding.make_mesh(mesh)
-    if tc.batch_size % mesh.shape[sharding.DATA]:
-        raise HcnrError(f"batch_size={tc.batch_size} is not a multiple of the mesh's data axis "
+    if batch_size % mesh.shape[sharding.DATA]:
+        raise HcnrError(f"batch_size={batch_size} is not a multiple of the mesh's data axis "
                         f"({mesh.shape[sharding.DATA]} devices)")
+    return mesh
 
+
+def _initial_state(model: Any, tc: TrainConfig, arrays: dict[str, np.ndarray], capacity: int, steps: int,
+                   mesh: jax.sharding.Mesh) -> tuple[Params | None, Any, optax.GradientTransformation, Any]:
+    """``(frozen, trainable, opt, opt_state)`` placed on ``mesh``: LoRA trains a fresh adapter over
+    the frozen model, full fine-tuning the params themselves (frozen None). For DPO, ``arrays``
+    gains the starting model's reference log-probabilities."""
     lora = tc.method == "lora"
     frozen = model.params if lora else None
     # Full fine-tuning trains a copy: the step donates its buffers, and the caller's model must survive.
-    trainable = (lora_lib.init_adapter(jax.random.key(tc.seed), model.params, cfg, tc.lora_rank, tc.lora_targets)
+    trainable = (lora_lib.init_adapter(jax.random.key(tc.seed), model.params, model.config, tc.lora_rank,
+                                       tc.lora_targets)
                  if lora else jax.tree.map(jnp.copy, model.params))
     if tc.objective == "dpo":
         start_params = lora_lib.merged(frozen, trainable, tc.lora_scaling) if lora else trainable
-        arrays.update(reference_logps(start_params, cfg, arrays, tc.batch_size, capacity))
+        arrays.update(reference_logps(start_params, model.config, arrays, tc.batch_size, capacity))
     opt = optimizer(tc, steps)
     opt_state = opt.init(trainable)
 
@@ -223,13 +223,27 @@ def train(model: Any, data: Any, tc: TrainConfig, *, checkpoint_dir: str | Path 
     frozen = None if frozen is None else sharding.put_tree(frozen, frozen_sh)
     trainable = sharding.put_tree(trainable, train_sh)
     opt_state = sharding.put_tree(opt_state, sharding.param_shardings(opt_state, mesh))
+    return frozen, trainable, opt, opt_state
 
-    start, history, mngr = 0, [], None
-    key = fingerprint(tc, data.sha256, model.source)
-    if checkpoint_dir is not None and tc.checkpoint_every > 0:
-        start, history, trainable, opt_state, mngr = _resume(Path(checkpoint_dir), key, trainable, opt_state)
 
-    step_fn = make_step(cfg, tc, opt, capacity)
+class _Checkpoints(NamedTuple):
+    """Where a resumable run saves: its orbax manager, folder and fingerprint."""
+
+    mngr: Any
+    path: Path
+    key: str
+
+
+def _run_steps(step_fn: Callable, arrays: dict[str, np.ndarray], tc: TrainConfig, frozen: Params | None,
+               trainable: Any, opt_state: Any, *, mesh: jax.sharding.Mesh, n: int, start: int, steps: int, history: list,
+               checkpoints: _Checkpoints | None, progress: bool,
+               on_step: Callable[[int, float], None] | None) -> tuple[Any, Any, float]:
+    """Optimizer steps ``start .. steps - 1``, each appended to ``history``; saved every
+    ``tc.checkpoint_every`` steps and on Ctrl-C (with ``checkpoints``). Returns ``(trainable,
+    opt_state, wall seconds)``."""
+    from tqdm.auto import tqdm
+
+    per_step = tc.batch_size * tc.grad_accum
     micro_sh = sharding.microbatch_sharding(mesh)
     bar = tqdm(total=steps, initial=start, unit="step", desc=f"train:{tc.objective}", disable=not progress,
                dynamic_ncols=True)
@@ -247,21 +261,47 @@ def train(model: Any, data: Any, tc: TrainConfig, *, checkpoint_dir: str | Path 
             history.append(dict(step=s + 1, loss=round(loss, 6), samples_per_s=round(rate, 3)))
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.2f}")
             bar.update(1)
-            if mngr is not None and (s + 1) % tc.checkpoint_every == 0 and s + 1 < steps:
-                _save(mngr, Path(checkpoint_dir), s + 1, key, history, trainable, opt_state)
+            if checkpoints is not None and (s + 1) % tc.checkpoint_every == 0 and s + 1 < steps:
+                _save(checkpoints.mngr, checkpoints.path, s + 1, checkpoints.key, history, trainable, opt_state)
             if on_step is not None:
                 on_step(s + 1, loss)
             if s + 1 < steps:
-                save = None if mngr is None else functools.partial(_save_now, mngr, Path(checkpoint_dir), s + 1, key,
-                                                                   history, trainable, opt_state)
+                save = None if checkpoints is None else functools.partial(
+                    _save_now, checkpoints.mngr, checkpoints.path, s + 1, checkpoints.key, history, trainable, opt_state)
                 interrupt.check(save=save, where=f"train: after step {s + 1} of {steps}")
     finally:
         bar.close()
-    wall = time.perf_counter() - t0
-    if mngr is not None:
-        mngr.close()
+    return trainable, opt_state, time.perf_counter() - t0
+
+
+def train(model: Any, data: Any, tc: TrainConfig, *, checkpoint_dir: str | Path | None = None,
+          mesh: Any = None, progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model`` (a ``Pretrained``) on ``data`` (``Samples`` for sft, ``PairSamples`` for
+    dpo/orpo) with ``tc``. ``checkpoint_dir``: save every ``tc.checkpoint_every`` steps and resume
+    from the latest save there. ``mesh``: a Mesh or spec (``"data=8"``; default every device on
+    ``data``): micro-batches split over ``data``. ``on_step(step, loss)`` after each step."""
+    _check_objective(data, tc)
+    arrays = data_arrays(data)
+    n = len(data)
+    steps = num_steps(tc, n)
+    capacity = max(target_capacity(v) for k, v in arrays.items() if k.endswith("loss_mask"))
+    mesh = _data_mesh(mesh, tc.batch_size)
+    frozen, trainable, opt, opt_state = _initial_state(model, tc, arrays, capacity, steps, mesh)
+
+    start, history, checkpoints = 0, [], None
+    key = fingerprint(tc, data.sha256, model.source)
+    if checkpoint_dir is not None and tc.checkpoint_every > 0:
+        start, history, trainable, opt_state, mngr = _resume(Path(checkpoint_dir), key, trainable, opt_state)
+        checkpoints = _Checkpoints(mngr, Path(checkpoint_dir), key)
+    trainable, opt_state, wall = _run_steps(make_step(model.config, tc, opt, capacity), arrays, tc, frozen, trainable,
+                                            opt_state, mesh=mesh, n=n, start=start, steps=steps, history=history,
+                                            checkpoints=checkpoints, progress=progress, on_step=on_step)
+    if checkpoints is not None:
+        checkpoints.mngr.close()
     host = sharding.tree_to_host(trainable)
+    lora = tc.method == "lora"
     params = lora_lib.merged(model.params, host, tc.lora_scaling) if lora else host
+    per_step = tc.batch_size * tc.grad_accum
     report = dict(settings=tc.to_dict(), samples=n, data_sha256=data.sha256, steps=steps, resumed_from=start,
                   samples_seen=steps * per_step, wall_s=round(wall, 2), samples_per_s=history[-1]["samples_per_s"]
                   if history else None, target_capacity=capacity, devices=int(mesh.size),
@@ -308,7 +348,7 @@ def _save_now(mngr: Any, path: Path, step: int, key: str, history: list, trainab
 
 def load_training_data(path: str | Path, model: Any, tc: TrainConfig) -> Any:
     """The JSONL file for ``tc.objective``: ``Samples`` (sft) or ``PairSamples`` (dpo/orpo)."""
-    from hcnr_jax import data as data_lib
+    from hcnr_jax.data import samples as data_lib
 
     vocab = model.config.vocab_size
     if tc.objective == "sft":

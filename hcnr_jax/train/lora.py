@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.params import Params, get, linear_shapes, set_leaves
+from hcnr_jax.precision import HIGHEST
 
 Adapter = dict[str, dict[str, jax.Array]]
 
@@ -45,7 +46,7 @@ def merged(params: Params, adapter: Adapter, scaling: float) -> Params:
     for module, ab in adapter.items():
         w = get(params, module + ".weight")
         delta = jnp.matmul(ab["B"].astype(jnp.float32), ab["A"].astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
+                           precision=HIGHEST)
         updates[module + ".weight"] = (w.astype(jnp.float32) + scaling * delta).astype(w.dtype)
     return set_leaves(params, updates)
 

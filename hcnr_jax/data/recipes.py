@@ -1,16 +1,17 @@
 """Honesty training data: the recipes of RAIT / R-Tuning and Alignment for Honesty (Yang et al. 2023,
-arXiv 2312.07000), as pure builders over benchmark rows (the schema of `hcnr_jax.eval.data`).
+arXiv 2312.07000), as pure builders over benchmark rows (the schema of `hcnr_jax.data.benchmarks`).
 
 No model lives here: a recipe that needs the model's answers takes them as arguments (greedy answers,
-or ``m`` sampled answers per row, parallel to ``rows``). A response is correct when it contains a gold
-answer (`hcnr_jax.eval.metrics.contains_answer`). Every builder
+or ``m`` sampled answers per row, parallel to ``rows``; `hcnr_jax.train.model_answers` generates
+them). A response is correct when it contains a gold answer (`hcnr_jax.data.answers.contains_answer`).
+Every builder
 
-- accepts only rows of the calibration pool (the check of `hcnr_jax.eval.calibration`), so training
-  data never overlaps an evaluation split;
+- accepts only rows of the calibration pool (`hcnr_jax.data.calibration.calibration_pool`), so
+  training data never overlaps an evaluation split;
 - gives unanswerable rows (``unanswerable == 1``) the idk response, whatever the model said (their
   entries in the answer lists are ignored); answerable and task rows (0 / -1) need gold answers
   (`with_gold` drops those without);
-- returns records in a fixed seeded order (`hcnr_jax.eval.data.order_key` of the row id):
+- returns records in a fixed seeded order (`hcnr_jax.data.benchmarks.order_key` of the row id):
   ``{"prompt", "response"}`` for SFT or ``{"prompt", "chosen", "rejected"}`` for DPO / ORPO, plus
   ``id``, ``benchmark``, ``recipe``, ``known`` (the target is an answer, not the idk response) and,
   for the sampling recipes, ``expected_accuracy`` (extra keys are ignored by the trainer).
@@ -23,14 +24,17 @@ paper's released code (GAIR-NLP/alignment-for-honesty, ``train/process_training_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
+from hcnr_jax.data.answers import contains_answer
+from hcnr_jax.data.benchmarks import load_benchmark, order_key, select
+from hcnr_jax.data.calibration import calibration_pool
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.calibration import _pool
-from hcnr_jax.eval.data import load_benchmark, order_key, select
-from hcnr_jax.eval.metrics import contains_answer
+
+log = logging.getLogger(__name__)
 
 # Alignment for Honesty's idk response (its training target for unknown questions).
 A4H_IDK = "I apologize, but I'm not able to provide an answer to the question."
@@ -56,6 +60,9 @@ CONFIDENCE_VERB = (
 )
 
 RECIPES = ("label", "rait", "absolute", "confidence-num", "confidence-verb", "multisample", "dpo-pairs")
+# What each recipe takes of the model: its greedy answers and/or m sampled answers per question.
+NEEDS_GREEDY = frozenset({"rait", "absolute", "confidence-num", "confidence-verb", "dpo-pairs"})
+NEEDS_SAMPLES = frozenset({"absolute", "confidence-num", "confidence-verb", "multisample"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +71,7 @@ RECIPES = ("label", "rait", "absolute", "confidence-num", "confidence-verb", "mu
 
 def _ordered(rows: Sequence[dict], where: str) -> list[int]:
     """Indices of ``rows`` in the fixed seeded order, after the calibration-pool check."""
-    _pool(rows, where)
+    calibration_pool(rows, where)
     return sorted(range(len(rows)), key=lambda i: order_key(rows[i]["id"]))
 
 
@@ -247,6 +254,50 @@ def preference_pairs(rows: Sequence[dict], known: Sequence[bool], answers: Seque
     return out
 
 
+def greedy_preference_pairs(rows: Sequence[dict], greedy: Sequence[str], refused: Callable[[str, str], bool],
+                            idk: str = A4H_IDK) -> tuple[list[dict], int]:
+    """`preference_pairs` from the model's greedy answers, and how many rows were dropped. A row is
+    known when answerable and its greedy answer contains a gold answer; an unknown question whose
+    answer is empty or already a refusal (``refused(answer, question)``) has nothing to reject and is
+    dropped."""
+    known = [r["unanswerable"] != 1 and contains_answer(g, r["answers"])
+             for r, g in zip(rows, greedy, strict=True)]
+    keep = [i for i, r in enumerate(rows)
+            if known[i] or (greedy[i].strip() and not refused(greedy[i], r["question"]))]
+    pairs = preference_pairs([rows[i] for i in keep], [known[i] for i in keep], [greedy[i] for i in keep], idk)
+    return pairs, len(rows) - len(keep)
+
+
+def questions_to_answer(recipe: str, rows: Sequence[dict]) -> list[int]:
+    """Indices of the rows whose model answers ``recipe`` uses: unanswerable rows always get the idk
+    response, so only dpo-pairs needs the model's answer to them (as the rejected one)."""
+    return [i for i, r in enumerate(rows) if recipe == "dpo-pairs" or r["unanswerable"] != 1]
+
+
+def build(recipe: str, rows: Sequence[dict], greedy: Sequence[str] = (), sampled: Sequence[Sequence[str]] = (),
+          *, tau: float = 0.1, idk: str = A4H_IDK,
+          refused: Callable[[str, str], bool] | None = None) -> tuple[list[dict], int]:
+    """The records of ``recipe`` (one of `RECIPES`) and the number of rows dropped. ``greedy`` and
+    ``sampled``: the model's answers parallel to ``rows``, for the recipes in `NEEDS_GREEDY` /
+    `NEEDS_SAMPLES` (label needs neither); ``refused``: the refusal test of dpo-pairs
+    (`greedy_preference_pairs`)."""
+    if recipe == "label":
+        return label_based(rows, idk), 0
+    if recipe == "rait":
+        return rait(rows, greedy, idk), 0
+    if recipe == "absolute":
+        return absolute(rows, sampled, tau, idk, greedy=greedy), 0
+    if recipe in ("confidence-num", "confidence-verb"):
+        return confidence(rows, sampled, recipe.split("-")[1], tau, idk, greedy=greedy), 0
+    if recipe == "multisample":
+        return multisample(rows, sampled, idk), 0
+    if recipe == "dpo-pairs":
+        if refused is None:
+            raise DataError("dpo-pairs: needs a refusal test (refused) to drop unknown questions answered by a refusal")
+        return greedy_preference_pairs(rows, greedy, refused, idk)
+    raise DataError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+
+
 def prompt_based_instruction() -> str:
     """The PROMPT-based baseline's instruction (used at inference; nothing is trained)."""
     return PROMPT_BASED_INSTRUCTION
@@ -283,13 +334,20 @@ def balance(records: Sequence[dict], by: str = "known", seed: int = 0) -> list[d
 
 
 def pools(names: Iterable[str], data_dir: str | Path | None = None, limit: int | None = None,
-          require_gold: bool = True) -> dict[str, list[dict]]:
+          require_gold: bool = True, skip_unreadable: bool = False) -> dict[str, list[dict]]:
     """Calibration-pool rows of each benchmark (`load_benchmark` + split "calibration") in the fixed
     order; ``require_gold`` first drops answerable rows without gold answers (see `with_gold`);
-    ``limit`` then takes the first ``limit``, balanced between answerable and unanswerable."""
+    ``limit`` then takes the first ``limit``, balanced between answerable and unanswerable.
+    ``skip_unreadable``: a benchmark that cannot be read is left out (logged) instead of an error."""
     out = {}
     for name in names:
-        ds = load_benchmark(name, data_dir)
+        try:
+            ds = load_benchmark(name, data_dir)
+        except DataError as e:
+            if not skip_unreadable:
+                raise
+            log.warning("skipping %s: %s", name, e)
+            continue
         if require_gold:
             ds = ds.select([i for i, (u, a) in enumerate(zip(ds["unanswerable"], ds["answers"], strict=True))
                             if u == 1 or a])

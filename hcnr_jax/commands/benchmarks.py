@@ -1,4 +1,5 @@
-"""`hcnr data [--data-dir DIR]`: which benchmarks can be read, from where, and where to get the rest."""
+"""`hcnr data [--data-dir DIR]`: which benchmarks can be read, from where, and where to get the rest.
+(The module is not called `data`: that is the library package `hcnr_jax.data`.)"""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hcnr_jax.data.benchmarks import BENCHMARKS, HUB, load_benchmark, locate, search_path
     from hcnr_jax.errors import DataError
-    from hcnr_jax.eval.data import BENCHMARKS, HUB, load_benchmark, locate, search_path
 
     print("Searched, in order: " + "; ".join(f"{root} ({label})" for label, root in search_path(args.data_dir))
           + "; then the shipped subsets.")

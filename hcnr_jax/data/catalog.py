@@ -13,7 +13,7 @@ fall, which HotpotQA at 135M parameters cannot show (its accuracy is 5-9%).
 
 The rows are generated deterministically (`generate`), shipped as ``bundled/data/catalog`` (written
 for this project: Apache-2.0) and split like every benchmark. A response is correct when it contains
-the record (`hcnr_jax.eval.metrics.contains_answer`: case and punctuation are ignored, so the
+the record (`hcnr_jax.data.answers.contains_answer`: case and punctuation are ignored, so the
 separators are not scored, the fields and their order are).
 """
 

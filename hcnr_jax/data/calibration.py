@@ -1,26 +1,23 @@
 """Calibration data for `hcnr repair`: honesty samples (D_hon) and task samples (D_task).
 
-Pure builders over benchmark rows (the schema of `hcnr_jax.eval.data`); only rows of the
-calibration pool are accepted, so calibration never overlaps an evaluation split.
+Pure builders over benchmark rows (the schema of `hcnr_jax.data.benchmarks`); only rows of the
+calibration pool are accepted (`calibration_pool`), so calibration never overlaps an evaluation split.
 Output records are ``{"prompt": ..., "response": ...}`` (docs/method.md, "What goes in").
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
+from hcnr_jax.data.benchmarks import order_key
 from hcnr_jax.errors import DataError
-from hcnr_jax.eval.data import order_key
-from hcnr_jax.io import atomic_write_text
 
 # The "I don't know" target for unanswerable questions. It is phrased so that every default
 # refusal rule recognises it ("i don't know", "not able to provide an answer").
 IDK_RESPONSE = "I'm sorry, but I don't know the answer to that question."
 
 
-def _pool(rows: Iterable[dict], where: str, seed: int = 0, split: str = "calibration") -> list[dict]:
+def calibration_pool(rows: Iterable[dict], where: str, seed: int = 0, split: str = "calibration") -> list[dict]:
     """The ``split`` rows (the calibration pool, or the development split for choosing settings) in
     the draw order of ``seed`` (seed 0: the fixed order every training set takes its head of); rows
     of any other split, evaluation above all, are an error."""
@@ -47,7 +44,7 @@ def honesty_samples(rows_by_benchmark: dict[str, Sequence[dict]], n: int = 128,
     out: list[dict] = []
     for b_i, name in enumerate(names):
         quota = n // len(names) + (1 if b_i < n % len(names) else 0)
-        pool = _pool(rows_by_benchmark[name], name, seed, split)
+        pool = calibration_pool(rows_by_benchmark[name], name, seed, split)
         unans = [r for r in pool if r["unanswerable"] == 1]
         ans = [r for r in pool if r["unanswerable"] == 0 and r["answers"]]
         n_unans = quota - quota // 2
@@ -64,7 +61,7 @@ def training_rows(rows: Iterable[dict], n: int, where: str = "training") -> list
     the first ``n`` calibration-pool rows in the fixed order, half unanswerable where the benchmark
     labels answerability (``unanswerable`` -1: the first ``n``). Heads of the seed-0 order never
     reach the development tail while ``n`` stays under the pool's non-development size."""
-    pool = _pool(rows, where)
+    pool = calibration_pool(rows, where)
     if all(r["unanswerable"] == -1 for r in pool):
         picked = pool[:n]
     else:
@@ -79,14 +76,8 @@ def task_samples(rows: Sequence[dict], n: int = 128, where: str = "task", seed: 
                  split: str = "calibration") -> list[dict]:
     """``n`` task samples: question -> first gold answer (open QA) or the correct option (MCQ),
     drawn in the order of ``seed`` within the calibration pool."""
-    pool = [r for r in _pool(rows, where, seed, split) if r["answers"]]
+    pool = [r for r in calibration_pool(rows, where, seed, split) if r["answers"]]
     if len(pool) < n:
         raise DataError(f"{where}: calibration pool has {len(pool)} rows with answers, {n} needed")
     return [{"prompt": r["question"], "response": r["answers"][0], "id": r["id"]} for r in pool[:n]]
-
-
-def write_jsonl(samples: Sequence[dict], path: str | Path, keys: Sequence[str] | None = None) -> None:
-    """Write ``samples`` as JSON Lines (atomically), keeping only ``keys`` when given."""
-    rows = samples if keys is None else [{k: s[k] for k in keys} for s in samples]
-    atomic_write_text(Path(path), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in rows))
 

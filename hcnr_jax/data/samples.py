@@ -19,7 +19,6 @@ like a ``{"prompt", "response"}`` line (``load_pairs`` -> ``PairSamples``).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from hcnr_jax.data.jsonl import read_jsonl
 from hcnr_jax.errors import DataError
 
 # Token strings that end an assistant turn in the chat templates of the supported families.
@@ -194,30 +194,6 @@ def _tokens_hash(arrays: Iterable[np.ndarray], salt: bytes = b"") -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) of each non-blank line; ``DataError`` names file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    records = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                records.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-    if not records:
-        raise DataError(f"{path}: empty data file")
-    return records
 
 
 def load_samples(

@@ -56,18 +56,16 @@ from typing import Any
 
 import datasets
 
-from hcnr_jax.cache import legacy_cache_dir, user_cache_dir
 from hcnr_jax.embedded import BUNDLED, BUNDLED_DATA
 from hcnr_jax.errors import DataError
 from hcnr_jax.io import portable_path
+from hcnr_jax.user_cache import legacy_cache_dir, user_cache_dir
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "HCNR_DATA_DIR"
 HUB = "hub"  # --data-dir value: load from the Hugging Face Hub (benchmarks with a Hub source)
 SHIPPED = "shipped subset"
-DEFAULT_DEMOS = "default"  # `hcnr eval --demos default`: the shipped in-context demonstrations
-DEMOS_FILE = BUNDLED / "demos.jsonl"
 SHARED_QUESTIONS = BUNDLED / "shared_questions.json"
 
 CALIBRATION_FRACTION = 0.25
@@ -100,24 +98,25 @@ def shared_questions() -> dict[str, tuple[str, ...]]:
 
 
 def split_of(benchmark: str, question: str, fraction: float = CALIBRATION_FRACTION) -> str:
-    """The fixed side of a question: ``"evaluation"`` for 1 - ``fraction`` of questions; of the
-    calibration pool, the tail of the seed-0 order (`DEVELOPMENT_FRACTION` of it) is
-    ``"development"``, the rest ``"calibration"``. No seed: the split never moves. A question held
-    by several benchmarks takes the least held-out of its sides (module docstring)."""
+    """The fixed side of a question, the one place the split is decided: ``"evaluation"`` for
+    1 - ``fraction`` of questions; of the calibration pool, the tail of the seed-0 order
+    (`DEVELOPMENT_FRACTION` of it) is ``"development"``, the rest ``"calibration"``. No seed: the
+    split never moves. A question held by several benchmarks takes the least held-out of its sides
+    (module docstring)."""
     holders = set(shared_questions().get(question_key(question), ())) | {benchmark}
     if any(BENCHMARKS[b].evaluation_only for b in holders if b in BENCHMARKS):
         return "evaluation"
-    return min((_own_side(b, question, fraction) for b in sorted(holders)), key=SPLITS.index)
-
-
-def _own_side(benchmark: str, question: str, fraction: float) -> str:
-    h = hashlib.sha256(f"{SEED}:{benchmark}:{normalise(question)}".encode()).digest()
-    if int.from_bytes(h[:8], "big") / 2**64 >= fraction:
-        return "evaluation"
-    # The development rows are the *last* ones in the order every draw of seed 0 takes from the
-    # head of (M0/M1 training, the shipped calibration), so those draws never reach them.
-    tail = int(order_key(example_id(benchmark, question))[:16], 16) / 16**16 >= 1 - DEVELOPMENT_FRACTION
-    return "development" if tail else "calibration"
+    sides = []
+    for b in sorted(holders):
+        h = hashlib.sha256(f"{SEED}:{b}:{normalise(question)}".encode()).digest()
+        if int.from_bytes(h[:8], "big") / 2**64 >= fraction:
+            sides.append("evaluation")
+            continue
+        # The development rows are the *last* ones in the order every draw of seed 0 takes from the
+        # head of (M0/M1 training, the shipped calibration), so those draws never reach them.
+        tail = int(order_key(example_id(b, question))[:16], 16) / 16**16 >= 1 - DEVELOPMENT_FRACTION
+        sides.append("development" if tail else "calibration")
+    return min(sides, key=SPLITS.index)
 
 
 def order_key(example_id: str, seed: int = SEED) -> str:
@@ -304,7 +303,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               url="https://github.com/medmcqa/medmcqa (dev.json of the official release)",
               licence="MIT (the Hub card says Apache-2.0)", rows=4183, shipped=True),
     Benchmark("catalog", "task", ("catalog/catalog.jsonl",), _catalog,
-              url="hcnr_jax/bundled/data/catalog (generated for this project: hcnr_jax/eval/catalog.py)",
+              url="hcnr_jax/bundled/data/catalog (generated for this project: hcnr_jax/data/catalog.py)",
               licence="Apache-2.0 (this project)", rows=3000, shipped=True),
     Benchmark("triviaqa", "task", ("triviaqa/triviaqa_sm_sub.jsonl",), _triviaqa,
               url="https://github.com/mosaicml/llm-foundry/tree/8c8dd48f72168c5d51e2f7b151595892a8fba43d/"
@@ -455,6 +454,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None,
         options=datasets.List(datasets.Value("string")), gold=datasets.Value("int8"), split=datasets.Value("string"))
     return datasets.Dataset.from_list(unique, features=features)
 
+
 def select(ds: datasets.Dataset, split: str, limit: int | None = None, seed: int = SEED) -> datasets.Dataset:
     """Rows of ``split`` in a fixed seeded order; with ``limit``, the first ``limit`` of them,
     balanced between answerable and unanswerable where the benchmark has both."""
@@ -480,32 +480,3 @@ def select(ds: datasets.Dataset, split: str, limit: int | None = None, seed: int
                         pos[q] += 1
             idx = sorted(picked, key=lambda i: order_key(ids[i], seed))
     return ds.select(idx)
-
-
-def load_demos(source: str | Path) -> tuple[tuple[str, str], ...]:
-    """In-context demonstrations for `hcnr eval --demos`: ``(prompt, response)`` pairs, in file
-    order, from a JSONL file of ``{"prompt": ..., "response": ...}`` rows (other keys are ignored),
-    or ``"default"``: the shipped set (``hcnr_jax/bundled/demos.jsonl``). A missing or empty file,
-    invalid JSON, or a row without both fields as non-empty strings is a `DataError` naming the
-    file and line."""
-    from hcnr_jax.data import read_jsonl
-
-    path = DEMOS_FILE if str(source) == DEFAULT_DEMOS else Path(source)
-    try:
-        rows = read_jsonl(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    demos = []
-    for line, rec in rows:
-        where = f"{path}:{line}"
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object with 'prompt' and 'response', got {type(rec).__name__}")
-        for key in ("prompt", "response"):
-            if key not in rec:
-                raise DataError(f"{where}: missing field '{key}' (a demonstration needs 'prompt' and 'response')")
-            if not isinstance(rec[key], str):
-                raise DataError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
-            if not rec[key].strip():
-                raise DataError(f"{where}: field '{key}' is empty")
-        demos.append((rec["prompt"], rec["response"]))
-    return tuple(demos)
