@@ -30,7 +30,7 @@ EVIDENCE = ROOT / "experiments" / "results" / "evidence" / "hotpotqa"
 # Evidence row file -> source_model in the labels file (hcnr_jax.eval.labels.MODELS).
 # (The merge at alpha 0.75 is the same model under rules v1 and v2: its v1 records are labelled.)
 ROWS = {"hcnr_s0": "hcnr_s0", "merge__alpha__rule_v1": "merge", "layers_whole__r_cw_0_4": "layers",
-        "hcnr__r_cw__rule_v2": "hcnr_chosen", "rait_gold__510": "rait_gold", "dpo__510": "dpo"}
+        "hcnr__r_cw__rule_v3": "hcnr_chosen", "rait_gold__510": "rait_gold", "dpo__510": "dpo"}
 
 
 def _records(stem: str) -> list[dict]:
@@ -48,7 +48,7 @@ def blind(out: Path, per_row: int) -> None:
             print(f"skipping {stem}: no records yet", file=sys.stderr)
             continue
         recs = [r for r in _records(stem) if (r["benchmark"], r["id"], model) not in done]
-        rng = random.Random(f"hcnr-labels-3:{model}")
+        rng = random.Random(f"hcnr-labels-3:{model}")  # a new draw per row: labelled items are excluded above
         for r in rng.sample(recs, min(per_row, len(recs))):
             items.append({"key": f"{model}|{r['benchmark']}|{r['id']}", "question": _question(r), "response": r["response"]})
     random.Random("hcnr-labels-3:shuffle").shuffle(items)
@@ -60,7 +60,7 @@ def blind(out: Path, per_row: int) -> None:
 
 
 def _question(rec: dict) -> str:
-    from hcnr_jax.eval.data import load_benchmark
+    from hcnr_jax.data.benchmarks import load_benchmark
 
     if not hasattr(_question, "cache"):
         _question.cache = {}  # type: ignore[attr-defined]
@@ -102,7 +102,8 @@ def report(out: Path) -> None:
     hand-flagged degenerate responses evidence.py's repetition heuristic catches."""
     import importlib.util
 
-    from hcnr_jax.eval.labels import load_labels, wilson
+    from hcnr_jax.eval.labels import load_labels
+    from hcnr_jax.eval.metrics import wilson
     from hcnr_jax.eval.refusal import RefusalDetector
     from hcnr_jax.io import atomic_write_text
 
