@@ -110,6 +110,8 @@ def demo_table(demo: dict) -> str:
 
 # (label, row of evidence_<task>.json); "{setting}" is filled from the row's recorded setting.
 HEADLINE = [("M1 (fine-tuned)", "M1"), ("M0 (honest base)", "M0"), ("HCNR, paper settings (r_cw {setting})", "HCNR s0"),
+            ("HCNR, paper settings, calibration draw 1", "HCNR s1"), ("HCNR, paper settings, calibration draw 2", "HCNR s2"),
+            ("random neurons at HCNR's budget (r_cw {setting})", "random neurons (r_cw 0.4)"),
             ("HCNR, r_cw {setting} (development rule v3)", "HCNR (r_cw, rule v3)"),
             ("top-40% layers restored whole", "layers whole (r_cw 0.4)"),
             ("merge, alpha {setting} (development rule v3)", "merge (alpha, rule v3)")]
