@@ -54,7 +54,7 @@ def imports(path: Path, mods: dict[str, Path], me: str) -> set[str]:
     return found
 
 
-def borrowed_privates(path: Path, mods: dict[str, Path]) -> list[str]:
+def borrowed_privates(path: Path) -> list[str]:
     """``from hcnr_jax.x import _name``: a private name taken from another module."""
     tree = ast.parse(path.read_text())
     return [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
@@ -74,7 +74,7 @@ def main() -> None:
     mods = modules()
     rows = {m: {"lines": len(p.read_text().splitlines()), "imports": sorted(imports(p, mods, m)),
                 "long_functions": long_functions(p),
-                "borrowed_privates": borrowed_privates(p, mods)} for m, p in mods.items()}
+                "borrowed_privates": borrowed_privates(p)} for m, p in mods.items()}
     total = sum(r["lines"] for r in rows.values())
     arrows = sum(len(r["imports"]) for r in rows.values())
     borrowed = sum(len(r["borrowed_privates"]) for r in rows.values())
