@@ -53,6 +53,7 @@ LIMIT, TOKENS = 100, 32
 TASK_LIMIT = 200  # task questions per row: gold log-lik and accuracy need N >= 200 to show a loss
 R_CW_CANDIDATES = "0.3,0.4,0.5,0.6"  # fixed before the first run
 ALPHA_CANDIDATES = "0.25,0.5,0.75"
+BETA_CANDIDATES = "0.05,0.1,0.5"  # DPO's, fixed before its first run (issue 22)
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "evidence" / TASK  # set by --task
 RESAMPLES = 1000
@@ -109,6 +110,9 @@ ROWS: dict[str, tuple[str, object]] = {
     # on the same questions: RAIT's SFT with benchmark labels, and DPO on M1-labelled pairs (untuned).
     "RAIT-GOLD (510)": ("reproduce", "rait-gold"),
     "DPO (510)": ("reproduce", "dpo"),
+    # The same DPO with beta chosen by the development rule (`hcnr train --choose`; candidates fixed
+    # before the run, around the untuned 0.1), on the same pairs and recipe.
+    "DPO (beta, rule v3)": ("train-choose", ("dpo", "dpo-pairs", f"beta={BETA_CANDIDATES}")),
 }
 
 
@@ -139,7 +143,7 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
         return m[str(what)]
     out = work / slug(row)
     if out.exists():
-        return str(out)
+        return f"{m['M1']}+{out}" if how == "train-choose" else str(out)
     if how == "recorded":
         sys.exit(f"{row}: made by {what}, which the product no longer has; only its committed records remain")
     if how == "reproduce":
@@ -152,6 +156,20 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
         (work / f"{slug(row)}.wall_s").write_text(f"{wall:.1f}\n")
         return f"{m['M1']}+{rep_work / str(what)}"
     dev = data_files(work, data_dir, log, 0, "development")
+    if how == "train-choose":
+        if TASK != "hotpotqa":
+            sys.exit(f"{row}: its pairs are labelled on HotpotQA's M1 only")
+        objective, recipe, choice = what  # type: ignore[misc]
+        rep_work = WORK.parent.parent / "reproduce"
+        run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
+             "--stage", f"{objective}-data", *(["--data-dir", data_dir] if data_dir else [])], log)
+        t = run(["hcnr", "train", "--model", m["M1"], "--data", str(rep_work / f"{recipe}.jsonl"),
+                 "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
+                 "--objective", objective, "--max-length", "256", "--choose", choice, "--base", m["M0"],
+                 "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"]),
+                 "--checkpoint-dir", str(work / f"{slug(row)}_ckpt"), "--out", str(out)], log)
+        (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
+        return f"{m['M1']}+{out}"
     if how == "merge":
         t = run(["hcnr", "merge", "--base", m["M0"], "--finetuned", m["M1"], "--alpha", str(what),
                  "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"]), "--dtype", "float32", "--out", str(out)], log)
@@ -280,7 +298,7 @@ def changed_fractions(rows: list[str]) -> dict[str, float]:
             how, what = ROWS[row]
             src = ("" if how == "recorded" else models()[str(what)] if how == "model" else
                    f"{models()['M1']}+{WORK.parent.parent / 'reproduce' / str(what)}" if how == "reproduce" else
-                   str(WORK / slug(row)))
+                   f"{models()['M1']}+{WORK / slug(row)}" if how == "train-choose" else str(WORK / slug(row)))
             if how == "recorded" or (how in ("repair", "merge") and not Path(src).exists()):
                 continue
             known[row] = changed_fraction(m1, load_pretrained(src).params)
@@ -410,7 +428,7 @@ def main() -> int:
     global TASK, OUT, WORK
     TASK, OUT = args.task, RESULTS / "evidence" / args.task
     WORK = Path(args.work) / args.task
-    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded")]
+    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded", "train-choose")]
     names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report", "docs"]
     if args.stage == "list":
         print("\n".join(names))
