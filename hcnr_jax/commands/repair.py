@@ -90,12 +90,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="device mesh, e.g. data=2,model=4: models loaded onto it, statistics and solves sharded by "
                         "weight role [all devices on data]")
     p.add_argument("--fsdp", action="store_true", help="with --mesh: also split weights over the data axis")
+    add_memory_flags(p)
+    p.add_argument("--no-offload", action="store_true",
+                   help="keep both models in memory throughout (by default, while a statistics pass runs on one "
+                        "model, the other waits in host memory, or on a CPU in files of the statistics folder)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would change and each step's compiled memory and FLOPs per device "
                         "(compiles, computes nothing, writes nothing)")
     p.set_defaults(func=run)
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """``--remat``, shared by the commands that take a Fisher (repair, stats)."""
+    p.add_argument("--remat", choices=("auto", "on", "off"), default="auto",
+                   help="recompute each block in the Fisher's backward pass: one block's activations live instead "
+                        "of all, for one more forward pass (on SmolLM2 on a CPU: a tenth of the step's temporaries, "
+                        "a quarter slower); auto: on accelerators, off on a CPU [auto]")
+
+
+def remat_of(args: argparse.Namespace) -> bool | str:
+    """``StatsOptions.remat`` from ``--remat``."""
+    return {"on": True, "off": False}.get(args.remat, "auto")
 
 
 # --baseline NAME: the settings it stands for (a flag that contradicts them is an error).
@@ -175,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         passes_fixed=user_set("hessian_passes", args.hessian_passes, args.config))
     if fitted:
         print(f"hcnr repair: {fitted}", flush=True)
-    return _repair_and_write(args, cfg, StatsOptions(mesh=mesh, fsdp=args.fsdp), choice_of, out)
+    return _repair_and_write(args, cfg, StatsOptions(mesh=mesh, fsdp=args.fsdp, remat=remat_of(args)), choice_of, out)
 
 
 def _dry_run(args: argparse.Namespace, cfg: RepairConfig, out: Path) -> int:
@@ -217,7 +234,7 @@ def _repair_and_write(args: argparse.Namespace, cfg: RepairConfig, options: Stat
                                      args.dev_honesty, args.dev_task, options)
         else:
             result = repair(args.base, args.finetuned, args.honesty_data, args.task_data, cfg,
-                            stats_options=options)
+                            stats_options=options, offload_idle=not args.no_offload)
         if dtype is None:
             dtype, why = output_dtype(None, args.finetuned, result.model)
         result.report["output"] = {"dtype": dtype, "dtype_from": why}

@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("auto", "pallas", "reference"), default="auto",
                    help="Pallas kernels or jax.numpy; auto: Pallas only on a platform where the kernel "
                         "was checked (kernels/backend.py VERIFIED) [auto]")
+    from hcnr_jax.commands.repair import add_memory_flags
+
+    add_memory_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -96,7 +99,9 @@ def _check(args: argparse.Namespace) -> StatsOptions:
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
     args.max_length = resolve_max_length([args.model], args.max_length or DEFAULT_MAX_LENGTH,
                                          explicit=args.max_length is not None)
-    return StatsOptions(batch_size=args.batch_size, backend=args.backend, mesh=mesh, fsdp=args.fsdp,
+    from hcnr_jax.commands.repair import remat_of
+
+    return StatsOptions(batch_size=args.batch_size, backend=args.backend, remat=remat_of(args), mesh=mesh, fsdp=args.fsdp,
                         cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress, lock_timeout=args.lock_timeout)
 

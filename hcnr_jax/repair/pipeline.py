@@ -12,7 +12,8 @@ logging, timing) stay here; the math lives in the pure functions of `selection` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from hcnr_jax.errors import CheckpointError, DataError
 from hcnr_jax.params import Params, get, linear_names, param_specs, set_leaves
 from hcnr_jax.pretrained import Pretrained, load_pretrained
 from hcnr_jax.repair import selection
-from hcnr_jax.repair.clock import StageClock
+from hcnr_jax.repair.clock import StageClock, release_free_heap
 from hcnr_jax.repair.config import RepairConfig
 from hcnr_jax.repair.selection import LayerSelection
 from hcnr_jax.repair.solvers import as_float32, layer_objective, restore_only, solve
@@ -61,6 +62,10 @@ class RepairState:
     layers: list[LayerSelection] = dataclasses.field(default_factory=list)
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     params: Params | None = None  # the repaired parameters
+    # The models this repair loaded itself ("orig", "sft"): only those can leave memory while a
+    # statistics pass runs on the other (a caller's `Pretrained` stays referenced by the caller).
+    owned: frozenset[str] = frozenset()
+    offload_idle: bool = True
 
     def models(self) -> dict[str, Params]:
         """The two parameter sets by the names settings use ("orig", "sft")."""
@@ -143,11 +148,51 @@ def load(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, hone
 
     options = options or StatsOptions(batch_size=cfg.batch_size)
     check_pair_inputs(base, finetuned, (honesty_data, task_data))
-    base_m, ft_m = load_model(base, options), load_model(finetuned, options)
+    base_m = load_model(base, options)
+    release_free_heap()  # the first model's conversion buffers, before the second's
+    ft_m = load_model(finetuned, options)
     check_compatible(base_m, ft_m)
     hon, hon_info = load_repair_data(honesty_data, "honesty", ft_m, cfg)
     task, task_info = load_repair_data(task_data, "task", ft_m, cfg)
-    return RepairState(cfg, options, base_m, ft_m, hon, task, {"honesty": hon_info, "task": task_info})
+    owned = frozenset(n for n, src in (("orig", base), ("sft", finetuned)) if not isinstance(src, Pretrained))
+    return RepairState(cfg, options, base_m, ft_m, hon, task, {"honesty": hon_info, "task": task_info}, owned=owned)
+
+
+_ATTR = {"orig": "base", "sft": "finetuned"}
+
+
+@contextmanager
+def one_model_at_a_time(state: RepairState) -> Iterator[Callable[[str], None]]:
+    """Yields ``use(name)``, which makes model ``name`` ("orig" or "sft") the only one in device
+    memory: the other waits in host memory, or on a CPU in files of the statistics folder
+    (`hcnr_jax.offload`), when this repair loaded it itself and ``state.offload_idle``. A
+    statistics pass needs one model; without this the other sits beside its activations. Both
+    are back, bit for bit, after the block (on an error, the waiting copies are deleted)."""
+    from hcnr_jax import offload
+
+    away: dict[str, offload.Offloaded] = {}
+
+    def use(name: str) -> None:
+        release_free_heap()  # the last pass's temporaries, before a model moves
+        other = "sft" if name == "orig" else "orig"
+        if state.offload_idle and other in state.owned and other not in away:
+            model = getattr(state, _ATTR[other])
+            if offload.can_offload(model.params):
+                away[other] = offload.offload(model.params, state.options.cache_dir)
+                setattr(state, _ATTR[other], model.replace(params=None))  # the last reference goes
+                del model
+        if name in away:  # after the other left: never both at once on the way
+            setattr(state, _ATTR[name], getattr(state, _ATTR[name]).replace(params=offload.restore(away.pop(name))))
+
+    try:
+        yield use
+    except BaseException:
+        for off in away.values():
+            offload.discard(off)
+        raise
+    release_free_heap()
+    for name in list(away):
+        setattr(state, _ATTR[name], getattr(state, _ATTR[name]).replace(params=offload.restore(away.pop(name))))
 
 
 # --- statistics and selection ---------------------------------------------------------------------
@@ -157,9 +202,14 @@ def fisher_scores(state: RepairState) -> tuple[dict[str, np.ndarray], dict[str, 
     each on the model the settings name (``fisher_hon_model``, ``fisher_task_model``)."""
     from hcnr_jax import stats
 
-    cfg, models, mc = state.cfg, state.models(), state.finetuned.config
-    s_hon = stats.fisher(models[cfg.fisher_hon_model], mc, state.honesty, state.options, neuron_axis=cfg.neuron_axis)
-    s_task = stats.fisher(models[cfg.fisher_task_model], mc, state.task, state.options, neuron_axis=cfg.neuron_axis)
+    cfg, mc = state.cfg, state.finetuned.config
+    with one_model_at_a_time(state) as use:
+        use(cfg.fisher_hon_model)
+        s_hon = stats.fisher(state.models()[cfg.fisher_hon_model], mc, state.honesty, state.options,
+                             neuron_axis=cfg.neuron_axis)
+        use(cfg.fisher_task_model)
+        s_task = stats.fisher(state.models()[cfg.fisher_task_model], mc, state.task, state.options,
+                              neuron_axis=cfg.neuron_axis)
     return s_hon, s_task
 
 
@@ -215,9 +265,11 @@ def layer_hessians(state: RepairState) -> DeviceHessians:
     # Only the kept layers' H are accumulated, in hessian_passes groups (the results come back to
     # the host, so a pass's accumulators leave the device before the next); layers sharing an
     # input share one array object. The sum over sets is taken on the device in the solve.
-    for group in split_passes(kept_names, mc, cfg.hessian_passes):
-        for samples in calib:
-            hess.add(stats.hessian(state.models()[cfg.calib_model], mc, samples, state.options, layers=group))
+    with one_model_at_a_time(state) as use:
+        use(cfg.calib_model)
+        for group in split_passes(kept_names, mc, cfg.hessian_passes):
+            for samples in calib:
+                hess.add(stats.hessian(state.models()[cfg.calib_model], mc, samples, state.options, layers=group))
     return hess
 
 
@@ -280,6 +332,7 @@ def repair(
     *,
     progress: bool = True,
     stats_options: StatsOptions | None = None,
+    offload_idle: bool = True,
     **overrides: Any,
 ) -> RepairResult:
     """Repair ``finetuned`` towards ``base`` with HCNR (docs/method.md) and return the model + report.
@@ -290,7 +343,9 @@ def repair(
     ``stats_options`` (`hcnr_jax.stats.StatsOptions`): how the statistics run (mesh, fsdp, kernel
     backend, result folder, ...); its batch size and progress bar are this repair's
     (``config.batch_size``, ``progress``). With a ``mesh`` the models are loaded onto it and the
-    statistics, Hessians and solves run sharded by weight role.
+    statistics, Hessians and solves run sharded by weight role. ``offload_idle``: while a
+    statistics pass runs on one model, the other (if loaded here from a source) waits outside
+    device memory (`one_model_at_a_time`).
     The result has the fine-tuned model's dtype, config and tokenizer.
     """
     clock = StageClock(progress)
@@ -298,6 +353,7 @@ def repair(
         cfg = resolve_config(config, overrides)
         options = dataclasses.replace(stats_options or StatsOptions(), batch_size=cfg.batch_size, progress=progress)
         state = load(base, finetuned, honesty_data, task_data, cfg, options)
+        state.offload_idle = offload_idle
     with clock.stage("fisher"):
         s_hon, s_task = fisher_scores(state)
     with clock.stage("select"):

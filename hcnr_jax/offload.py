@@ -1,0 +1,102 @@
+"""A parameter tree moved out of the memory the computation runs in, and back.
+
+A repair holds two models, but each of its statistics passes runs on one of them (the honesty
+Fisher on the base, the task Fisher on the fine-tuned model, the Hessians on ``calib_model``).
+While one pass runs, the other model waits here:
+
+- on an accelerator, in host memory (``jax.device_get``), leaving the device a whole model freer;
+- on a CPU, where host memory is the device's, in raw files of a folder (the repair's run
+  folder, or a temporary one): the kernel's page cache holds them, and drops them under pressure.
+
+`restore` puts every leaf back with its sharding, bit for bit, and deletes the files. Only trees
+whose arrays this process can address whole are offloaded (one process; any mesh within it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from hcnr_jax.params import Params
+
+
+@dataclass
+class Offloaded:
+    """An offloaded tree: host arrays, or (``folder`` set) the files holding them; the leaves'
+    dtypes, shapes and shardings."""
+
+    leaves: list[Any]  # np.ndarray (host memory, or an empty array) or the Path of its raw file
+    dtypes: list[np.dtype]
+    shapes: list[tuple[int, ...]]
+    shardings: list[Any]
+    treedef: Any
+    folder: Path | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(s)) * d.itemsize for s, d in zip(self.shapes, self.dtypes, strict=True))
+
+
+def can_offload(params: Params) -> bool:
+    """True when every leaf is a ``jax.Array`` this process holds whole (not across processes)."""
+    leaves = jax.tree.leaves(params)
+    return bool(leaves) and all(isinstance(a, jax.Array) and a.is_fully_addressable for a in leaves)
+
+
+def offload(params: Params, folder: str | Path | None = None) -> Offloaded:
+    """Move ``params`` out of device memory (module docstring); the caller drops its own
+    references to ``params`` for the memory to be freed. ``folder``: where a CPU's files go (a
+    new subfolder of it; default the system's temporary folder)."""
+    leaves, treedef = jax.tree.flatten(params)
+    meta = ([np.dtype(a.dtype) for a in leaves], [tuple(a.shape) for a in leaves], [a.sharding for a in leaves])
+    if not all(d.platform == "cpu" for a in leaves for d in a.devices()):
+        return Offloaded([np.asarray(jax.device_get(a)) for a in leaves], *meta, treedef, None)
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="offload-", dir=folder))
+    try:
+        stored: list[Any] = []
+        for i, a in enumerate(leaves):
+            host = np.ascontiguousarray(np.asarray(a))
+            if host.size == 0:
+                stored.append(host.copy())
+                continue
+            path = where / f"{i}.bin"
+            host.reshape(-1).view(np.uint8).tofile(path)  # raw bytes: any dtype, bfloat16 included
+            stored.append(path)
+    except BaseException:
+        shutil.rmtree(where, ignore_errors=True)
+        raise
+    return Offloaded(stored, *meta, treedef, where)
+
+
+def restore(off: Offloaded) -> Params:
+    """The offloaded tree back on its devices with its shardings, bit for bit; a CPU's files are
+    read one at a time (plain reads, nothing mapped) and deleted."""
+    try:
+        leaves = []
+        for i, (dtype, shape, sharding) in enumerate(zip(off.dtypes, off.shapes, off.shardings, strict=True)):
+            src, off.leaves[i] = off.leaves[i], None  # each host copy goes as soon as it is placed
+            if isinstance(src, Path):
+                src = np.fromfile(src, dtype=np.uint8).view(dtype).reshape(shape)
+            leaves.append(jax.device_put(src, sharding))
+            del src
+    finally:
+        discard(off)
+    return jax.tree.unflatten(off.treedef, leaves)
+
+
+def discard(off: Offloaded) -> None:
+    """Delete an offloaded tree's files (if any) without restoring it."""
+    off.leaves = []
+    if off.folder is not None:
+        shutil.rmtree(off.folder, ignore_errors=True)
+
+
+__all__ = ["Offloaded", "can_offload", "discard", "offload", "restore"]
