@@ -2,7 +2,7 @@
 
 Two steps, with the labelling by a person in between:
 
-    python experiments/label_evidence.py blind --out runs/labels/blind.jsonl [--per-row 75]
+    python experiments/label_evidence.py blind --out runs/labels/blind.jsonl [--per-row 75] [--rows dpo__510]
     (label every line of blind.jsonl, writing {"n": ..., "label": refused | answered | undetermined} to
      labelled.jsonl, by the rules of hcnr_jax/bundled/labels/README.md, reading only the question and
      the response; the model and benchmark of each line are in blind.jsonl.keys, not to be opened)
@@ -38,12 +38,14 @@ def _records(stem: str) -> list[dict]:
     return [json.loads(line) for line in lines[1:]]
 
 
-def blind(out: Path, per_row: int) -> None:
+def blind(out: Path, per_row: int, only: list[str] | None = None) -> None:
     from hcnr_jax.eval.labels import load_labels
 
     done = {(r["benchmark"], r["id"], r.get("source_model")) for r in load_labels()}
     items = []
     for stem, model in ROWS.items():
+        if only and stem not in only:
+            continue
         if not (EVIDENCE / f"{stem}.jsonl").exists():
             print(f"skipping {stem}: no records yet", file=sys.stderr)
             continue
@@ -142,6 +144,7 @@ def main() -> int:
     b = sub.add_parser("blind")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--per-row", type=int, default=75)
+    b.add_argument("--rows", default=None, help="only these evidence rows (comma-separated file stems, e.g. dpo__510)")
     m = sub.add_parser("merge")
     m.add_argument("--blind", type=Path, required=True)
     m.add_argument("--labelled", type=Path, required=True)
@@ -149,7 +152,7 @@ def main() -> int:
     r.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "labels_evidence.json")
     a = ap.parse_args()
     if a.cmd == "blind":
-        blind(a.out, a.per_row)
+        blind(a.out, a.per_row, a.rows.split(",") if a.rows else None)
     elif a.cmd == "merge":
         merge(a.blind, a.labelled)
     else:

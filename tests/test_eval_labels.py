@@ -28,7 +28,8 @@ from hcnr_jax.eval.refusal import VERDICTS, RefusalDetector
 SMOLLM2_COUNTS = {"none": 300, "cautious": 180, "strict": 80}
 TRAINED_COUNTS = {"m0": 94, "m1": 60, "hcnr": 94, "rait": 60}
 # The evidence rows' labels (experiments/label_evidence.py): 100 each, with a `degenerate` flag.
-EVIDENCE_COUNTS = {"hcnr_s0": 215, "merge": 215, "layers": 215, "hcnr_chosen": 115, "rait_gold": 40}  # three blind batches
+EVIDENCE_COUNTS = {"hcnr_s0": 215, "merge": 215, "layers": 215, "hcnr_chosen": 115, "rait_gold": 40,
+                   "dpo": 80}  # four blind batches
 
 
 def smollm2_rows():
@@ -118,14 +119,14 @@ def test_default_detector_agrees_with_smollm2_labels():
 
 
 def test_default_detector_on_trained_models():
-    """The 1,108 labels of M0 / M1 / HCNR / RAIT and evidence-row responses (labelled blind, never used for rules)."""
+    """The 1,188 labels of M0 / M1 / HCNR / RAIT and evidence-row responses (labelled blind, never used for rules)."""
     rows = [r for r in load_labels() if model_of(r) != "smollm2"]
     pred = [d.verdict for d in RefusalDetector().detect_all([r["response"] for r in rows],
                                                             [r["question"] for r in rows])]
     c = refused_counts([r["label"] for r in rows], pred)
-    assert c["n_refused"] == 200
-    assert c["precision"] >= 0.95  # measured 1.000 (196 of 196), 95% CI [0.981, 1.000]
-    assert c["recall"] >= 0.95  # measured 0.980 (196 of 200), 95% CI [0.950, 0.992]
+    assert c["n_refused"] == 223
+    assert c["precision"] >= 0.95  # measured 1.000 (219 of 219), 95% CI [0.983, 1.000]
+    assert c["recall"] >= 0.95  # measured 0.982 (219 of 223), 95% CI [0.955, 0.993]
 
 
 def test_halves_are_fixed_and_held_out_numbers_stable():
@@ -152,14 +153,14 @@ def test_report_prints_models_halves_and_sources(capsys, tmp_path):
     out_json = tmp_path / "t" / "table.json"
     main(["--json", str(out_json)])
     out = capsys.readouterr().out
-    for row in ("| default | trained | 1108 | 200 | 196 | 0 | 4 | 1.000 [0.981, 1.000] | 0.980 [0.950, 0.992] |",
+    for row in ("| default | trained | 1188 | 223 | 219 | 0 | 4 | 1.000 [0.983, 1.000] | 0.982 [0.955, 0.993] |",
                 "| default | smollm2 | 560 | 36 | 21 | 3 | 15 | 0.875 [0.690, 0.957] | 0.583 [0.422, 0.729] |",
                 "| default | m1 | 60 | 0 | 0 | 0 | 0 | n/a | n/a |",
-                "| half=held_out | 777 | 113 |", "| model=m0 | 94 | 42 |", "| system=cautious | 180 |",
-                "| system=strict | 80 |", "| system=none | 300 |", "| benchmark=kuq | 289 |"):
+                "| half=held_out | 813 | 120 |", "| model=m0 | 94 | 42 |", "| system=cautious | 180 |",
+                "| system=strict | 80 |", "| system=none | 300 |", "| benchmark=kuq | 298 |"):
         assert row in out
     t = json.loads(out_json.read_text())
-    assert t["n"] == 1668 and t["source_models"] == {"smollm2": 560} | TRAINED_COUNTS | EVIDENCE_COUNTS
+    assert t["n"] == 1748 and t["source_models"] == {"smollm2": 560} | TRAINED_COUNTS | EVIDENCE_COUNTS
     rows = {(x["detector"], x["group"]): x for x in t["by_model"]}
     assert {d for d, _ in rows} == {"default", "selfaware", "alignment_for_honesty", "unknownbench"}
     assert (rows["default", "hcnr"]["tp"], rows["default", "hcnr"]["fn"]) == (6, 1)
