@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hcnr_jax.params import Params
+from hcnr_jax.params import Params, hf_name
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Offloaded:
     """An offloaded tree: host arrays, or (``folder`` set) the files holding them; the leaves'
     dtypes, shapes and shardings."""
 
+    names: list[str]  # HF names (`hcnr_jax.params.flatten`), in the tree's leaf order
     leaves: list[Any]  # np.ndarray (host memory, or an empty array) or the Path of its raw file
     dtypes: list[np.dtype]
     shapes: list[tuple[int, ...]]
@@ -41,6 +42,18 @@ class Offloaded:
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(s)) * d.itemsize for s, d in zip(self.shapes, self.dtypes, strict=True))
+
+    def get(self, name: str) -> jax.Array:
+        """One leaf (by HF name) on its devices, the rest left where it is: a layer of the idle
+        model for a step that needs only that layer."""
+        i = self.names.index(name)
+        return jax.device_put(_host(self.leaves[i], self.dtypes[i], self.shapes[i]), self.shardings[i])
+
+
+def _host(src: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if isinstance(src, Path):  # a plain read, nothing mapped: the file can go at once
+        return np.fromfile(src, dtype=np.uint8).view(dtype).reshape(shape)
+    return src
 
 
 def can_offload(params: Params) -> bool:
@@ -53,10 +66,11 @@ def offload(params: Params, folder: str | Path | None = None) -> Offloaded:
     """Move ``params`` out of device memory (module docstring); the caller drops its own
     references to ``params`` for the memory to be freed. ``folder``: where a CPU's files go (a
     new subfolder of it; default the system's temporary folder)."""
-    leaves, treedef = jax.tree.flatten(params)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names, leaves = [hf_name(path) for path, _ in with_paths], [a for _, a in with_paths]
     meta = ([np.dtype(a.dtype) for a in leaves], [tuple(a.shape) for a in leaves], [a.sharding for a in leaves])
     if not all(d.platform == "cpu" for a in leaves for d in a.devices()):
-        return Offloaded([np.asarray(jax.device_get(a)) for a in leaves], *meta, treedef, None)
+        return Offloaded(names, [np.asarray(jax.device_get(a)) for a in leaves], *meta, treedef, None)
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     where = Path(tempfile.mkdtemp(prefix="offload-", dir=folder))
@@ -73,7 +87,7 @@ def offload(params: Params, folder: str | Path | None = None) -> Offloaded:
     except BaseException:
         shutil.rmtree(where, ignore_errors=True)
         raise
-    return Offloaded(stored, *meta, treedef, where)
+    return Offloaded(names, stored, *meta, treedef, where)
 
 
 def restore(off: Offloaded) -> Params:
@@ -83,9 +97,7 @@ def restore(off: Offloaded) -> Params:
         leaves = []
         for i, (dtype, shape, sharding) in enumerate(zip(off.dtypes, off.shapes, off.shardings, strict=True)):
             src, off.leaves[i] = off.leaves[i], None  # each host copy goes as soon as it is placed
-            if isinstance(src, Path):
-                src = np.fromfile(src, dtype=np.uint8).view(dtype).reshape(shape)
-            leaves.append(jax.device_put(src, sharding))
+            leaves.append(jax.device_put(_host(src, dtype, shape), sharding))
             del src
     finally:
         discard(off)

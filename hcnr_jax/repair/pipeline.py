@@ -12,8 +12,7 @@ logging, timing) stay here; the math lives in the pure functions of `selection` 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hcnr_jax import interrupt
+from hcnr_jax import interrupt, offload
 from hcnr_jax.data.samples import Samples, load_samples
 from hcnr_jax.embedded import calibration_file
 from hcnr_jax.errors import CheckpointError, DataError
+from hcnr_jax.offload import Offloaded
 from hcnr_jax.params import Params, get, linear_names, param_specs, set_leaves
 from hcnr_jax.pretrained import Pretrained, load_pretrained
 from hcnr_jax.repair import selection
@@ -35,6 +35,8 @@ from hcnr_jax.repair.selection import LayerSelection
 from hcnr_jax.repair.solvers import as_float32, layer_objective, restore_only, solve
 from hcnr_jax.stats import StatsOptions
 from hcnr_jax.stats.hessian_accum import split_passes
+
+_ATTR = {"orig": "base", "sft": "finetuned"}  # a model's name in the settings -> its RepairState field
 
 
 @dataclass
@@ -62,19 +64,51 @@ class RepairState:
     layers: list[LayerSelection] = dataclasses.field(default_factory=list)
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     params: Params | None = None  # the repaired parameters
-    # The models this repair loaded itself ("orig", "sft"): only those can leave memory while a
-    # statistics pass runs on the other (a caller's `Pretrained` stays referenced by the caller).
+    # The models this repair loaded itself ("orig", "sft"): only those can leave device memory while
+    # the stages work on the other (a caller's `Pretrained` stays referenced by the caller).
     owned: frozenset[str] = frozenset()
-    offload_idle: bool = True
+    offload_idle: bool = False
+    away: dict[str, Offloaded] = dataclasses.field(default_factory=dict)  # models out of device memory
+
+    def model(self, name: str) -> Pretrained:
+        """Model ``name`` ("orig" or "sft"); its ``params`` are None while it is away."""
+        return getattr(self, _ATTR[name])
 
     def models(self) -> dict[str, Params]:
         """The two parameter sets by the names settings use ("orig", "sft")."""
         return {"orig": self.base.params, "sft": self.finetuned.params}
 
+    def use(self, name: str) -> None:
+        """Make model ``name`` the one in device memory: with ``offload_idle``, the other (if this
+        repair loaded it) waits in host memory, or on a CPU in files of the statistics folder
+        (`hcnr_jax.offload`), and comes back, bit for bit, when it is used. A statistics pass runs
+        on one model and the solve needs the other one layer at a time (`weights`): without this
+        the idle model sits beside each pass's activations."""
+        release_free_heap()  # the last pass's temporaries, before a model moves
+        other = "sft" if name == "orig" else "orig"
+        idle = self.model(other)
+        if (self.offload_idle and other in self.owned and other not in self.away
+                and offload.can_offload(idle.params)):
+            self.away[other] = offload.offload(idle.params, self.options.cache_dir)
+            setattr(self, _ATTR[other], idle.replace(params=None))  # the last reference goes
+        del idle
+        if name in self.away:  # after the other left: never both at once on the way
+            setattr(self, _ATTR[name], self.model(name).replace(params=offload.restore(self.away.pop(name))))
+
+    def release(self) -> None:
+        """Drop the models that are away (their files deleted); the end of a repair."""
+        for off in self.away.values():
+            offload.discard(off)
+        self.away.clear()
+
+    def layer(self, model: str, name: str) -> jax.Array:
+        """Weight ``name`` of model ``model``, from device memory or, while the model is away, alone."""
+        return self.away[model].get(name) if model in self.away else get(self.model(model).params, name)
+
     def weights(self, name: str) -> tuple[jax.Array, jax.Array]:
         """Device float32 copies of one layer, base and fine-tuned (only norms and objectives come
         to the host)."""
-        return as_float32(get(self.base.params, name)), as_float32(get(self.finetuned.params, name))
+        return as_float32(self.layer("orig", name)), as_float32(self.layer("sft", name))
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -140,59 +174,34 @@ def resolve_config(config: RepairConfig | None, overrides: Mapping[str, Any]) ->
 
 
 def load(base: Pretrained | str | Path, finetuned: Pretrained | str | Path, honesty_data: Any, task_data: Any,
-         cfg: RepairConfig, options: StatsOptions | None = None) -> RepairState:
+         cfg: RepairConfig, options: StatsOptions | None = None, *, offload_idle: bool = False) -> RepairState:
     """Stage "load": validate and load everything a repair needs, computing nothing; raises on any
     bad input (the data files, then the models' configs, before any weight is read). With
-    ``options.mesh`` the models are loaded straight onto its devices."""
+    ``options.mesh`` the models are loaded straight onto its devices. ``offload_idle``: the base
+    model waits outside device memory while the fine-tuned one loads (`RepairState.use`); the
+    caller then owns the state's `RepairState.release`."""
     from hcnr_jax.preflight import check_pair_inputs
 
     options = options or StatsOptions(batch_size=cfg.batch_size)
     check_pair_inputs(base, finetuned, (honesty_data, task_data))
-    base_m = load_model(base, options)
-    release_free_heap()  # the first model's conversion buffers, before the second's
-    ft_m = load_model(finetuned, options)
-    check_compatible(base_m, ft_m)
-    hon, hon_info = load_repair_data(honesty_data, "honesty", ft_m, cfg)
-    task, task_info = load_repair_data(task_data, "task", ft_m, cfg)
     owned = frozenset(n for n, src in (("orig", base), ("sft", finetuned)) if not isinstance(src, Pretrained))
-    return RepairState(cfg, options, base_m, ft_m, hon, task, {"honesty": hon_info, "task": task_info}, owned=owned)
-
-
-_ATTR = {"orig": "base", "sft": "finetuned"}
-
-
-@contextmanager
-def one_model_at_a_time(state: RepairState) -> Iterator[Callable[[str], None]]:
-    """Yields ``use(name)``, which makes model ``name`` ("orig" or "sft") the only one in device
-    memory: the other waits in host memory, or on a CPU in files of the statistics folder
-    (`hcnr_jax.offload`), when this repair loaded it itself and ``state.offload_idle``. A
-    statistics pass needs one model; without this the other sits beside its activations. Both
-    are back, bit for bit, after the block (on an error, the waiting copies are deleted)."""
-    from hcnr_jax import offload
-
-    away: dict[str, offload.Offloaded] = {}
-
-    def use(name: str) -> None:
-        release_free_heap()  # the last pass's temporaries, before a model moves
-        other = "sft" if name == "orig" else "orig"
-        if state.offload_idle and other in state.owned and other not in away:
-            model = getattr(state, _ATTR[other])
-            if offload.can_offload(model.params):
-                away[other] = offload.offload(model.params, state.options.cache_dir)
-                setattr(state, _ATTR[other], model.replace(params=None))  # the last reference goes
-                del model
-        if name in away:  # after the other left: never both at once on the way
-            setattr(state, _ATTR[name], getattr(state, _ATTR[name]).replace(params=offload.restore(away.pop(name))))
-
+    away: dict[str, Offloaded] = {}
+    base_m = load_model(base, options)
+    if offload_idle and "orig" in owned and offload.can_offload(base_m.params):
+        away["orig"] = offload.offload(base_m.params, options.cache_dir)
+        base_m = base_m.replace(params=None)
+    release_free_heap()  # the first model's conversion buffers, before the second's
     try:
-        yield use
+        ft_m = load_model(finetuned, options)
+        check_compatible(base_m, ft_m)  # configs, tensor shapes and vocabularies: no weights needed
+        hon, hon_info = load_repair_data(honesty_data, "honesty", ft_m, cfg)
+        task, task_info = load_repair_data(task_data, "task", ft_m, cfg)
     except BaseException:
         for off in away.values():
             offload.discard(off)
         raise
-    release_free_heap()
-    for name in list(away):
-        setattr(state, _ATTR[name], getattr(state, _ATTR[name]).replace(params=offload.restore(away.pop(name))))
+    return RepairState(cfg, options, base_m, ft_m, hon, task, {"honesty": hon_info, "task": task_info}, owned=owned,
+                       offload_idle=offload_idle, away=away)
 
 
 # --- statistics and selection ---------------------------------------------------------------------
@@ -203,13 +212,12 @@ def fisher_scores(state: RepairState) -> tuple[dict[str, np.ndarray], dict[str, 
     from hcnr_jax import stats
 
     cfg, mc = state.cfg, state.finetuned.config
-    with one_model_at_a_time(state) as use:
-        use(cfg.fisher_hon_model)
-        s_hon = stats.fisher(state.models()[cfg.fisher_hon_model], mc, state.honesty, state.options,
-                             neuron_axis=cfg.neuron_axis)
-        use(cfg.fisher_task_model)
-        s_task = stats.fisher(state.models()[cfg.fisher_task_model], mc, state.task, state.options,
-                              neuron_axis=cfg.neuron_axis)
+    state.use(cfg.fisher_hon_model)
+    s_hon = stats.fisher(state.models()[cfg.fisher_hon_model], mc, state.honesty, state.options,
+                         neuron_axis=cfg.neuron_axis)
+    state.use(cfg.fisher_task_model)
+    s_task = stats.fisher(state.models()[cfg.fisher_task_model], mc, state.task, state.options,
+                          neuron_axis=cfg.neuron_axis)
     return s_hon, s_task
 
 
@@ -265,11 +273,10 @@ def layer_hessians(state: RepairState) -> DeviceHessians:
     # Only the kept layers' H are accumulated, in hessian_passes groups (the results come back to
     # the host, so a pass's accumulators leave the device before the next); layers sharing an
     # input share one array object. The sum over sets is taken on the device in the solve.
-    with one_model_at_a_time(state) as use:
-        use(cfg.calib_model)
-        for group in split_passes(kept_names, mc, cfg.hessian_passes):
-            for samples in calib:
-                hess.add(stats.hessian(state.models()[cfg.calib_model], mc, samples, state.options, layers=group))
+    state.use(cfg.calib_model)
+    for group in split_passes(kept_names, mc, cfg.hessian_passes):
+        for samples in calib:
+            hess.add(stats.hessian(state.models()[cfg.calib_model], mc, samples, state.options, layers=group))
     return hess
 
 
@@ -303,6 +310,7 @@ def solve_layers(state: RepairState, hess: DeviceHessians) -> tuple[Params, list
     parameters and one report record per layer (kept or not)."""
     from tqdm.auto import tqdm
 
+    state.use("sft")  # the base is read one layer at a time (`RepairState.weights`)
     updates: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
     for sl in tqdm(state.layers, desc="solve", disable=not state.options.progress, dynamic_ncols=True):
@@ -343,27 +351,29 @@ def repair(
     ``stats_options`` (`hcnr_jax.stats.StatsOptions`): how the statistics run (mesh, fsdp, kernel
     backend, result folder, ...); its batch size and progress bar are this repair's
     (``config.batch_size``, ``progress``). With a ``mesh`` the models are loaded onto it and the
-    statistics, Hessians and solves run sharded by weight role. ``offload_idle``: while a
-    statistics pass runs on one model, the other (if loaded here from a source) waits outside
-    device memory (`one_model_at_a_time`).
+    statistics, Hessians and solves run sharded by weight role. ``offload_idle``: one model in
+    device memory at a time; the other (if loaded here from a source) waits outside it, and the
+    solve reads the base one layer at a time (`RepairState.use`).
     The result has the fine-tuned model's dtype, config and tokenizer.
     """
     clock = StageClock(progress)
     with clock.stage("load"):
         cfg = resolve_config(config, overrides)
         options = dataclasses.replace(stats_options or StatsOptions(), batch_size=cfg.batch_size, progress=progress)
-        state = load(base, finetuned, honesty_data, task_data, cfg, options)
-        state.offload_idle = offload_idle
-    with clock.stage("fisher"):
-        s_hon, s_task = fisher_scores(state)
-    with clock.stage("select"):
-        state.layers = select_layers(state, s_hon, s_task)
-        del s_hon, s_task  # [n_neurons] per weight, twice: not needed past the selection
-    with clock.stage("hessian"):
-        hess = layer_hessians(state)
-    with clock.stage("solve"):
-        state.params, state.records = solve_layers(state, hess)
-        del hess
+        state = load(base, finetuned, honesty_data, task_data, cfg, options, offload_idle=offload_idle)
+    try:
+        with clock.stage("fisher"):
+            s_hon, s_task = fisher_scores(state)
+        with clock.stage("select"):
+            state.layers = select_layers(state, s_hon, s_task)
+            del s_hon, s_task  # [n_neurons] per weight, twice: not needed past the selection
+        with clock.stage("hessian"):
+            hess = layer_hessians(state)
+        with clock.stage("solve"):
+            state.params, state.records = solve_layers(state, hess)
+            del hess
+    finally:
+        state.release()  # the base, if away, is not needed any more
     return RepairResult(state.finetuned.replace(params=state.params), build_report(state, clock))
 
 
