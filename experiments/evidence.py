@@ -54,6 +54,9 @@ TASK_LIMIT = 200  # task questions per row: gold log-lik and accuracy need N >= 
 R_CW_CANDIDATES = "0.3,0.4,0.5,0.6"  # fixed before the first run
 ALPHA_CANDIDATES = "0.25,0.5,0.75"
 BETA_CANDIDATES = "0.05,0.1,0.5"  # DPO's, fixed before its first run (issue 22)
+# Training baselines whose data do not depend on the fine-tuned model, so that they can be trained on
+# another task's M1 too: name -> (reproduce.py recipe file, objective).
+CROSS_TASK = {"rait-gold": ("label", "sft")}
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "evidence" / TASK  # set by --task
 RESAMPLES = 1000
@@ -143,12 +146,25 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
         return m[str(what)]
     out = work / slug(row)
     if out.exists():
-        return f"{m['M1']}+{out}" if how == "train-choose" else str(out)
+        return f"{m['M1']}+{out}" if how == "train-choose" or (how == "reproduce" and TASK != "hotpotqa") else str(out)
     if how == "recorded":
         sys.exit(f"{row}: made by {what}, which the product no longer has; only its committed records remain")
+    if how == "reproduce" and TASK != "hotpotqa":
+        # On another task's M1, the baselines whose data do not depend on M1 (RAIT-GOLD: benchmark labels),
+        # trained here by reproduce.py's recipe on this task's M1.
+        if what not in CROSS_TASK:
+            sys.exit(f"{row}: its training data are labelled by HotpotQA's M1")
+        recipe, objective = CROSS_TASK[str(what)]
+        rep_work = WORK.parent.parent / "reproduce"
+        run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
+             "--stage", f"{what}-data", *(["--data-dir", data_dir] if data_dir else [])], log)
+        t = run(["hcnr", "train", "--model", m["M1"], "--data", str(rep_work / f"{recipe}.jsonl"),
+                 "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
+                 "--objective", objective, "--max-length", "256", "--checkpoint-dir", str(work / f"{slug(row)}_ckpt"),
+                 "--out", str(out)], log)
+        (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
+        return f"{m['M1']}+{out}"
     if how == "reproduce":
-        if TASK != "hotpotqa":
-            sys.exit(f"{row}: trained on HotpotQA's M1 only")
         rep_work = WORK.parent.parent / "reproduce"  # --work's parent: runs/reproduce by default
         run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
              "--stage", f"{what}-data,{what}-train", *(["--data-dir", data_dir] if data_dir else [])], log)
@@ -212,6 +228,10 @@ def evaluate(row: str, work: Path, data_dir: str | None, log: Path) -> None:
                 meta["restored_fraction"] = rep["summary"]["restored_fraction_of_model"]
             meta["choice"] = rep.get("choice")
             meta["setting"] = rep.get("alpha") if name == "merge_report.json" else rep["settings"]["r_cw"]
+    trained = Path(model.rsplit("+", 1)[-1]) / "train_report.json"  # a training baseline's adapter folder
+    if ROWS[row][0] == "train-choose" and trained.exists():
+        meta["choice"] = json.loads(trained.read_text()).get("choice")
+        meta["setting"] = (meta["choice"] or {}).get("chosen")
     wall = work / f"{slug(row)}.wall_s"
     if wall.exists():
         meta["wall_s"] = float(wall.read_text())
@@ -297,6 +317,7 @@ def changed_fractions(rows: list[str]) -> dict[str, float]:
         for row in todo:
             how, what = ROWS[row]
             src = ("" if how == "recorded" else models()[str(what)] if how == "model" else
+                   f"{models()['M1']}+{WORK / slug(row)}" if how == "reproduce" and TASK != "hotpotqa" else
                    f"{models()['M1']}+{WORK.parent.parent / 'reproduce' / str(what)}" if how == "reproduce" else
                    f"{models()['M1']}+{WORK / slug(row)}" if how == "train-choose" else str(WORK / slug(row)))
             if how == "recorded" or (how in ("repair", "merge") and not Path(src).exists()):
@@ -428,7 +449,8 @@ def main() -> int:
     global TASK, OUT, WORK
     TASK, OUT = args.task, RESULTS / "evidence" / args.task
     WORK = Path(args.work) / args.task
-    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded", "train-choose")]
+    rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded", "train-choose")
+            or (ROWS[r][0] == "reproduce" and ROWS[r][1] in CROSS_TASK)]
     names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report", "docs"]
     if args.stage == "list":
         print("\n".join(names))
