@@ -115,10 +115,6 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         raise HcnrError(f"{out}: output directory already exists (choose another path or pass --overwrite)")
     sources = embedded_sources()
     t_start = time.perf_counter()
-    base = load_pretrained(smollm2_gguf())
-    m0 = merge_lora(base, HONEST_ADAPTER)
-    m1 = merge_lora(m0, FINETUNED_ADAPTER)
-    load_s = time.perf_counter() - t_start
     limit = SMOKE_SAMPLES if settings.smoke else settings.limit
     tokens = SMOKE_TOKENS if settings.smoke else settings.max_new_tokens
     cfg = RepairConfig(solver=settings.solver, **({"limit": SMOKE_SAMPLES} if settings.smoke else {}))
@@ -127,9 +123,15 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
                                  **({"bootstrap": 0} if settings.smoke else {}))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         t0 = time.perf_counter()
-        result = repair(m0, m1, None, None, cfg)
+        # From the sources, so that the repair owns its models and keeps one in memory at a time;
+        # M0 and M1 are loaded for the merge and the evaluation afterwards.
+        result = repair(sources["M0"], sources["M1"], None, None, cfg)
         repair_s = time.perf_counter() - t0
         write_repair(result, tmp / "repaired")
+        t0 = time.perf_counter()
+        m0 = merge_lora(load_pretrained(smollm2_gguf()), HONEST_ADAPTER)
+        m1 = merge_lora(m0, FINETUNED_ADAPTER)
+        load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         choice, merged = choose_merge(m0, m1, SMOKE_DEV if settings.smoke else None)
         merge_s = time.perf_counter() - t0
