@@ -92,7 +92,7 @@ def train_catalog_m1(data_dir: str | None, log: Path) -> None:
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import run  # noqa: E402  (one command runner for the experiment scripts)
+from reproduce import baseline_train_command, run  # noqa: E402  (one runner and recipe for the experiment scripts)
 
 # Row name -> how its model is made: ("model", source) | ("repair", extra flags) | ("merge", alphas).
 ROWS: dict[str, tuple[str, object]] = {
@@ -158,10 +158,8 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
         rep_work = WORK.parent.parent / "reproduce"
         run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
              "--stage", f"{what}-data", *(["--data-dir", data_dir] if data_dir else [])], log)
-        t = run(["hcnr", "train", "--model", m["M1"], "--data", str(rep_work / f"{recipe}.jsonl"),
-                 "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
-                 "--objective", objective, "--max-length", "256", "--checkpoint-dir", str(work / f"{slug(row)}_ckpt"),
-                 "--out", str(out)], log)
+        t = run(baseline_train_command(m["M1"], rep_work / f"{recipe}.jsonl", objective, out,
+                                       work / f"{slug(row)}_ckpt"), log)
         (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
         return f"{m['M1']}+{out}"
     if how == "reproduce":
@@ -179,11 +177,9 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
         rep_work = WORK.parent.parent / "reproduce"
         run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
              "--stage", f"{objective}-data", *(["--data-dir", data_dir] if data_dir else [])], log)
-        t = run(["hcnr", "train", "--model", m["M1"], "--data", str(rep_work / f"{recipe}.jsonl"),
-                 "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
-                 "--objective", objective, "--max-length", "256", "--choose", choice, "--base", m["M0"],
-                 "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"]),
-                 "--checkpoint-dir", str(work / f"{slug(row)}_ckpt"), "--out", str(out)], log)
+        t = run(baseline_train_command(m["M1"], rep_work / f"{recipe}.jsonl", objective, out,
+                                       work / f"{slug(row)}_ckpt", "--choose", choice, "--base", m["M0"],
+                                       "--dev-honesty", str(dev["honesty"]), "--dev-task", str(dev["task"])), log)
         (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
         return f"{m['M1']}+{out}"
     if how == "merge":

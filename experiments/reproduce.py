@@ -178,11 +178,8 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         recipe, objective = BASELINES[name]
         out = work / name
         if not (out / "train_report.json").exists():
-            wall = run(["hcnr", "train", "--model", m["m1"], "--data", str(work / f"{recipe}.jsonl"),
-                        "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
-                        # 256: HotpotQA prompts with their context run past train_task.yaml's 128 tokens
-                        "--objective", objective, "--max-length", "256", "--checkpoint-dir", str(work / f"{name}_ckpt"),
-                        "--out", str(out), "--overwrite"], log)
+            wall = run(baseline_train_command(m["m1"], work / f"{recipe}.jsonl", objective, out, work / f"{name}_ckpt",
+                                              "--overwrite"), log)
             (work / f"{name}_wall_s.json").write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
     elif stage.startswith("eval-") and stage.removeprefix("eval-") in BASELINES:
         name = stage.removeprefix("eval-")
@@ -200,6 +197,16 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         report(work)
     else:
         sys.exit(f"unknown stage {stage!r}; --stage list prints them")
+
+
+def baseline_train_command(model: str, data: Path, objective: str, out: Path, checkpoint_dir: Path,
+                           *extra: str) -> list[str]:
+    """`hcnr train` of a training baseline (RAIT, DPO, ORPO, RAIT-GOLD) on ``model``: configs/train_task.yaml's
+    LoRA recipe, 256 tokens (HotpotQA prompts with their context run past the config's 128)."""
+    return ["hcnr", "train", "--model", model, "--data", str(data),
+            "--config", str(Path(__file__).resolve().parents[1] / "configs" / "train_task.yaml"),
+            "--objective", objective, "--max-length", "256", "--checkpoint-dir", str(checkpoint_dir),
+            "--out", str(out), *extra]
 
 
 def tokens_check(work: Path) -> None:

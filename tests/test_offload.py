@@ -133,3 +133,12 @@ def test_the_repair_is_the_same_with_and_without_offloading(pair_dirs, tmp_path,
     strip = ("timing_s", "memory")
     assert {k: v for k, v in kept.report.items() if k not in strip} == \
         {k: v for k, v in out.report.items() if k not in strip}
+
+
+def test_release_free_heap_reaches_glibc():
+    """On glibc (Linux: these machines and CI) the trim is found and called; elsewhere it says False."""
+    import platform
+
+    from hcnr_jax.repair.clock import release_free_heap
+
+    assert release_free_heap() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
