@@ -57,6 +57,10 @@ BETA_CANDIDATES = "0.05,0.1,0.5"  # DPO's, fixed before its first run (issue 22)
 # Training baselines whose data do not depend on the fine-tuned model, so that they can be trained on
 # another task's M1 too: name -> (reproduce.py recipe file, objective).
 CROSS_TASK = {"rait-gold": ("label", "sft")}
+# Training baselines whose data the fine-tuned model labels itself (its own greedy answers): on another
+# task's M1 their data are rebuilt here by that M1, the task's own calibration rows in place of HotpotQA's
+# (KUQ + SelfAware + the task, reproduce.py's 170 per benchmark): name -> (recipe, objective).
+OWN_LABELS = {"dpo": ("dpo-pairs", "dpo")}
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "evidence" / TASK  # set by --task
 RESAMPLES = 1000
@@ -92,7 +96,7 @@ def train_catalog_m1(data_dir: str | None, log: Path) -> None:
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import baseline_train_command, run  # noqa: E402  (one runner and recipe for the experiment scripts)
+from reproduce import BASELINE_BENCHMARKS, BASELINE_PER_BENCHMARK, baseline_train_command, run  # noqa: E402  (one runner and recipe for the experiment scripts)
 
 # Row name -> how its model is made: ("model", source) | ("repair", extra flags) | ("merge", alphas).
 ROWS: dict[str, tuple[str, object]] = {
@@ -109,8 +113,9 @@ ROWS: dict[str, tuple[str, object]] = {
     "HCNR s1": ("repair", ("--r-cw", "0.4", "--seed-data", "1")),
     "HCNR s2": ("repair", ("--r-cw", "0.4", "--seed-data", "2")),
     "random neurons (r_cw 0.4)": ("repair", ("--r-cw", "0.4", "--priority", "random", "--seed-data", "0")),
-    # Training baselines of experiments/reproduce.py (HotpotQA's M1 only), rebuilt there and evaluated here
-    # on the same questions: RAIT's SFT with benchmark labels, and DPO on M1-labelled pairs (untuned).
+    # Training baselines of experiments/reproduce.py, rebuilt there and evaluated here on the same questions:
+    # RAIT's SFT with benchmark labels, and DPO on M1-labelled pairs (untuned). On another task's M1: RAIT-GOLD
+    # on the same 510 samples (CROSS_TASK), DPO on pairs that M1 labels on its own task's rows (OWN_LABELS).
     "RAIT-GOLD (510)": ("reproduce", "rait-gold"),
     "DPO (510)": ("reproduce", "dpo"),
     # The same DPO with beta chosen by the development rule (`hcnr train --choose`; candidates fixed
@@ -137,6 +142,16 @@ def data_files(work: Path, data_dir: str | None, log: Path, seed: int | str, spl
     return out
 
 
+def own_labelled_data(recipe: str, model: str, work: Path, data_dir: str | None, log: Path) -> Path:
+    """``hcnr honesty-data --recipe RECIPE`` labelled by ``model``'s greedy answers on this task's pools."""
+    out = work / f"{recipe}.jsonl"
+    if not out.exists():
+        run(["hcnr", "honesty-data", "--recipe", recipe, "--model", model,
+             "--benchmarks", BASELINE_BENCHMARKS.replace("hotpotqa", TASK), "-n", str(BASELINE_PER_BENCHMARK),
+             "--max-new-tokens", str(TOKENS), "--out", str(out), *(["--data-dir", data_dir] if data_dir else [])], log)
+    return out
+
+
 def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
     """The model source of ``row``, built if needed. Repairs and merges are written in float32, as M0
     and M1 are evaluated (the product's default for a GGUF input is bfloat16)."""
@@ -152,14 +167,18 @@ def build(row: str, work: Path, data_dir: str | None, log: Path) -> str:
     if how == "reproduce" and TASK != "hotpotqa":
         # On another task's M1, the baselines whose data do not depend on M1 (RAIT-GOLD: benchmark labels),
         # trained here by reproduce.py's recipe on this task's M1.
-        if what not in CROSS_TASK:
+        if what in CROSS_TASK:
+            recipe, objective = CROSS_TASK[str(what)]
+            rep_work = WORK.parent.parent / "reproduce"
+            run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
+                 "--stage", f"{what}-data", *(["--data-dir", data_dir] if data_dir else [])], log)
+            data = rep_work / f"{recipe}.jsonl"
+        elif what in OWN_LABELS:
+            recipe, objective = OWN_LABELS[str(what)]
+            data = own_labelled_data(recipe, m["M1"], work, data_dir, log)
+        else:
             sys.exit(f"{row}: its training data are labelled by HotpotQA's M1")
-        recipe, objective = CROSS_TASK[str(what)]
-        rep_work = WORK.parent.parent / "reproduce"
-        run([sys.executable, str(Path(__file__).with_name("reproduce.py")), "--work", str(rep_work),
-             "--stage", f"{what}-data", *(["--data-dir", data_dir] if data_dir else [])], log)
-        t = run(baseline_train_command(m["M1"], rep_work / f"{recipe}.jsonl", objective, out,
-                                       work / f"{slug(row)}_ckpt"), log)
+        t = run(baseline_train_command(m["M1"], data, objective, out, work / f"{slug(row)}_ckpt"), log)
         (work / f"{slug(row)}.wall_s").write_text(f"{t:.1f}\n")
         return f"{m['M1']}+{out}"
     if how == "reproduce":
@@ -446,7 +465,7 @@ def main() -> int:
     TASK, OUT = args.task, RESULTS / "evidence" / args.task
     WORK = Path(args.work) / args.task
     rows = [r for r in ROWS if TASK == "hotpotqa" or ROWS[r][0] not in ("reproduce", "recorded", "train-choose")
-            or (ROWS[r][0] == "reproduce" and ROWS[r][1] in CROSS_TASK)]
+            or (ROWS[r][0] == "reproduce" and (ROWS[r][1] in CROSS_TASK or ROWS[r][1] in OWN_LABELS))]
     names = (["m1-train"] if TASK == "catalog" else []) + [f"eval-{slug(r)}" for r in rows] + ["report", "docs"]
     if args.stage == "list":
         print("\n".join(names))
