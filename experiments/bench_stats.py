@@ -2,9 +2,9 @@
 
   (a) floor: one batched ``value_and_grad`` over the same tokens (no per-sample information)
   hcnr:      ``hcnr_jax.stats.fisher`` (ghost norms from layer inputs and output gradients), at
-             ``StatsOptions``' default (``remat="auto"``: blocks not recomputed on a CPU)
-  hcnr-remat: the same with every block recomputed in the backward pass (``remat=True``: one
-             block's activations live, for one more forward pass)
+             ``StatsOptions``' default (every block recomputed in the backward pass: one block's
+             activations live, for one more forward pass)
+  hcnr-no-remat: the same with every block's activations kept (``remat=False``)
   (b) vmap:  ``vmap(grad)`` per sample, full per-sample gradients of every linear weight
   (c) torch: the PyTorch loop a user would write (one backward per sample, square, accumulate)
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("floor", "hcnr", "hcnr-remat", "vmap", "torch")
+METHODS = ("floor", "hcnr", "hcnr-no-remat", "vmap", "torch")
 
 
 def gguf_path() -> Path:
@@ -77,8 +77,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
                 out = vg(dev, samples.input_ids[s:s + bs], samples.attention_mask[s:s + bs],
                          samples.loss_mask[s:s + bs])
             jax.block_until_ready(out)
-    elif method in ("hcnr", "hcnr-remat"):
-        remat = True if method == "hcnr-remat" else "auto"
+    elif method in ("hcnr", "hcnr-no-remat"):
+        remat = method == "hcnr"
 
         def go():
             stats.fisher(params, cfg, samples, StatsOptions(batch_size=bs, backend=args.backend, remat=remat))

@@ -3,13 +3,14 @@ shipped SmolLM2 pair (experiments/repair_smollm2.py, no cache) with the package 
 ``--before`` and with the working tree, each in a fresh process; the repair's own stage report
 gives each stage's peak RSS (per-stage VmHWM) and seconds; beside them, XLA's compiled temporaries
 of one Fisher step with the norms taken after the backward pass and in it, at the data's length
-(96 tokens) and longer. The working tree runs twice: at the defaults, and with ``--remat on``
-(blocks recomputed, which a CPU does not do by default). Prints a table and writes JSON.
+(96 tokens) and longer. The working tree runs twice: at the defaults (blocks recomputed in the
+backward pass), and with ``--remat off`` (every block's activations kept). Prints a table and writes JSON.
 
     python experiments/fisher_rss.py --before 8187876^ --out experiments/results/fisher_rss_smollm2.json
     python experiments/fisher_rss.py --before 0f91dbc --reuse-before experiments/results/fisher_rss_smollm2.json \
         --out experiments/results/fisher_rss_smollm2.json   # the working tree again, the same before run
     python experiments/fisher_rss.py --from-reports B/hcnr_report.json A/hcnr_report.json --before 8187876^ --out ...
+    python experiments/fisher_rss.py --before HEAD --temps-only --out experiments/results/fisher_temps_smollm2.json
 
 (``--from-reports``: tabulate two reports of runs made as above, without running them again.)
 """
@@ -36,10 +37,11 @@ def run_repair(work: Path, pythonpath: str | None, extra: str = "") -> Path:
     return work / "repaired_exact" / "hcnr_report.json"
 
 
-def compiled_temps(lengths: tuple[int, ...], batch: int = 8) -> list[dict]:
+def compiled_temps(lengths: tuple[int, ...], batch: int = 8, no_remat: bool = False) -> list[dict]:
     """XLA's compiled temporaries of one Fisher step on SmolLM2 (float32), the previous step
     (``fisher_accum.update_unfused``: norms after the whole backward pass) against the current one,
-    at ``batch`` x each length with every position a target."""
+    at ``batch`` x each length with every position a target; ``no_remat``: also the current one
+    with every block's activations kept (``--remat off``)."""
     import functools
 
     import jax
@@ -55,7 +57,10 @@ def compiled_temps(lengths: tuple[int, ...], batch: int = 8) -> list[dict]:
     out = []
     for t in lengths:
         entry = {"batch": batch, "tokens": t}
-        for name, fn in (("unfused", fisher_accum.update_unfused), ("fused", fisher_accum.update)):
+        fns = [("unfused", fisher_accum.update_unfused), ("fused", fisher_accum.update)]
+        if no_remat:
+            fns.append(("fused_no_remat", functools.partial(fisher_accum.update, remat=False)))
+        for name, fn in fns:
             step = jax.jit(functools.partial(fn, cfg=cfg, max_targets=t - 1))
             m = step.lower(state, params, planlib._abstract_batch(batch, t)).compile().memory_analysis()
             entry[f"{name}_temp_mib"] = round(m.temp_size_in_bytes / 2**20, 1)
@@ -69,7 +74,7 @@ def row(report: dict) -> dict:
 
 
 # The working tree's repairs: name -> extra `hcnr repair` flags.
-VARIANTS = {"after": "", "after --remat on": "--remat on"}
+VARIANTS = {"after": "", "after --remat off": "--remat off"}
 
 
 def main() -> int:
@@ -79,9 +84,26 @@ def main() -> int:
                     help="take the 'before' run from this earlier output of the script (same commit) instead of "
                          "running it again")
     ap.add_argument("--from-reports", nargs=2, metavar=("BEFORE", "AFTER"), default=None)
+    ap.add_argument("--temps-only", action="store_true",
+                    help="only the compiled temporaries, with and without blocks recomputed (no repair runs)")
     ap.add_argument("--work", default=None, help="folder for the repairs [a temporary one]")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.temps_only:
+        temps = compiled_temps((96, 256, 512), no_remat=True)
+        for e in temps:
+            print(" | ".join(f"{k} {v}" for k, v in e.items()))
+        if args.out:
+            sys.path.insert(0, str(ROOT))
+            from hcnr_jax.io import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps({"what": "XLA's compiled temporaries of one Fisher step on "
+                                                    "SmolLM2 (float32, batch 8, every position a target): norms "
+                                                    "after the backward pass (unfused), in it with blocks recomputed "
+                                                    "(fused, the default), in it with every block's activations "
+                                                    "kept (fused_no_remat)", "compiled_fisher_temp": temps},
+                                                   indent=2) + "\n")
+        return 0
     commit = subprocess.run(["git", "rev-parse", args.before], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     work = Path(args.work or tempfile.mkdtemp())
     if args.from_reports:

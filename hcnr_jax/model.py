@@ -366,12 +366,14 @@ def _gate(args: tuple, last: int, g: jax.Array) -> tuple:
     they wait. Full-precision weights, and every weight on an accelerator, are left alone: adding
     zero to them costs a pass over the weights per block."""
     def gated(a: Any) -> Any:
-        return after(a, g) if _low_precision_on_cpu(a) else a
+        return after(a, g) if low_precision_on_cpu(a) else a
 
     return tuple(after(a, g) if i == last else jax.tree.map(gated, a) for i, a in enumerate(args))
 
 
-def _low_precision_on_cpu(a: Any) -> bool:
+def low_precision_on_cpu(a: Any) -> bool:
+    """Whether ``a`` is a floating array narrower than float32 on the CPU backend, whose compiler
+    multiplies such arrays through float32 copies it makes itself."""
     return (isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating) and jnp.finfo(a.dtype).bits < 32
             and jax.default_backend() == "cpu")
 
@@ -413,6 +415,15 @@ _remat.defvjp(_remat_fwd, _remat_bwd)
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array, precision: Precision = None) -> jax.Array:
     """hidden [B, T, D] -> float32 logits [B, T, V] (tied embeddings when the config says so;
     Gemma's final soft-capping when the config sets it)."""
-    w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    return head_logits(head_weight(params, cfg), cfg, hidden, precision)
+
+
+def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The LM head's weight ``[V, D]``: the embeddings when they are tied."""
+    return params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+
+
+def head_logits(w: jax.Array, cfg: ModelConfig, hidden: jax.Array, precision: Precision = None) -> jax.Array:
+    """``lm_head`` with its weight ``w [V, D]`` given: hidden [B, T, D] -> float32 logits [B, T, V]."""
     logits = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32, precision=precision)
     return _softcap(logits, cfg.final_logit_softcapping)

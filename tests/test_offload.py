@@ -139,6 +139,6 @@ def test_release_free_heap_reaches_glibc():
     """On glibc (Linux: these machines and CI) the trim is found and called; elsewhere it says False."""
     import platform
 
-    from hcnr_jax.repair.clock import release_free_heap
+    from hcnr_jax.offload import release_free_heap
 
     assert release_free_heap() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -237,9 +237,10 @@ def test_lm_head_only_at_targets_is_exact(tiny2):
 
 
 def test_chunked_lm_head_equals_gathered(tiny2):
-    """The LM head over target slots in chunks (each recomputed in the backward pass): the same
-    per-sample losses and hidden-state gradients as all slots at once, for chunks that divide the
-    capacity, do not, and cover it."""
+    """The LM head over target slots in chunks (each chunk's gradient taken in the forward pass):
+    the same per-sample losses and hidden-state gradients as all slots at once by plain autodiff,
+    for chunks that divide the capacity, do not, cover it and exceed it; under a cotangent that is
+    not all ones; and no gradient reaches the LM head's weight."""
     import jax
     import jax.numpy as jnp
 
@@ -251,18 +252,27 @@ def test_chunked_lm_head_equals_gathered(tiny2):
     ids, lm = jnp.asarray(samples.input_ids), jnp.asarray(samples.loss_mask)
     hidden = jax.random.normal(jax.random.key(1), (*ids.shape, cfg.hidden_size), jnp.float32)
 
+    weights = jnp.arange(1.0, ids.shape[0] + 1)  # a cotangent that differs per sample
+
     @partial(jax.jit, static_argnums=(1, 2))
     def both(h, capacity, chunk):
-        loss = lambda h: fisher_accum.chunked_loss(params, cfg, h, ids, lm, capacity, chunk)  # noqa: E731
-        return loss(h), jax.grad(lambda h: loss(h).sum())(h)
+        if chunk is None:  # the reference: every slot at once, plain autodiff
+            loss = lambda h: fisher_accum.gathered_loss(params, cfg, h, ids, lm, capacity)  # noqa: E731
+        else:
+            loss = lambda h: fisher_accum.chunked_loss(params, cfg, h, ids, lm, capacity, chunk)  # noqa: E731
+        return loss(h), jax.grad(lambda h: (weights * loss(h)).sum())(h)
 
-    want, want_grad = both(hidden, 16, 16)  # one chunk: gathered_loss itself
-    for chunk in (3, 4, 8):
+    want, want_grad = both(hidden, 16, None)
+    assert np.abs(np.asarray(want_grad)).max() > 0
+    for chunk in (3, 4, 8, 16, 32):
         got, got_grad = both(hidden, 16, chunk)
         np.testing.assert_allclose(got, want, rtol=1e-6)
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
     # A capacity that drops a target is noticed through the chunks too.
     assert abs(float(both(hidden, 9, 4)[0][3]) - float(want[3])) > 1e-4
+    # The head's weight is a constant of the chunked loss (the Fisher differentiates its taps only).
+    grad_params = jax.grad(lambda p: fisher_accum.chunked_loss(p, cfg, hidden, ids, lm, 16, 4).sum())(params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad_params))
 
 
 @pytest.mark.parametrize("axis", ["input", "output"])
@@ -294,3 +304,20 @@ def test_norms_in_the_backward_pass_equal_norms_after_it(loaded, axis):
         t_old = temp(partial(fisher_accum.update_unfused, cfg=cfg, max_targets=16), state, params, batch)
         t_new = temp(partial(fisher_accum.update, cfg=cfg, max_targets=16), state, params, batch)
         assert t_new < t_old, (t_new, t_old)
+
+
+def test_padding_leaves_the_fisher_unchanged(loaded):
+    """``Samples.padded_to`` (the repair pads both Fisher sets to one length, one compiled step):
+    the same Fisher to float32 rounding, the same hash; shorter than the samples is an error."""
+    model = loaded["llama"]
+    samples = sparse_samples()
+    t = samples.input_ids.shape[1]
+    longer = samples.padded_to(t + 13)
+    assert longer.input_ids.shape == (len(samples), t + 13) and longer.sha256 == samples.sha256
+    assert samples.padded_to(t) is samples
+    want = stats.fisher(model.params, model.config, samples, StatsOptions(batch_size=4))
+    got = stats.fisher(model.params, model.config, longer, StatsOptions(batch_size=4))
+    for n in want:
+        assert rel_err(got[n], np.asarray(want[n], np.float64)) <= 1e-5, n
+    with pytest.raises(ValueError, match="already"):
+        samples.padded_to(t - 1)

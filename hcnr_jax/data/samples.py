@@ -49,6 +49,18 @@ class Samples:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def padded_to(self, length: int) -> Samples:
+        """The same samples right-padded to ``length`` >= T tokens (padding is neither attended nor
+        a target, so every statistic is unchanged); the same hash, since the content is."""
+        extra = length - self.input_ids.shape[1]
+        if extra < 0:
+            raise ValueError(f"padded_to({length}): the samples are already {self.input_ids.shape[1]} tokens long")
+        if extra == 0:
+            return self
+        pad = ((0, 0), (0, extra))
+        return Samples(np.pad(self.input_ids, pad), np.pad(self.attention_mask, pad), np.pad(self.loss_mask, pad),
+                       self.sha256)
+
     def select(self, index: Any) -> Samples:
         """A subset (``index`` a slice or integer array); its hash names the subset."""
         idx = np.arange(len(self))[index]

@@ -18,27 +18,9 @@ from typing import Any
 
 import jax
 
+from hcnr_jax.offload import release_free_heap
+
 log = logging.getLogger("hcnr_jax.repair")
-
-
-def release_free_heap() -> bool:
-    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim``); False where
-    there is no glibc. Loading a model frees as much as it keeps (conversion and merge buffers),
-    and glibc keeps freed blocks below its mmap threshold in the process: about 1 GB for the two
-    SmolLM2 models, held through the whole repair without this."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 def reset_peak_rss() -> bool:
@@ -103,4 +85,4 @@ class StageClock:
         }
 
 
-__all__ = ["StageClock", "peak_rss_mib", "release_free_heap", "reset_peak_rss"]
+__all__ = ["StageClock", "peak_rss_mib", "reset_peak_rss"]

@@ -25,11 +25,11 @@ from hcnr_jax import interrupt, offload
 from hcnr_jax.data.samples import Samples, load_samples
 from hcnr_jax.embedded import calibration_file
 from hcnr_jax.errors import CheckpointError, DataError
-from hcnr_jax.offload import Offloaded
+from hcnr_jax.offload import Offloaded, release_free_heap
 from hcnr_jax.params import Params, get, linear_names, param_specs, set_leaves
 from hcnr_jax.pretrained import Pretrained, load_pretrained
 from hcnr_jax.repair import selection
-from hcnr_jax.repair.clock import StageClock, release_free_heap
+from hcnr_jax.repair.clock import StageClock
 from hcnr_jax.repair.config import RepairConfig
 from hcnr_jax.repair.selection import LayerSelection
 from hcnr_jax.repair.solvers import as_float32, layer_objective, restore_only, solve
@@ -212,11 +212,14 @@ def fisher_scores(state: RepairState) -> tuple[dict[str, np.ndarray], dict[str, 
     from hcnr_jax import stats
 
     cfg, mc = state.cfg, state.finetuned.config
+    # Both sets at one length: one compiled step serves both passes (the second compile and its
+    # program, a few hundred MB on a CPU, cost more than the shorter set's padding).
+    length = max(state.honesty.input_ids.shape[1], state.task.input_ids.shape[1])
     state.use(cfg.fisher_hon_model)
-    s_hon = stats.fisher(state.models()[cfg.fisher_hon_model], mc, state.honesty, state.options,
+    s_hon = stats.fisher(state.models()[cfg.fisher_hon_model], mc, state.honesty.padded_to(length), state.options,
                          neuron_axis=cfg.neuron_axis)
     state.use(cfg.fisher_task_model)
-    s_task = stats.fisher(state.models()[cfg.fisher_task_model], mc, state.task, state.options,
+    s_task = stats.fisher(state.models()[cfg.fisher_task_model], mc, state.task.padded_to(length), state.options,
                           neuron_axis=cfg.neuron_axis)
     return s_hon, s_task
 

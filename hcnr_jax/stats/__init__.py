@@ -58,7 +58,7 @@ def fisher_static(options: StatsOptions, neuron_axis: str, max_targets: int | No
     """The static keyword arguments of `fisher_update` under ``options`` (one compiled step per
     distinct set): ``hcnr_jax.plan`` compiles the very step ``fisher`` runs from these."""
     return {"neuron_axis": neuron_axis, "backend": options.backend, "max_targets": max_targets,
-            "remat": options.resolved_remat(), "lm_chunk": options.lm_chunk}
+            "remat": options.remat, "lm_chunk": options.lm_chunk}
 
 
 def hessian_static(options: StatsOptions) -> dict[str, Any]:

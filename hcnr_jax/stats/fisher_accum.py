@@ -13,8 +13,9 @@ the batch's summed per-neuron norms; ``update`` differentiates with respect to t
 no weight gradient is computed and no layer's ``g`` or ``x`` outlives its own backward step.
 Blocks are rematerialised (``forward(remat=True)``): the backward pass recomputes one block's
 activations from its input, so a few blocks' activations are live, not every block's. The LM head
-runs over its target slots in chunks (``chunked_loss``), each recomputed in the backward pass,
-so its ``[B, K, V]`` logits are never live at once.
+runs over its target slots in chunks (``chunked_loss``), each chunk's hidden-state gradient taken
+in the forward pass while its logits exist, so its ``[B, K, V]`` logits are never live at once
+and never recomputed.
 
 The LM head (``V`` logits per position, forward and backward) is applied only where there are
 targets: each row's target-predicting hidden states are gathered into ``max_targets`` slots (a
@@ -36,7 +37,7 @@ import numpy as np
 
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.kernels.fisher_norms import AXES, neuron_sq_norms
-from hcnr_jax.model import after, forward, lm_head
+from hcnr_jax.model import after, forward, head_logits, head_weight, lm_head, low_precision_on_cpu
 from hcnr_jax.params import Params, get, linear_names
 from hcnr_jax.precision import HIGHEST
 
@@ -125,39 +126,71 @@ def output_gradients(params: Params, cfg: ModelConfig, batch: Batch,
     return grads, inputs
 
 
-# Target slots of the LM head per chunk: a chunk's logits are [B, LM_CHUNK, V] float32 (Llama-3's
-# 128k vocabulary at batch 8: 0.5 GB each, against 2 GB for 511 slots at once).
-LM_CHUNK = 128
+# Target slots of the LM head per chunk: a chunk's logits are [B, LM_CHUNK, V] float32, a few such
+# arrays live while it runs (Llama-3's 128k vocabulary at batch 8: 0.13 GB each; SmolLM2's 49k at
+# 8 x 95 slots in one piece: 0.15 GB each). Smaller chunks cost nothing but smaller matmuls.
+LM_CHUNK = 32
 
 
 def chunked_loss(params: Params, cfg: ModelConfig, hidden: jax.Array, input_ids: jax.Array,
                  loss_mask: jax.Array, capacity: int, chunk: int = LM_CHUNK,
                  precision: jax.lax.Precision | None = None) -> jax.Array:
     """``gathered_loss`` with the LM head over ``chunk`` target slots at a time: hidden [B, T, D]
-    -> [B]. Each chunk's logits are recomputed in the backward pass (``jax.checkpoint`` in a
-    ``lax.scan``), so one chunk's ``[B, chunk, V]`` is live, not all ``capacity`` slots'. The same
-    loss up to float32 summation order; one chunk (capacity <= chunk) is ``gathered_loss`` itself."""
-    if capacity <= chunk:
-        return gathered_loss(params, cfg, hidden, input_ids, loss_mask, capacity, precision)
+    -> [B], the same loss up to float32 summation order. Its gradient flows to ``hidden`` only (the
+    LM head's weight is a constant here: the Fisher differentiates its taps). Each chunk's gradient
+    with respect to its hidden states is taken in the forward pass (``_head_nll``), while its
+    logits are live, so only one chunk's ``[B, chunk, V]`` arrays exist at a time and nothing is
+    recomputed in the backward pass."""
     h, labels, valid = gather_targets(hidden, input_ids, loss_mask, capacity)
     b, k, _ = h.shape
-    n = -(-k // chunk)
+    n = max(-(-k // chunk), 1)
     pad = n * chunk - k  # padded slots are not valid: they add exactly 0
 
     def split(a: jax.Array) -> jax.Array:  # [B, K, ...] -> [n, B, chunk, ...]
         a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def part(h_c: jax.Array, labels_c: jax.Array, valid_c: jax.Array) -> jax.Array:
-        logp = jax.nn.log_softmax(lm_head(params, cfg, h_c, precision).astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, labels_c[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid_c, nll, 0.0), axis=1)  # [B]
-
-    total, _ = jax.lax.scan(lambda acc, xs: (acc + part(*xs), None), jnp.zeros((b,), jnp.float32),
-                            (split(h), split(labels), split(valid)))
+    w = jax.lax.stop_gradient(head_weight(params, cfg))
+    if low_precision_on_cpu(w):
+        # The CPU compiler multiplies low-precision weights through float32 copies, and made one
+        # for each of the chunk's two matmuls (logits, hidden gradient): one copy, made here, serves
+        # both (Llama-3-8B's 128k x 4096 head: 2 GiB saved). Exact: bfloat16 -> float32 is.
+        w = w.astype(jnp.float32)
+    total, _ = jax.lax.scan(lambda acc, xs: (acc + _head_nll(cfg, precision, w, *xs), None),
+                            jnp.zeros((b,), jnp.float32), (split(h), split(labels), split(valid)))
     count = jnp.sum(valid.astype(jnp.float32), axis=1)
     return total / jnp.maximum(count, 1.0)
+
+
+def _head_nll_value(cfg: ModelConfig, precision: jax.lax.Precision | None, w: jax.Array, h: jax.Array,
+                    labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Summed NLL of each row's valid slots: h [B, C, D], labels [B, C], valid [B, C] -> [B]."""
+    logp = jax.nn.log_softmax(head_logits(w, cfg, h, precision), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _head_nll(cfg: ModelConfig, precision: jax.lax.Precision | None, w: jax.Array, h: jax.Array,
+              labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """``_head_nll_value`` whose backward reuses the Jacobian taken in the forward pass. Row b's
+    value depends on ``h[b]`` alone, so the gradient for a cotangent ``g [B]`` is ``g[b]`` times the
+    gradient of row b's value: one vector-Jacobian product with ones, in the forward pass."""
+    return _head_nll_value(cfg, precision, w, h, labels, valid)
+
+
+def _head_nll_fwd(cfg, precision, w, h, labels, valid):
+    value, vjp = jax.vjp(lambda h: _head_nll_value(cfg, precision, w, h, labels, valid), h)
+    (dh,) = vjp(jnp.ones_like(value))
+    return value, dh  # the residual: [B, C, D], the size of the chunk's hidden states
+
+
+def _head_nll_bwd(cfg, precision, dh, g):
+    # w is a constant (stop_gradient in chunked_loss); labels and valid are not differentiable.
+    return None, (g[:, None, None] * dh).astype(dh.dtype), None, None
+
+
+_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -26,8 +26,10 @@ class StatsOptions:
     - ``batch_size``: samples per step (rounded up to a multiple of the mesh's ``data`` axis).
     - ``backend``: "auto" (a Pallas kernel only where ``hcnr_jax.kernels.backend.VERIFIED`` lists
       this platform, jax.numpy elsewhere), "pallas" or "reference".
-    - ``remat``: recompute blocks in the Fisher's backward pass (one block's activations live, for
-      one more forward pass); "auto": on accelerators, not on a CPU.
+    - ``remat``: recompute blocks in the Fisher's backward pass: one block's activations live, for
+      one more forward pass, which costs no measurable time on a CPU (SmolLM2: the same step time
+      within noise, a ninth of the temporaries, experiments/fisher_rss.py) and is what lets a large
+      model fit a device at all.
     - ``lm_chunk``: the Fisher's LM head runs over this many target slots at a time.
     - ``mesh``: the device mesh (`hcnr_jax.sharding.make_mesh`; parse a ``"data=2,model=4"`` spec
       there, once); None: every device on ``data``. ``fsdp``: also split weights over ``data``.
@@ -40,7 +42,7 @@ class StatsOptions:
 
     batch_size: int = 8
     backend: Literal["auto", "pallas", "reference"] = "auto"
-    remat: bool | Literal["auto"] = "auto"
+    remat: bool = True
     lm_chunk: int = LM_CHUNK
     mesh: Mesh | None = None
     fsdp: bool = False
@@ -55,16 +57,6 @@ class StatsOptions:
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
             raise TypeError(f"StatsOptions.mesh must be a jax.sharding.Mesh (hcnr_jax.sharding.make_mesh(spec)) "
                             f"or None, got {type(self.mesh).__name__}")
-
-    def resolved_remat(self) -> bool:
-        """``remat`` with "auto" decided for this process's backend: blocks are recomputed where
-        device memory binds (accelerators), not on a CPU, where the host's memory rarely does and
-        the extra forward pass costs a third of the step."""
-        if self.remat == "auto":
-            import jax
-
-            return jax.default_backend() != "cpu"
-        return bool(self.remat)
 
 
 __all__ = ["StatsOptions"]
