@@ -220,7 +220,7 @@ def accumulate(
         sl = slice(b * batch_size, (b + 1) * batch_size)
         return {k: sharding.put(v[sl], batch_sh) for k, v in arrays.items()}
 
-    if start < num_batches:
+    if start < num_batches and hasattr(step, "lower"):  # a jitted step (a wrapper of one is run as it is)
         # Compiled before the first step runs (the call below finds it in jit's cache), so that what
         # the compiler freed (a few hundred MB for a 30-block model) goes back to the kernel first
         # rather than sitting beside the step's temporaries.
