@@ -27,9 +27,9 @@ class StatsOptions:
     - ``backend``: "auto" (a Pallas kernel only where ``hcnr_jax.kernels.backend.VERIFIED`` lists
       this platform, jax.numpy elsewhere), "pallas" or "reference".
     - ``remat``: recompute blocks in the Fisher's backward pass: one block's activations live, for
-      one more forward pass, which costs no measurable time on a CPU (SmolLM2: the same step time
-      within noise, a ninth of the temporaries, experiments/fisher_rss.py) and is what lets a large
-      model fit a device at all.
+      one more forward pass. It is what lets a large model fit a device at all, and on a CPU it keeps
+      long sequences in a laptop's memory (SmolLM2 at 8 x 512: 850 MiB of temporaries against
+      12,115 MiB) for about a fifth more Fisher time (experiments/fisher_rss.py; docs/scale.md).
     - ``lm_chunk``: the Fisher's LM head runs over this many target slots at a time.
     - ``mesh``: the device mesh (`hcnr_jax.sharding.make_mesh`; parse a ``"data=2,model=4"`` spec
       there, once); None: every device on ``data``. ``fsdp``: also split weights over ``data``.
