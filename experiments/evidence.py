@@ -96,7 +96,7 @@ def train_catalog_m1(data_dir: str | None, log: Path) -> None:
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import BASELINE_BENCHMARKS, BASELINE_PER_BENCHMARK, baseline_train_command, run  # noqa: E402  (one runner and recipe for the experiment scripts)
+from reproduce import BASELINE_BENCHMARKS, baseline_data_command, baseline_train_command, run  # noqa: E402  (one runner and recipe for the experiment scripts)
 
 # Row name -> how its model is made: ("model", source) | ("repair", extra flags) | ("merge", alphas).
 ROWS: dict[str, tuple[str, object]] = {
@@ -146,9 +146,7 @@ def own_labelled_data(recipe: str, model: str, work: Path, data_dir: str | None,
     """``hcnr honesty-data --recipe RECIPE`` labelled by ``model``'s greedy answers on this task's pools."""
     out = work / f"{recipe}.jsonl"
     if not out.exists():
-        run(["hcnr", "honesty-data", "--recipe", recipe, "--model", model,
-             "--benchmarks", BASELINE_BENCHMARKS.replace("hotpotqa", TASK), "-n", str(BASELINE_PER_BENCHMARK),
-             "--max-new-tokens", str(TOKENS), "--out", str(out), *(["--data-dir", data_dir] if data_dir else [])], log)
+        run(baseline_data_command(recipe, model, out, data_dir, BASELINE_BENCHMARKS.replace("hotpotqa", TASK)), log)
     return out
 
 

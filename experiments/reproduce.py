@@ -170,9 +170,7 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         recipe = BASELINES[baseline_stage(stage, "data")][0]
         out = work / f"{recipe}.jsonl"
         if not out.exists():
-            run(["hcnr", "honesty-data", "--recipe", recipe, *(["--model", m["m1"]] if recipe != "label" else []),
-                 "--benchmarks", BASELINE_BENCHMARKS, "-n", str(BASELINE_PER_BENCHMARK), "--max-new-tokens", str(TOKENS),
-                 "--out", str(out), *(["--data-dir", data_dir] if data_dir else [])], log)
+            run(baseline_data_command(recipe, None if recipe == "label" else m["m1"], out, data_dir), log)
     elif baseline_stage(stage, "train"):
         name = baseline_stage(stage, "train")
         recipe, objective = BASELINES[name]
@@ -197,6 +195,15 @@ def do_stage(stage: str, work: Path, data_dir: str | None) -> None:
         report(work)
     else:
         sys.exit(f"unknown stage {stage!r}; --stage list prints them")
+
+
+def baseline_data_command(recipe: str, model: str | None, out: Path, data_dir: str | None,
+                          benchmarks: str = BASELINE_BENCHMARKS) -> list[str]:
+    """`hcnr honesty-data` of a training baseline: ``recipe`` on ``benchmarks``' calibration pools,
+    BASELINE_PER_BENCHMARK questions each, labelled by ``model``'s greedy answers (None: gold labels)."""
+    return ["hcnr", "honesty-data", "--recipe", recipe, *(["--model", model] if model else []),
+            "--benchmarks", benchmarks, "-n", str(BASELINE_PER_BENCHMARK), "--max-new-tokens", str(TOKENS),
+            "--out", str(out), *(["--data-dir", data_dir] if data_dir else [])]
 
 
 def baseline_train_command(model: str, data: Path, objective: str, out: Path, checkpoint_dir: Path,

@@ -216,6 +216,7 @@ def accumulate(
 
     bar = tqdm(total=len(samples), initial=min(start * batch_size, len(samples)), unit="sample", desc=desc,
                disable=not options.progress or jax.process_index() != 0, dynamic_ncols=True)
+
     def batch_at(b: int) -> dict[str, jax.Array]:
         sl = slice(b * batch_size, (b + 1) * batch_size)
         return {k: sharding.put(v[sl], batch_sh) for k, v in arrays.items()}
