@@ -13,7 +13,11 @@ subprocess loading that directory (peak RSS is per method). Times exclude compil
 pass runs first; for torch one sample) and model loading. PyTorch uses as many threads as there are
 CPU cores; on a shared, loaded machine its per-sample loop is the method most sensitive to other
 load (its OpenMP threads wait on each other), so compare runs only at similar load averages (the
-JSON records the load average at the end). Prints a table and writes JSON (``--out``). Usage:
+JSON records the load average at the end). For the JAX methods but vmap the table also gives XLA's
+count of floating-point operations of the run (``cost_analysis`` of the compiled per-batch program,
+times the batches): the time a method can reach on the same cores is bounded by its FLOPs at the
+floor's rate, so "x floor GFLOP" is what its "x floor" time would be at equal efficiency (recomputing
+the blocks adds one forward pass of them). Prints a table and writes JSON (``--out``). Usage:
 
     python experiments/bench_stats.py --samples 32 --tokens 64 --batch 8 --out experiments/results/bench_stats.json
 """
@@ -21,6 +25,7 @@ JSON records the load average at the end). Prints a table and writes JSON (``--o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -58,7 +63,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     import hcnr_jax
     from hcnr_jax import stats
     from hcnr_jax.model import forward
-    from hcnr_jax.stats import StatsOptions
+    from hcnr_jax.plan import compiled_flops
+    from hcnr_jax.stats import StatsOptions, fisher_accum
     from hcnr_jax.stats.reference import fisher_vmap
 
     model = hcnr_jax.load_pretrained(args.model_dir, dtype="float32")
@@ -66,10 +72,16 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     samples = make_samples(args.samples, args.tokens, cfg.vocab_size)
     bs = args.batch
 
+    batches = -(-len(samples) // bs)
+    first = (samples.input_ids[:bs], samples.attention_mask[:bs], samples.loss_mask[:bs])
+    count = None  # XLA's FLOPs of one batch's program, counted after the timing (a compile of its own)
     if method == "floor":
         vg = jax.jit(jax.value_and_grad(lambda p, ids, a, lm: jnp.mean(
             stats.per_sample_loss(forward(p, cfg, ids, a).logits, ids, lm))))
         dev = jax.device_put(params)
+
+        def count():
+            return compiled_flops(vg.lower(dev, *first).compile())
 
         def go():
             out = None
@@ -78,10 +90,17 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
                          samples.loss_mask[s:s + bs])
             jax.block_until_ready(out)
     elif method in ("hcnr", "hcnr-no-remat"):
-        remat = method == "hcnr"
+        options = StatsOptions(batch_size=bs, backend=args.backend, remat=method == "hcnr")
+        # The very step stats.fisher compiles (same static arguments), on the first batch.
+        static = stats.fisher_static(options, "input", fisher_accum.target_capacity(samples.loss_mask))
+        step = jax.jit(functools.partial(stats.fisher_update, cfg=cfg, **static))
+        batch = dict(zip(("input_ids", "attention_mask", "loss_mask"), first, strict=True))
+
+        def count():
+            return compiled_flops(step.lower(fisher_accum.init(params, cfg), params, batch).compile())
 
         def go():
-            stats.fisher(params, cfg, samples, StatsOptions(batch_size=bs, backend=args.backend, remat=remat))
+            stats.fisher(params, cfg, samples, options)
     elif method == "vmap":
         def go():
             fisher_vmap(params, cfg, samples, batch_size=args.vmap_batch)
@@ -119,7 +138,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         go()
         times.append(time.perf_counter() - t0)
-    return {"method": method, "seconds": min(times), "first_call_s": warm,
+    gflop = count() * batches / 1e9 if count else None
+    return {"method": method, "seconds": min(times), "first_call_s": warm, "gflop": gflop,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -157,6 +177,7 @@ def main() -> None:
         rows.append(json.loads(line[0][7:]))
         print(f"done {m}: {rows[-1]}", flush=True)
     floor = next((r["seconds"] for r in rows if r["method"] == "floor"), None)
+    floor_gflop = next((r.get("gflop") for r in rows if r["method"] == "floor"), None)
     torch_s = next((r["seconds"] for r in rows if r["method"] == "torch"), None)
     import jax
 
@@ -170,12 +191,16 @@ def main() -> None:
         atomic_write_text(args.out, json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
     print(f"\nSmolLM2-135M-Instruct (float32), {args.samples} samples x {args.tokens} tokens, batch {args.batch}, "
           f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
-    print("| method | time (s) | x floor | torch loop / method | samples/s | peak RSS (MiB) | first call (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | time (s) | x floor | GFLOP (XLA) | x floor GFLOP | GFLOP/s | torch loop / method | samples/s "
+          "| peak RSS (MiB) | first call (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         xf = f"{r['seconds'] / floor:.2f}" if floor else "-"
         xt = f"{torch_s / r['seconds']:.2f}" if torch_s else "-"
-        print(f"| {r['method']} | {r['seconds']:.2f} | {xf} | {xt} | {args.samples / r['seconds']:.2f} | "
+        gf = r.get("gflop")
+        flops = (f"{gf:.0f} | {gf / floor_gflop:.2f} | {gf / r['seconds']:.1f}" if gf and floor_gflop
+                 else f"{gf:.0f} | - | {gf / r['seconds']:.1f}" if gf else "- | - | -")
+        print(f"| {r['method']} | {r['seconds']:.2f} | {xf} | {flops} | {xt} | {args.samples / r['seconds']:.2f} | "
               f"{r['peak_rss_mib']:.0f} | {r['first_call_s']:.1f} |")
 
 

@@ -380,14 +380,16 @@ def check_repair(rows: Rows, tiny: bool, args: argparse.Namespace) -> None:
         req = planlib.PlanRequest(hf_config=hf, batch_size=batch, seq_len=int(max(hon.input_ids.shape[1],
                                   task.input_ids.shape[1])), max_targets=max(target_capacity(hon.loss_mask),
                                   target_capacity(task.loss_mask)), dtype="bfloat16", repair=rcfg.to_dict(),
-                                  num_honesty=n, num_task=n, layers="full" if tiny else "extrapolate")
+                                  num_honesty=n, num_task=n, layers="full" if tiny else "extrapolate",
+                                  # the repair above was given loaded models: both stay on the device
+                                  offload_idle=False)
         plan = planlib.compute_plan(req)
-        predicted = max(s["peak_bytes"] for s in plan["steps"].values()) + plan["resident"]["first_device_extra_bytes"]
+        predicted = max(planlib.step_need(plan, k) for k in planlib.STEPS)
         measured = device_peak_bytes()
         row.update(predicted_mib=round(predicted / 2**20, 1), plan_steps={k: round(v["peak_bytes"] / 2**20, 1)
                    for k, v in plan["steps"].items()}, measured_peak_mib=None if measured is None else
                    round(measured / 2**20, 1), ratio=None if measured is None else measured / predicted,
-                   detail="plan: largest step peak + resident models (compiled here); measured: the device's "
+                   detail="plan: largest step peak + what is resident beside it (compiled here); measured: the device's "
                           "peak_bytes_in_use over the whole run (none on CPU)")
     name, peak = device_peak()
     sub = hon.select(slice(0, 4 * batch))

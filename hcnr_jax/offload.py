@@ -10,11 +10,17 @@ While one pass runs, the other model waits here:
 
 `restore` puts every leaf back with its sharding, bit for bit, and deletes the files. Only trees
 whose arrays this process can address whole are offloaded (one process; any mesh within it).
+
+A process killed outright (SIGKILL, out of memory) cannot delete its files. Each offload folder
+names its owner (``OWNER``: host, process id and the process's start time), and every new offload
+into the same parent first deletes the folders whose owner on this host no longer runs.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +83,52 @@ def _host(src: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     return src
 
 
+OWNER = "OWNER"  # in each offload folder: "host pid start", the process that made it
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), which
+    tells a reused process id from the owner; None without /proc or for no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # the fields after "(comm) ": state is the first (3)
+
+
+def _owner_line() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid()) or '-'}"
+
+
+def _owner_gone(folder: Path) -> bool:
+    """Whether ``folder``'s owner was a process of this host that no longer runs. A folder without
+    an owner file, or of another host, is never taken for gone."""
+    try:
+        host, pid, start = (folder / OWNER).read_text().split()
+        pid_n = int(pid)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return start != "-" and _start_time(pid_n) not in (None, start)  # the id now names another process
+
+
+def sweep_stale(parent: str | Path | None = None) -> list[Path]:
+    """Delete the ``offload-*`` folders in ``parent`` (default: the system's temporary folder)
+    whose owner process is gone (module docstring); returns those deleted."""
+    root = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    gone = [f for f in sorted(root.glob("offload-*")) if f.is_dir() and _owner_gone(f)]
+    for f in gone:
+        shutil.rmtree(f, ignore_errors=True)
+    return gone
+
+
 def can_offload(params: Params) -> bool:
     """True when every leaf is a ``jax.Array`` this process holds whole (not across processes)."""
     leaves = jax.tree.leaves(params)
@@ -94,8 +146,10 @@ def offload(params: Params, folder: str | Path | None = None) -> Offloaded:
         return Offloaded(names, [np.asarray(jax.device_get(a)) for a in leaves], *meta, treedef, None)
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
+    sweep_stale(folder)
     where = Path(tempfile.mkdtemp(prefix="offload-", dir=folder))
     try:
+        (where / OWNER).write_text(_owner_line() + "\n")
         stored: list[Any] = []
         for i, a in enumerate(leaves):
             host = np.ascontiguousarray(np.asarray(a))
@@ -132,4 +186,4 @@ def discard(off: Offloaded) -> None:
         shutil.rmtree(off.folder, ignore_errors=True)
 
 
-__all__ = ["Offloaded", "can_offload", "discard", "offload", "release_free_heap", "restore"]
+__all__ = ["Offloaded", "can_offload", "discard", "offload", "release_free_heap", "restore", "sweep_stale"]

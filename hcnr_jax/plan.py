@@ -99,6 +99,7 @@ class PlanRequest:
     layers: str = "full"  # "full" or "extrapolate" (compile 1 and 2 blocks, scale to the depth)
     device_bytes: int | None = None  # memory per device; with auto_hessian_passes, the passes are chosen to fit it
     auto_hessian_passes: bool = False
+    offload_idle: bool = True  # hcnr repair's default: the idle model waits in host memory (--no-offload: False)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
@@ -193,7 +194,8 @@ def _memory(compiled: Any) -> dict[str, int]:
             "peak_bytes": arg + temp + out - alias}
 
 
-def _flops(compiled: Any) -> float:
+def compiled_flops(compiled: Any) -> float:
+    """XLA's count of floating-point operations of a compiled program (its ``cost_analysis``)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list):  # older jax: one dict per program
         cost = cost[0] if cost else {}
@@ -224,7 +226,7 @@ def _compile(fn: Any, *args: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
     compiled = lowered.compile()
-    info = {**_memory(compiled), "flops": _flops(compiled),
+    info = {**_memory(compiled), "flops": compiled_flops(compiled),
             "dot_flops_by_dtype": dot_flops_by_dtype(lowered.as_text()),
             "compile_s": round(time.perf_counter() - t0, 2)}
     upcast = cpu_upcast_bytes(compiled.as_text()) if jax.default_backend() == "cpu" else 0
@@ -483,7 +485,7 @@ def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
     passes_note = None
     if req.auto_hessian_passes and req.device_bytes is not None:
         rcfg, steps["hessian"], passes_note = _fit_hessian_passes(
-            cfg, rcfg, steps["hessian"], _resident(cfg, req, mesh)["first_device_extra_bytes"], req.device_bytes,
+            cfg, rcfg, steps["hessian"], _resident(cfg, rcfg, req, mesh)["by_step"]["hessian"], req.device_bytes,
             lambda r: hessian_step(cfg, r, mesh, req.fsdp, req.dtype, batch, req.seq_len))
     steps["solve"] = solve_step(cfg, rcfg)
     runs = _runs(cfg, rcfg, req, batch)
@@ -502,7 +504,7 @@ def _compute(req: PlanRequest, cfg: Any) -> dict[str, Any]:
                       "max_targets": req.seq_len - 1 if req.max_targets is None else req.max_targets,
                       "num_honesty": req.num_honesty, "num_task": req.num_task},
             "repair": rcfg.to_dict(), "layers": req.layers, "steps": steps,
-            "resident": _resident(cfg, req, mesh),
+            "resident": _resident(cfg, rcfg, req, mesh),
             **({"hessian_passes_chosen": passes_note} if passes_note else {})}
 
 
@@ -539,31 +541,75 @@ def _num_params(cfg: Any) -> int:
     return sum(math.prod(s) for s in param_specs(cfg).values())
 
 
-def _resident(cfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
-    """Device memory ``hcnr repair`` holds outside the steps: the model a step does not take as its
-    argument. Without ``--mesh`` both models are loaded whole onto the first device; with ``--mesh``
-    each tensor is placed in its sharding by role (as the steps take it), so a device holds its
-    shard of the other model (tensors that cannot be split, whole)."""
+def kept_layers(cfg: Any, rcfg: Any) -> list[str]:
+    """The kept layers' weight names in the worst case for their bytes: the ``r_cw`` share of units
+    with the most parameters (modules: the largest linears; blocks: any ``k`` blocks, all alike)."""
+    from hcnr_jax.params import linear_names, param_specs
+    from hcnr_jax.repair.selection import top_count
+
+    names = linear_names(cfg)
+    if rcfg.layer_unit == "block":
+        blocks = top_count(rcfg.r_cw, cfg.num_layers)
+        return [n for n in names if int(n.split(".")[2]) < blocks]
+    specs = param_specs(cfg)
+    return sorted(names, key=lambda n: -math.prod(specs[n]))[: top_count(rcfg.r_cw, len(names))]
+
+
+def _resident(cfg: Any, rcfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
+    """Device memory ``hcnr repair`` holds on the first device beside each step's own arguments
+    (``by_step``, bytes):
+
+    - ``fisher``, ``hessian``: the step's model is its argument; the other model waits in host
+      memory (``req.offload_idle``, `hcnr_jax.offload`; the default) or, with ``--no-offload``,
+      sits on the devices (in full without ``--mesh``, else its shard);
+    - ``solve``: one layer's solve is the step; beside it the fine-tuned model (the repair's
+      output is made from it), the repaired weights of the kept layers, kept on the devices until
+      the last layer (sharded like their weights; worst case: the largest kept, `kept_layers`),
+      and without offloading the base model.
+
+    Without ``--mesh`` the models are loaded whole onto the first device; on more than one device
+    the step's replicated copy is its argument and the loaded model is one more."""
     import jax
     import jax.numpy as jnp
 
     from hcnr_jax import sharding
     from hcnr_jax.params import param_specs
 
-    itemsize = jnp.dtype(DTYPES[req.dtype]).itemsize
+    dtype = DTYPES[req.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
     specs = param_specs(cfg)
     one = sum(math.prod(s) for s in specs.values()) * itemsize
-    if req.mesh_spec is None:
-        extra = one if req.devices == 1 else 2 * one
-        note = ("hcnr repair loads base and fine-tuned models unsharded onto the first device: besides a step's "
-                "arguments it holds " + ("the other model" if req.devices == 1 else "both models in full"))
-        return {"model_bytes": one, "first_device_extra_bytes": extra, "note": note}
-    extra = _shard_bytes({n: jax.ShapeDtypeStruct(s, DTYPES[req.dtype]) for n, s in specs.items()},
-                         sharding.tensor_shardings(specs, mesh, req.fsdp))
-    return {"model_bytes": one, "first_device_extra_bytes": extra,
-            "note": f"hcnr repair --mesh places both models by weight role{' (fsdp)' if req.fsdp else ''}: besides "
-                    f"a step's arguments each device holds its shard of the other model "
-                    f"({extra / one:.1%} of it)"}
+
+    def here(names: list[str]) -> int:  # bytes of these tensors on the first device, as hcnr repair places them
+        if req.mesh_spec is None:
+            return sum(math.prod(specs[n]) for n in names) * itemsize
+        sub = {n: specs[n] for n in names}
+        return _shard_bytes({n: jax.ShapeDtypeStruct(s, dtype) for n, s in sub.items()},
+                            sharding.tensor_shardings(sub, mesh, req.fsdp))
+
+    model = here(list(specs))
+    loaded_copy = one if req.mesh_spec is None and req.devices > 1 else 0
+    other = 0 if req.offload_idle else model
+    kept = here(kept_layers(cfg, rcfg))
+    by_step = {"fisher": loaded_copy + other, "hessian": loaded_copy + other, "solve": model + kept + other}
+    where = (f"both models placed by weight role{' (fsdp)' if req.fsdp else ''} (a device holds its shard, "
+             f"{model / one:.1%} of a model)" if req.mesh_spec else "each model loaded whole onto the first device")
+    idle = ("the idle model waits in host memory" if req.offload_idle else
+            "no offloading (--no-offload): the idle model stays on the devices")
+    note = (f"hcnr repair: {where}; {idle}; the solve also holds the fine-tuned model and the repaired kept layers "
+            f"({_size(kept)} at most)")
+    return {"model_bytes": one, "model_bytes_per_device": model, "kept_layers_bytes": kept,
+            "offload_idle": req.offload_idle, "by_step": by_step, "note": note}
+
+
+def resident_bytes(result: Mapping[str, Any], step: str) -> int:
+    """Bytes ``hcnr repair`` holds on the first device beside step ``step``'s arguments."""
+    return int(result["resident"]["by_step"][step])
+
+
+def step_need(result: Mapping[str, Any], step: str) -> int:
+    """A step's peak on the first device with what is resident beside it."""
+    return int(result["steps"][step]["peak_bytes"]) + resident_bytes(result, step)
 
 
 def plan_on_devices(req: PlanRequest, *, timeout: float | None = None) -> dict[str, Any]:
@@ -614,18 +660,19 @@ def fit_settings(req: PlanRequest, device_bytes: int, batch_sizes: tuple[int, ..
 
 
 def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh_spec: str | None, fsdp: bool,
-               device_bytes: int, batch_fixed: bool, passes_fixed: bool, layers: str = "extrapolate"
-               ) -> tuple[Any, str]:
+               device_bytes: int, batch_fixed: bool, passes_fixed: bool, layers: str = "extrapolate",
+               offload_idle: bool = True) -> tuple[Any, str]:
     """``hcnr repair`` on an accelerator, before any weight is read: the repair settings with the
     batch size and Hessian passes that fit ``device_bytes`` per device (those the user set stay
     fixed), planned from the model's config at the longest sequence (``max_length``) and every
     position a target (the worst case), and a line saying what was chosen. ``HcnrError`` when
     nothing fits, naming the steps and what they need. ``layers``: as ``PlanRequest.layers`` (the
-    Fisher extrapolated from 1 and 2 blocks by default: each batch size tried is one compile)."""
+    Fisher extrapolated from 1 and 2 blocks by default: each batch size tried is one compile).
+    ``offload_idle``: as the repair will run (`PlanRequest.offload_idle`)."""
     dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
     req = PlanRequest(hf_config=hf_config, devices=devices, mesh_spec=mesh_spec, fsdp=fsdp, batch_size=rcfg.batch_size,
                       seq_len=rcfg.max_length, dtype=dtype if dtype in DTYPES else "float32", repair=rcfg.to_dict(),
-                      layers=layers)
+                      layers=layers, offload_idle=offload_idle)
     try:
         fitted, result = fit_settings(req, device_bytes, (rcfg.batch_size,) if batch_fixed else None,
                                       rcfg.hessian_passes if passes_fixed else None)
@@ -633,14 +680,14 @@ def fit_repair(hf_config: Mapping[str, Any], rcfg: Any, *, devices: int, mesh_sp
         raise HcnrError(f"{e}. Fewer tokens (--max-length), more devices on --mesh model=N, or --fsdp would "
                         "shrink it (hcnr plan --config ... --device-memory ... checks a setting)") from None
     passes = fitted.repair["hessian_passes"]
-    peak = max(s["peak_bytes"] for s in result["steps"].values()) + result["resident"]["first_device_extra_bytes"]
+    peak = max(step_need(result, n) for n in STEPS)
     line = (f"fits {device_bytes / 1e9:.1f} GB per device: --batch-size {fitted.batch_size} --hessian-passes {passes} "
             f"(planned peak {peak / 1e9:.1f} GB at {rcfg.max_length} tokens)")
     return rcfg.override(batch_size=fitted.batch_size, hessian_passes=passes), line
 
 
 def fit_to_device(finetuned: str | Path, rcfg: Any, *, mesh_spec: str | None, fsdp: bool, batch_fixed: bool,
-                  passes_fixed: bool) -> tuple[Any, str | None]:
+                  passes_fixed: bool, offload_idle: bool = True) -> tuple[Any, str | None]:
     """``hcnr repair`` on an accelerator: ``fit_repair`` for this process's devices and the
     fine-tuned model's config (read before any weight), returning the settings and the line saying
     what was chosen. On a CPU (no device memory to plan for) ``rcfg`` unchanged and None."""
@@ -650,11 +697,12 @@ def fit_to_device(finetuned: str | Path, rcfg: Any, *, mesh_spec: str | None, fs
     if device_bytes is None:
         return rcfg, None
     return fit_repair(load_hf_config(finetuned), rcfg, devices=jax.device_count(), mesh_spec=mesh_spec, fsdp=fsdp,
-                      device_bytes=device_bytes, batch_fixed=batch_fixed, passes_fixed=passes_fixed)
+                      device_bytes=device_bytes, batch_fixed=batch_fixed, passes_fixed=passes_fixed,
+                      offload_idle=offload_idle)
 
 
 def repair_dry_run(model: Any, rcfg: Any, honesty: Any, task: Any, *, mesh_spec: str | None = None,
-                   fsdp: bool = False) -> dict[str, Any]:
+                   fsdp: bool = False, offload_idle: bool = True) -> dict[str, Any]:
     """``hcnr repair --dry-run``: what a repair of ``model`` (a loaded `Pretrained`) with settings
     ``rcfg`` on these honesty / task `Samples` would change, and XLA's compiled per-device memory and
     FLOPs of its steps on this process's devices: the Fisher update, the Hessian update of the kept
@@ -682,14 +730,14 @@ def repair_dry_run(model: Any, rcfg: Any, honesty: Any, task: Any, *, mesh_spec:
         hf_config=model.hf_config, devices=jax.device_count(), mesh_spec=mesh_spec, fsdp=fsdp,
         batch_size=rcfg.batch_size, seq_len=max(honesty.input_ids.shape[1], task.input_ids.shape[1]),
         max_targets=max(target_capacity(honesty.loss_mask), target_capacity(task.loss_mask)),
-        dtype=str(np.dtype(model.dtype)), repair=rcfg.to_dict(), num_honesty=len(honesty), num_task=len(task))
+        dtype=str(np.dtype(model.dtype)), repair=rcfg.to_dict(), num_honesty=len(honesty), num_task=len(task),
+        offload_idle=offload_idle)
     compiled = compute_plan(req, cfg=mc)
     mib = {name: {k.removesuffix("_bytes"): round(s[k] / 2**20, 1)
                   for k in ("argument_bytes", "temp_bytes", "output_bytes", "peak_bytes")}
            for name, s in compiled["steps"].items()}
-    resident = compiled["resident"]["first_device_extra_bytes"]
-    memory = {**mib, "resident_models": round(resident / 2**20, 1),
-              "total": round((max(s["peak_bytes"] for s in compiled["steps"].values()) + resident) / 2**20, 1)}
+    memory = {**mib, "resident": {n: round(resident_bytes(compiled, n) / 2**20, 1) for n in STEPS},
+              "total": round(max(step_need(compiled, n) for n in STEPS) / 2**20, 1)}
     return {
         "layers": len(names), "units": units, "unit": rcfg.layer_unit, "units_kept": top_count(rcfg.r_cw, units),
         "modules": by_module, "linear_params": sum(int(np.prod(specs[n])) for n in names),
@@ -701,7 +749,8 @@ def repair_dry_run(model: Any, rcfg: Any, honesty: Any, task: Any, *, mesh_spec:
                                for n, s in compiled["steps"].items()},
                      "warnings": compiled["warnings"],
                      "method": "XLA compiled memory_analysis()/cost_analysis() per device (hcnr_jax.plan); "
-                               "total = the largest step peak + the models resident on the first device"},
+                               "total = the largest of each step's peak + what is resident beside it on the "
+                               "first device"},
     }
 
 
@@ -710,9 +759,9 @@ def describe_dry_run(dry: Mapping[str, Any]) -> str:
     m = dry["memory_mib"]
     return (f"dry run: would restore about {100 * dry['expected_restored_fraction_of_linear']:.1f}% of "
             f"{dry['linear_params']:,} block linear parameters in {dry['units_kept']} of {dry['units']} "
-            f"{dry['unit']}s; compiled peak per device: fisher {m['fisher']['peak']:.0f} MiB, hessian "
-            f"{m['hessian']['peak']:.0f} MiB, solve {m['solve']['peak']:.0f} MiB, + {m['resident_models']:.0f} "
-            f"MiB of resident models = {m['total']:.0f} MiB; nothing written")
+            f"{dry['unit']}s; compiled peak per device (step + resident beside it): "
+            + ", ".join(f"{n} {m[n]['peak']:.0f} + {m['resident'][n]:.0f} MiB" for n in STEPS)
+            + f"; at most {m['total']:.0f} MiB; nothing written")
 
 
 def local_device_bytes() -> int | None:
@@ -750,14 +799,14 @@ def estimate_time(steps: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERAT
 
 def check_fit(result: Mapping[str, Any], device_bytes: int) -> list[str]:
     """One line per step whose first-device peak (its own peak plus what ``hcnr repair`` keeps
-    resident there) exceeds ``device_bytes``; empty when everything fits."""
+    resident there beside it, `_resident`) exceeds ``device_bytes``; empty when everything fits."""
     lines = []
-    extra = result["resident"]["first_device_extra_bytes"]
     for name, s in result["steps"].items():
+        extra = resident_bytes(result, name)
         need = s["peak_bytes"] + extra
         if need > device_bytes:
             line = (f"{name}: needs {need / 1e9:.2f} GB on the first device ({s['peak_bytes'] / 1e9:.2f} GB step "
-                    f"peak + {extra / 1e9:.2f} GB resident models) > {device_bytes / 1e9:.2f} GB: over by "
+                    f"peak + {extra / 1e9:.2f} GB resident beside it) > {device_bytes / 1e9:.2f} GB: over by "
                     f"{(need - device_bytes) / 1e9:.2f} GB")
             accel = s.get("accelerator_peak_bytes", s["peak_bytes"]) + extra
             if accel != need:
@@ -842,7 +891,8 @@ def format_plan(result: Mapping[str, Any], accelerator: str = DEFAULT_ACCELERATO
                  f"(bf16 {PEAKS[accelerator]['bf16']} / fp32 {PEAKS[accelerator]['fp32']} TFLOP/s, "
                  f"{PEAKS[accelerator]['source']}); communication not modelled")
     r = result["resident"]
-    lines.append(f"resident: {_size(r['first_device_extra_bytes'])} on the first device ({r['note']})")
+    lines.append("resident beside each step on the first device: "
+                 + ", ".join(f"{n} {_size(r['by_step'][n])}" for n in STEPS) + f" ({r['note']})")
     lines += [f"warning: {w}" for w in result.get("warnings", [])]
     chosen = result.get("hessian_passes_chosen")
     if chosen:

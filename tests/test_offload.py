@@ -1,6 +1,12 @@
 """The idle model leaves memory while a statistics pass runs on the other (hcnr_jax.offload and
 repair.pipeline.one_model_at_a_time): bit-exact round trips, files removed, the same repair."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +32,7 @@ def test_round_trip_is_bit_exact_and_removes_its_files(tmp_path):
     want = {k: (np.asarray(v), v.dtype, v.sharding) for k, v in flatten(params).items()}
     off = offload.offload(params, tmp_path)
     assert off.folder is not None and off.folder.parent == tmp_path  # a CPU: files, not host copies
-    assert len(list(off.folder.iterdir())) == 3  # the empty array stays in memory
+    assert len(list(off.folder.glob("*.bin"))) == 3  # the empty array stays in memory
     assert off.nbytes == sum(a.nbytes for a, _, _ in want.values())
     back = offload.restore(off)
     assert not off.folder.exists()
@@ -35,6 +41,37 @@ def test_round_trip_is_bit_exact_and_removes_its_files(tmp_path):
     for k, (a, dtype, sharding) in want.items():
         assert got[k].dtype == dtype and got[k].sharding == sharding, k
         np.testing.assert_array_equal(np.asarray(got[k]).view(np.uint8), a.view(np.uint8), err_msg=k)
+
+
+def test_a_killed_process_folder_is_deleted_by_the_next_offload(tmp_path):
+    # A process offloads into tmp_path and is SIGKILLed: it cannot delete its folder itself.
+    code = ("import os, signal, jax.numpy as jnp; from hcnr_jax import offload; "
+            f"offload.offload({{'w': jnp.ones((4, 4))}}, {str(tmp_path)!r}); os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    (left,) = tmp_path.glob("offload-*")
+    assert (left / "0.bin").exists() and (left / offload.OWNER).exists()
+    mine = offload.offload(tree(), tmp_path)
+    assert not left.exists()
+    assert sorted(tmp_path.glob("offload-*")) == [mine.folder]
+    other = offload.offload(tree(), tmp_path)  # this process's own folder is kept: its owner runs
+    assert mine.folder.exists() and other.folder.exists()
+    offload.discard(mine)
+    offload.discard(other)
+
+
+@pytest.mark.parametrize("owner", [None, "elsewhere {pid} {start}", "{host} {pid} 1", "{host} not-a-pid 1"])
+def test_sweep_deletes_only_folders_of_a_gone_owner(tmp_path, owner):
+    folder = tmp_path / "offload-x"
+    folder.mkdir()
+    if owner is not None:
+        line = owner.format(host=socket.gethostname(), pid=os.getpid(), start=offload._start_time(os.getpid()))
+        (folder / offload.OWNER).write_text(line + "\n")
+    gone = offload.sweep_stale(tmp_path)
+    # "{host} {pid} 1": this process's id with another start time: the id was reused, the owner is gone.
+    reused = owner == "{host} {pid} 1" and offload._start_time(os.getpid()) is not None
+    assert gone == ([folder] if reused else [])
+    assert folder.exists() != reused
 
 
 def test_discard_removes_the_files(tmp_path):

@@ -88,7 +88,7 @@ def test_advice_on_hessian_passes_is_what_fits(one_device):
     import re
 
     h = one_device["steps"]["hessian"]
-    extra = one_device["resident"]["first_device_extra_bytes"]
+    extra = planlib.resident_bytes(one_device, "hessian")
     device = h["peak_bytes"] + extra - 1
     line = next(x for x in planlib.check_fit(one_device, device) if x.startswith("hessian:"))
     n = int(re.search(r"--hessian-passes (\d+) would", line).group(1))
@@ -102,7 +102,7 @@ def test_advice_on_hessian_passes_is_what_fits(one_device):
 
 
 def test_device_memory_names_the_step_and_the_excess(one_device):
-    f = one_device["steps"]["fisher"]["peak_bytes"] + one_device["resident"]["first_device_extra_bytes"]
+    f = planlib.step_need(one_device, "fisher")
     over = planlib.check_fit(one_device, f - 1000)
     assert over and over[0].startswith("fisher: needs") and "over by" in over[0]
     assert planlib.check_fit(one_device, 10**12) == []
@@ -121,12 +121,45 @@ def test_simulated_devices_in_a_subprocess(one_device):
     assert split["argument_bytes"] < 0.5 * one["argument_bytes"]
     assert split["flops"] < 0.5 * one["flops"]
     assert four["warnings"] == []  # every tiny dimension divides by 4
-    # hcnr repair --mesh holds the other model in the same sharding as the step's own model argument
-    # (+ a small state and batch); without --mesh, whole on the first device.
-    model = four["resident"]["model_bytes"]
-    extra = four["resident"]["first_device_extra_bytes"]
-    assert extra <= split["argument_bytes"] < extra + 2**16 and extra < 0.5 * model
-    assert one_device["resident"]["first_device_extra_bytes"] == model == 4 * one_device["model"]["params"]
+    # hcnr repair --mesh places a model in the same sharding as the step's own model argument (+ a
+    # small state and batch); without --mesh, whole on the first device.
+    r4, r1 = four["resident"], one_device["resident"]
+    model, per = r4["model_bytes"], r4["model_bytes_per_device"]
+    assert per <= split["argument_bytes"] < per + 2**16 and per < 0.5 * model
+    assert r1["model_bytes_per_device"] == r1["model_bytes"] == model == 4 * one_device["model"]["params"]
+    # The idle model waits in host memory: nothing beside the statistics steps; beside the solve the
+    # fine-tuned model and the repaired kept layers, each device with its shard.
+    for r, m in ((r4, per), (r1, model)):
+        assert r["by_step"]["fisher"] == r["by_step"]["hessian"] == 0
+        assert r["by_step"]["solve"] == m + r["kept_layers_bytes"]
+    assert 0 < r4["kept_layers_bytes"] < 0.5 * r1["kept_layers_bytes"]
+
+
+def test_resident_beside_each_step(one_device):
+    """What hcnr repair holds beside each step: with --no-offload the idle model beside every step;
+    the repaired kept layers beside the solve are the r_cw share of the largest linears (worst case)."""
+    import math
+
+    from hcnr_jax.config import config_from_hf
+    from hcnr_jax.params import linear_names, param_specs
+    from hcnr_jax.repair import RepairConfig
+    from hcnr_jax.repair.selection import top_count
+
+    r = one_device["resident"]
+    cfg, rcfg = config_from_hf(TINY), RepairConfig()
+    specs = param_specs(cfg)
+    sizes = sorted((math.prod(specs[n]) for n in linear_names(cfg)), reverse=True)
+    assert r["kept_layers_bytes"] == 4 * sum(sizes[: top_count(rcfg.r_cw, len(sizes))])
+    assert sorted(planlib.kept_layers(cfg, rcfg)) == sorted(
+        sorted(linear_names(cfg), key=lambda n: -math.prod(specs[n]))[: top_count(rcfg.r_cw, len(sizes))])
+    stay = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32",
+                                                    offload_idle=False))
+    model = r["model_bytes"]
+    assert stay["resident"]["by_step"] == {"fisher": model, "hessian": model, "solve": 2 * model + r["kept_layers_bytes"]}
+    assert {n: planlib.step_need(stay, n) - planlib.step_need(one_device, n) for n in planlib.STEPS} == {
+        "fisher": model, "hessian": model, "solve": model}
+    assert "idle model waits in host memory" in planlib.format_plan(one_device)
+    assert "--no-offload" in planlib.format_plan(stay)
 
 
 def test_extrapolated_layers_match_the_full_compile(one_device):
@@ -166,7 +199,7 @@ def test_passes_chosen_to_fit_and_batch_size_that_fits(one_device):
     its compiled step does fit; ``fit_settings`` halves the batch until every step fits, and names
     the steps when nothing does."""
     h = one_device["steps"]["hessian"]
-    extra = one_device["resident"]["first_device_extra_bytes"]
+    extra = planlib.resident_bytes(one_device, "hessian")
     device = h["peak_bytes"] + extra - 1  # one pass is one byte too many
     req = planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32", device_bytes=device,
                               auto_hessian_passes=True)
@@ -176,7 +209,7 @@ def test_passes_chosen_to_fit_and_batch_size_that_fits(one_device):
     assert auto["steps"]["hessian"]["peak_bytes"] + extra <= device
     assert "hessian passes: 2, chosen to fit" in planlib.format_plan(auto, device_bytes=device)
 
-    f = one_device["steps"]["fisher"]["peak_bytes"] + extra  # batch 4 is one byte over in the Fisher
+    f = planlib.step_need(one_device, "fisher")  # batch 4 is one byte over in the Fisher
     fitted, result = planlib.fit_settings(dataclasses.replace(req, device_bytes=None, auto_hessian_passes=False),
                                           f - 1)
     assert fitted.batch_size == 2 and planlib.check_fit(result, f - 1) == []
@@ -203,8 +236,7 @@ def test_repair_settings_fitted_to_a_device(one_device):
     from hcnr_jax.repair import RepairConfig
 
     rcfg = RepairConfig().override(batch_size=4, max_length=16)
-    extra = one_device["resident"]["first_device_extra_bytes"]
-    device = one_device["steps"]["fisher"]["peak_bytes"] + extra - 1  # batch 4 is just over (float32)
+    device = planlib.step_need(one_device, "fisher") - 1  # batch 4 is just over (float32)
     tiny32 = {**TINY, "torch_dtype": "float32"}
     fitted, line = planlib.fit_repair(tiny32, rcfg, devices=1, mesh_spec=None, fsdp=False, device_bytes=device,
                                       batch_fixed=False, passes_fixed=False, layers="full")

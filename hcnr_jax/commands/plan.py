@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory", default=None,
                    help="memory per device, e.g. 80GB or 141GiB: report which step does not fit, by how much, "
                         "and choose the Hessian passes [this machine's accelerator's memory, if it has one]")
+    p.add_argument("--no-offload", action="store_true",
+                   help="plan hcnr repair --no-offload: the idle model stays on the devices beside every step "
+                        "[it waits in host memory]")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", default=None, help="also write the JSON plan to this file (must not exist unless "
                    "--overwrite)")
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         hf_config=hf, devices=devices, mesh_spec=args.mesh, fsdp=args.fsdp, batch_size=args.batch_size,
         seq_len=args.seq_len, max_targets=args.max_targets, dtype=args.dtype, repair=rcfg.to_dict(),
         num_honesty=args.num_honesty, num_task=args.num_task, layers=args.layers, device_bytes=device_bytes,
+        offload_idle=not args.no_offload,
         # Passes set nowhere (flag or repair config): chosen to fit the device memory.
         auto_hessian_passes=device_bytes is not None and not user_set("hessian_passes", args.hessian_passes,
                                                                       args.repair_config))

@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, fitted = plan.fit_to_device(
         args.finetuned, cfg, mesh_spec=args.mesh, fsdp=args.fsdp,
         batch_fixed=user_set("batch_size", args.batch_size, args.config),
-        passes_fixed=user_set("hessian_passes", args.hessian_passes, args.config))
+        passes_fixed=user_set("hessian_passes", args.hessian_passes, args.config), offload_idle=not args.no_offload)
     if fitted:
         print(f"hcnr repair: {fitted}", flush=True)
     return _repair_and_write(args, cfg, StatsOptions(mesh=mesh, fsdp=args.fsdp, remat=remat_of(args)), choice_of, out)
@@ -201,7 +201,8 @@ def _dry_run(args: argparse.Namespace, cfg: RepairConfig, out: Path) -> int:
     from hcnr_jax.repair.pipeline import load
 
     state = load(args.base, args.finetuned, args.honesty_data, args.task_data, cfg)
-    dry = plan.repair_dry_run(state.finetuned, cfg, state.honesty, state.task, mesh_spec=args.mesh, fsdp=args.fsdp)
+    dry = plan.repair_dry_run(state.finetuned, cfg, state.honesty, state.task, mesh_spec=args.mesh, fsdp=args.fsdp,
+                              offload_idle=not args.no_offload)
     print(json.dumps({"settings": cfg.to_dict(), "data": state.data, "plan": dry, "out": str(out)}, indent=2))
     print(plan.describe_dry_run(dry))
     return 0

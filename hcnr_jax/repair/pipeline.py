@@ -303,7 +303,10 @@ def solve_layer(state: RepairState, sl: LayerSelection, h: jax.Array) -> tuple[j
         w_new = restore_only(w_orig.T, w_sft.T, sl.restored).T
         before = after = layer_objective(w_new, w_orig, h)
         lam = cfg.damping
-    update = jnp.asarray(w_new).astype(get(state.finetuned.params, sl.name).dtype)  # cast on device
+    w_ft = get(state.finetuned.params, sl.name)
+    # Cast on the device and placed like the weight it replaces: the repaired layers stay on the
+    # devices until the last one is solved, each device with its shard (what hcnr plan counts).
+    update = jax.device_put(jnp.asarray(w_new).astype(w_ft.dtype), w_ft.sharding)
     return update, {"objective_sft": layer_objective(w_sft, w_orig, h), "objective_before": before,
                     "objective_after": after, "damping": lam}
 

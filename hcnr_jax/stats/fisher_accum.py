@@ -37,7 +37,7 @@ import numpy as np
 
 from hcnr_jax.config import ModelConfig
 from hcnr_jax.kernels.fisher_norms import AXES, neuron_sq_norms
-from hcnr_jax.model import after, forward, head_logits, head_weight, lm_head, low_precision_on_cpu
+from hcnr_jax.model import after, forward, head_logits, head_weight, lm_head
 from hcnr_jax.params import Params, get, linear_names
 from hcnr_jax.precision import HIGHEST
 
@@ -127,8 +127,8 @@ def output_gradients(params: Params, cfg: ModelConfig, batch: Batch,
 
 
 # Target slots of the LM head per chunk: a chunk's logits are [B, LM_CHUNK, V] float32, a few such
-# arrays live while it runs (Llama-3's 128k vocabulary at batch 8: 0.13 GB each; SmolLM2's 49k at
-# 8 x 95 slots in one piece: 0.15 GB each). Smaller chunks cost nothing but smaller matmuls.
+# arrays live while it runs (Llama-3's 128k vocabulary at batch 8: 0.13 GB each; SmolLM2's 49k:
+# 0.05 GB each). Smaller chunks cost nothing but smaller matmuls.
 LM_CHUNK = 32
 
 
@@ -150,12 +150,11 @@ def chunked_loss(params: Params, cfg: ModelConfig, hidden: jax.Array, input_ids:
         a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
 
+    # The weight goes in as stored. A float32 copy of a bfloat16 head made here, for both of a
+    # chunk's matmuls, saves one of the CPU compiler's own copies on one device (Llama-3.1-8B: XLA's
+    # CPU peak 20.69 -> 19.72 GiB) but, with the head split over `model` (70B on model=8), made it
+    # keep every block's input in float32 (22.9 -> 27.8 GiB per device): an accelerator makes neither.
     w = jax.lax.stop_gradient(head_weight(params, cfg))
-    if low_precision_on_cpu(w):
-        # The CPU compiler multiplies low-precision weights through float32 copies, and made one
-        # for each of the chunk's two matmuls (logits, hidden gradient): one copy, made here, serves
-        # both (Llama-3-8B's 128k x 4096 head: 2 GiB saved). Exact: bfloat16 -> float32 is.
-        w = w.astype(jnp.float32)
     total, _ = jax.lax.scan(lambda acc, xs: (acc + _head_nll(cfg, precision, w, *xs), None),
                             jnp.zeros((b,), jnp.float32), (split(h), split(labels), split(valid)))
     count = jnp.sum(valid.astype(jnp.float32), axis=1)
