@@ -1,4 +1,5 @@
-"""Every results table of README.md and experiments/RESULTS.md, generated from the committed JSON.
+"""Every results table of README.md, experiments/RESULTS.md, docs/scale.md and experiments/results/plan_llama.md,
+generated from the committed JSON.
 
     python experiments/tables.py           # rewrite every marker block from its JSON
     python experiments/tables.py --check   # exit 1 naming each block that differs from its JSON
@@ -25,7 +26,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-DOCS = (ROOT / "README.md", ROOT / "experiments" / "RESULTS.md")
+DOCS = (ROOT / "README.md", ROOT / "experiments" / "RESULTS.md", ROOT / "docs" / "scale.md",
+        ROOT / "experiments" / "results" / "plan_llama.md")
 BLOCK = re.compile(r"<!-- (table|evidence):([\w-]+) -->\n(.*?)<!-- /\1:\2 -->", re.S)
 HONESTY = ("falseqa", "nec", "refunq", "kuq", "selfaware")
 EMPTY = re.compile(r"\| {2}(?=\|)")
@@ -332,6 +334,48 @@ def evidence_block(task: str) -> Callable[[dict], str]:
     return render
 
 
+# ---------------------------------------------------------------- docs/scale.md, experiments/results/plan_llama.md
+def _beside(plan: dict, step: str) -> tuple[int, int]:
+    """(a step's compiled peak, what hcnr repair holds beside it on the first device), bytes. Plans
+    written before the per-step count held the other model beside every step."""
+    r = plan["resident"]
+    return plan["steps"][step]["peak_bytes"], (r["by_step"][step] if "by_step" in r else r["first_device_extra_bytes"])
+
+
+def plans_table(old8: dict, new8: dict, old70: dict, new70: dict) -> str:
+    """plan_llama.md and docs/scale.md: each step's peak and what is resident beside it on the first device
+    (GiB), before (the plans of 5b75bd1, the other model beside every step) and now, and whether it fits."""
+    gib = 2**30
+    rows = []
+    for label, old, new in (("Llama-3.1-8B, 1 device", old8, new8), ("Llama-3.1-70B, 8 devices, model=8", old70, new70)):
+        limit = new["fit"]["device_bytes"]
+        for step in ("fisher", "hessian", "solve"):
+            cells = []
+            for plan in (old, new):
+                peak, beside = _beside(plan, step)
+                n = plan["steps"][step].get("passes", 1)
+                passes = f" ({n} pass{'es' if n > 1 else ''})" if step == "hessian" else ""
+                cells.append(f"{peak / gib:.2f} + {beside / gib:.2f} = {(peak + beside) / gib:.2f}{passes}")
+            need = sum(_beside(new, step))
+            rows.append([label, step, *cells, f"{'yes' if need <= limit else 'no'} ({limit / 1e9:.0f} GB = "
+                                               f"{limit / gib:.2f} GiB)"])
+    return table(["model, devices", "step", "before: peak + beside = need", "now: peak + beside = need", "fits"],
+                 rows)
+
+
+def bench_stats_table(bench: dict) -> str:
+    """docs/scale.md: experiments/bench_stats.py's table (time, XLA's FLOPs, peak RSS) from its JSON."""
+    rows = bench["results"]
+    floor = next(r for r in rows if r["method"] == "floor")
+    out = []
+    for r in rows:
+        gf = r.get("gflop")
+        flops = ([f"{gf:.0f}", f"{gf / floor['gflop']:.2f}", f"{gf / r['seconds']:.1f}"] if gf else ["-", "-", "-"])
+        out.append([r["method"], f"{r['seconds']:.2f}", f"{r['seconds'] / floor['seconds']:.2f}", *flops,
+                    f"{r['peak_rss_mib']:.0f}"])
+    return table(["method", "time (s)", "x floor", "GFLOP (XLA)", "x floor GFLOP", "GFLOP/s", "peak RSS (MiB)"], out)
+
+
 # NAME -> (JSON files under experiments/results, renderer taking them in that order)
 RENDERERS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "table:models": (("models.json",), models_table),
@@ -351,6 +395,10 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "table:second-task": (("second_task.json",), second_task_table),
     "evidence:hotpotqa": (("evidence_hotpotqa.json",), evidence_block("hotpotqa")),
     "evidence:catalog": (("evidence_catalog.json",), evidence_block("catalog")),
+    "table:plans": (("plan_llama-3.1-8b_1dev_40GB.json", "plan_llama-3.1-8b_1dev_40GB_v3.json",
+                     "plan_llama-3.1-70b_model8_60GB.json", "plan_llama-3.1-70b_model8_60GB_extrapolated_v3.json"),
+                    plans_table),
+    "table:bench-stats": (("bench_stats_v3.json",), bench_stats_table),
 }
 
 
