@@ -396,7 +396,7 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "evidence:hotpotqa": (("evidence_hotpotqa.json",), evidence_block("hotpotqa")),
     "evidence:catalog": (("evidence_catalog.json",), evidence_block("catalog")),
     "table:plans": (("plan_llama-3.1-8b_1dev_40GB.json", "plan_llama-3.1-8b_1dev_40GB_v3.json",
-                     "plan_llama-3.1-70b_model8_60GB.json", "plan_llama-3.1-70b_model8_60GB_extrapolated_v3.json"),
+                     "plan_llama-3.1-70b_model8_60GB.json", "plan_llama-3.1-70b_model8_60GB_v3.json"),
                     plans_table),
     "table:bench-stats": (("bench_stats_v3.json",), bench_stats_table),
 }

@@ -13,6 +13,10 @@ the mesh, and the three device steps of ``hcnr repair`` are compiled ahead of ti
 - ``solve``: one layer's compensation (the configured solver's device work: Cholesky, solve,
   objectives) for the largest kept layer, on one device, as the pipeline runs it.
 
+What a step needs on the first device is its compiled peak plus what ``hcnr repair`` holds there
+beside it (``resident["by_step"]``, `_resident`: nothing beside the statistics steps while the idle
+model waits in host memory; the fine-tuned model and the repaired kept layers beside the solve).
+
 XLA's ``compiled.memory_analysis()`` gives per-device argument, temp (activations, workspace) and
 output bytes; ``compiled.cost_analysis()["flops"]`` per-device FLOPs. The expected time divides the
 FLOPs of all runs of a step by an accelerator's peak at a stated utilisation (``PEAKS``), dot by
