@@ -15,7 +15,7 @@ the mesh, and the three device steps of ``hcnr repair`` are compiled ahead of ti
 
 What a step needs on the first device is its compiled peak plus what ``hcnr repair`` holds there
 beside it (``resident["by_step"]``, `_resident`: nothing beside the statistics steps while the idle
-model waits in host memory; the fine-tuned model and the repaired kept layers beside the solve).
+model waits in host memory; the fine-tuned model, repaired in place, beside the solve).
 
 XLA's ``compiled.memory_analysis()`` gives per-device argument, temp (activations, workspace) and
 output bytes; ``compiled.cost_analysis()["flops"]`` per-device FLOPs. The expected time divides the
@@ -566,10 +566,10 @@ def _resident(cfg: Any, rcfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any
     - ``fisher``, ``hessian``: the step's model is its argument; the other model waits in host
       memory (``req.offload_idle``, `hcnr_jax.offload`; the default) or, with ``--no-offload``,
       sits on the devices (in full without ``--mesh``, else its shard);
-    - ``solve``: one layer's solve is the step; beside it the fine-tuned model (the repair's
-      output is made from it), the repaired weights of the kept layers, kept on the devices until
-      the last layer (sharded like their weights; worst case: the largest kept, `kept_layers`),
-      and without offloading the base model.
+    - ``solve``: one layer's solve is the step; beside it the fine-tuned model, which ``hcnr
+      repair`` repairs in place (each solved layer replaces its weight), and without offloading the
+      base model. A caller's own models (from Python) keep their weights, and the repaired kept
+      layers wait beside them: ``kept_layers_bytes`` more (worst case: the largest, `kept_layers`).
 
     Without ``--mesh`` the models are loaded whole onto the first device; on more than one device
     the step's replicated copy is its argument and the loaded model is one more."""
@@ -595,13 +595,13 @@ def _resident(cfg: Any, rcfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any
     loaded_copy = one if req.mesh_spec is None and req.devices > 1 else 0
     other = 0 if req.offload_idle else model
     kept = here(kept_layers(cfg, rcfg))
-    by_step = {"fisher": loaded_copy + other, "hessian": loaded_copy + other, "solve": model + kept + other}
+    by_step = {"fisher": loaded_copy + other, "hessian": loaded_copy + other, "solve": model + other}
     where = (f"both models placed by weight role{' (fsdp)' if req.fsdp else ''} (a device holds its shard, "
              f"{model / one:.1%} of a model)" if req.mesh_spec else "each model loaded whole onto the first device")
     idle = ("the idle model waits in host memory" if req.offload_idle else
             "no offloading (--no-offload): the idle model stays on the devices")
-    note = (f"hcnr repair: {where}; {idle}; the solve also holds the fine-tuned model and the repaired kept layers "
-            f"({_size(kept)} at most)")
+    note = (f"hcnr repair: {where}; {idle}; the solve also holds the fine-tuned model, repaired in place (a "
+            f"caller's own models, from Python, keep their weights: + {_size(kept)} of repaired layers at most)")
     return {"model_bytes": one, "model_bytes_per_device": model, "kept_layers_bytes": kept,
             "offload_idle": req.offload_idle, "by_step": by_step, "note": note}
 

@@ -172,6 +172,31 @@ def test_the_repair_is_the_same_with_and_without_offloading(pair_dirs, tmp_path,
         {k: v for k, v in out.report.items() if k not in strip}
 
 
+def test_own_model_repaired_in_place_a_callers_left_alone(pair_dirs, monkeypatch):  # noqa: F811
+    """The fine-tuned model a repair loaded itself is repaired in place, one set_leaves per kept
+    layer as it is solved; a caller's model keeps its weights (its repaired layers are set at the
+    end, once); the repaired weights are the same bit for bit."""
+    import hcnr_jax
+
+    calls = []
+    real = P.set_leaves
+    monkeypatch.setattr(P, "set_leaves", lambda params, upd: calls.append(len(upd)) or real(params, upd))
+    hon, task = pair_dirs["data"]
+    base, ft = (hcnr_jax.load_pretrained(p) for p in pair_dirs["llama"])
+    before = {k: np.asarray(v).copy() for k, v in flatten(ft.params).items()}
+    theirs = repair(base, ft, hon, task, RepairConfig(), progress=False)
+    kept = sum(r["kept"] for r in theirs.report["layers"])
+    assert kept > 1 and calls == [kept]
+    for k, v in flatten(ft.params).items():
+        np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=k)
+    calls.clear()
+    ours = repair(*pair_dirs["llama"], hon, task, RepairConfig(), progress=False)
+    assert calls == [1] * kept
+    a, b = flatten(theirs.model.params), flatten(ours.model.params)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]), err_msg=k)
+
+
 def test_release_free_heap_reaches_glibc():
     """On glibc (Linux: these machines and CI) the trim is found and called; elsewhere it says False."""
     import platform

@@ -128,16 +128,17 @@ def test_simulated_devices_in_a_subprocess(one_device):
     assert per <= split["argument_bytes"] < per + 2**16 and per < 0.5 * model
     assert r1["model_bytes_per_device"] == r1["model_bytes"] == model == 4 * one_device["model"]["params"]
     # The idle model waits in host memory: nothing beside the statistics steps; beside the solve the
-    # fine-tuned model and the repaired kept layers, each device with its shard.
+    # fine-tuned model (repaired in place), each device with its shard.
     for r, m in ((r4, per), (r1, model)):
         assert r["by_step"]["fisher"] == r["by_step"]["hessian"] == 0
-        assert r["by_step"]["solve"] == m + r["kept_layers_bytes"]
+        assert r["by_step"]["solve"] == m
     assert 0 < r4["kept_layers_bytes"] < 0.5 * r1["kept_layers_bytes"]
 
 
 def test_resident_beside_each_step(one_device):
     """What hcnr repair holds beside each step: with --no-offload the idle model beside every step;
-    the repaired kept layers beside the solve are the r_cw share of the largest linears (worst case)."""
+    the repaired kept layers a caller's models keep beside the solve (``kept_layers_bytes``) are the
+    r_cw share of the largest linears (worst case)."""
     import math
 
     from hcnr_jax.config import config_from_hf
@@ -155,7 +156,7 @@ def test_resident_beside_each_step(one_device):
     stay = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32",
                                                     offload_idle=False))
     model = r["model_bytes"]
-    assert stay["resident"]["by_step"] == {"fisher": model, "hessian": model, "solve": 2 * model + r["kept_layers_bytes"]}
+    assert stay["resident"]["by_step"] == {"fisher": model, "hessian": model, "solve": 2 * model}
     assert {n: planlib.step_need(stay, n) - planlib.step_need(one_device, n) for n in planlib.STEPS} == {
         "fisher": model, "hessian": model, "solve": model}
     assert "idle model waits in host memory" in planlib.format_plan(one_device)

@@ -313,14 +313,21 @@ def solve_layer(state: RepairState, sl: LayerSelection, h: jax.Array) -> tuple[j
 
 def solve_layers(state: RepairState, hess: DeviceHessians) -> tuple[Params, list[dict[str, Any]]]:
     """Stage "solve": restore and compensate every kept layer, in model order. Returns the repaired
-    parameters and one report record per layer (kept or not)."""
+    parameters and one report record per layer (kept or not).
+
+    A fine-tuned model this repair loaded itself is repaired in place: each solved layer replaces
+    its weight at once, so the old weight is freed and the repaired layers never wait beside the
+    whole model (Llama-3.1-8B at the defaults: up to 9.8 GiB). A caller's model keeps its weights
+    (they are the caller's): its repaired layers wait on the devices until the last one."""
     from tqdm.auto import tqdm
 
     state.use("sft")  # the base is read one layer at a time (`RepairState.weights`)
+    in_place = "sft" in state.owned
     updates: dict[str, Any] = {}
+    last: Any = None  # the latest repaired layer, still being computed
     records: list[dict[str, Any]] = []
     for sl in tqdm(state.layers, desc="solve", disable=not state.options.progress, dynamic_ncols=True):
-        interrupt.check(updates, where=f"solve: before layer {sl.name}")
+        interrupt.check(last, where=f"solve: before layer {sl.name}")
         rec: dict[str, Any] = {
             "name": sl.name, "module": _module(sl.name), "shape": list(sl.shape), "d": sl.d,
             "d_layer": sl.d_layer, "kept": sl.kept, "restored_neurons": int(sl.restored.sum()),
@@ -328,7 +335,11 @@ def solve_layers(state: RepairState, hess: DeviceHessians) -> tuple[Params, list
         }
         if sl.kept:
             # The next layer's device H may replace this one once it is dropped here.
-            updates[sl.name], objectives = solve_layer(state, sl, hess.pop(sl.name))
+            last, objectives = solve_layer(state, sl, hess.pop(sl.name))
+            if in_place:  # the old weight's last reference goes with the old tree
+                state.finetuned = state.finetuned.replace(params=set_leaves(state.finetuned.params, {sl.name: last}))
+            else:
+                updates[sl.name] = last
             rec.update(objectives)
         records.append(rec)
     params = state.finetuned.params
