@@ -342,16 +342,21 @@ def _beside(plan: dict, step: str) -> tuple[int, int]:
     return plan["steps"][step]["peak_bytes"], (r["by_step"][step] if "by_step" in r else r["first_device_extra_bytes"])
 
 
-def plans_table(old8: dict, new8: dict, old70: dict, new70: dict) -> str:
+def plans_table(old8: dict, new8: dict, old70: dict, new70: dict, small8: dict) -> str:
     """plan_llama.md and docs/scale.md: each step's peak and what is resident beside it on the first device
-    (GiB), before (the plans of 5b75bd1, the other model beside every step) and now, and whether it fits."""
+    (GiB), before (the plans of 5b75bd1, the other model beside every step) and now, and whether it fits;
+    the 8B on one 24 GB device has no "before"."""
     gib = 2**30
     rows = []
-    for label, old, new in (("Llama-3.1-8B, 1 device", old8, new8), ("Llama-3.1-70B, 8 devices, model=8", old70, new70)):
+    for label, old, new in (("Llama-3.1-8B, 1 device", old8, new8), ("Llama-3.1-70B, 8 devices, model=8", old70, new70),
+                            ("Llama-3.1-8B, 1 device", None, small8)):
         limit = new["fit"]["device_bytes"]
         for step in ("fisher", "hessian", "solve"):
             cells = []
             for plan in (old, new):
+                if plan is None:
+                    cells.append("-")
+                    continue
                 peak, beside = _beside(plan, step)
                 n = plan["steps"][step].get("passes", 1)
                 passes = f" ({n} pass{'es' if n > 1 else ''})" if step == "hessian" else ""
@@ -396,7 +401,8 @@ RENDERERS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "evidence:hotpotqa": (("evidence_hotpotqa.json",), evidence_block("hotpotqa")),
     "evidence:catalog": (("evidence_catalog.json",), evidence_block("catalog")),
     "table:plans": (("plan_llama-3.1-8b_1dev_40GB.json", "plan_llama-3.1-8b_1dev_40GB_v3.json",
-                     "plan_llama-3.1-70b_model8_60GB.json", "plan_llama-3.1-70b_model8_60GB_v3.json"),
+                     "plan_llama-3.1-70b_model8_60GB.json", "plan_llama-3.1-70b_model8_60GB_v3.json",
+                     "plan_llama-3.1-8b_1dev_24GB_v3.json"),
                     plans_table),
     "table:bench-stats": (("bench_stats_v3.json",), bench_stats_table),
 }
