@@ -74,13 +74,13 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
 
     batches = -(-len(samples) // bs)
     first = (samples.input_ids[:bs], samples.attention_mask[:bs], samples.loss_mask[:bs])
-    count = None  # XLA's FLOPs of one batch's program, counted after the timing (a compile of its own)
+    batch_flops = None  # XLA's FLOPs of one batch's program, counted after the timing (a compile of its own)
     if method == "floor":
         vg = jax.jit(jax.value_and_grad(lambda p, ids, a, lm: jnp.mean(
             stats.per_sample_loss(forward(p, cfg, ids, a).logits, ids, lm))))
         dev = jax.device_put(params)
 
-        def count():
+        def batch_flops():
             return compiled_flops(vg.lower(dev, *first).compile())
 
         def go():
@@ -96,7 +96,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         step = jax.jit(functools.partial(stats.fisher_update, cfg=cfg, **static))
         batch = dict(zip(("input_ids", "attention_mask", "loss_mask"), first, strict=True))
 
-        def count():
+        def batch_flops():
             return compiled_flops(step.lower(fisher_accum.init(params, cfg), params, batch).compile())
 
         def go():
@@ -138,7 +138,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         go()
         times.append(time.perf_counter() - t0)
-    gflop = count() * batches / 1e9 if count else None
+    gflop = batch_flops() * batches / 1e9 if batch_flops else None
     return {"method": method, "seconds": min(times), "first_call_s": warm, "gflop": gflop,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -176,9 +176,6 @@ def main() -> None:
             continue
         rows.append(json.loads(line[0][7:]))
         print(f"done {m}: {rows[-1]}", flush=True)
-    floor = next((r["seconds"] for r in rows if r["method"] == "floor"), None)
-    floor_gflop = next((r.get("gflop") for r in rows if r["method"] == "floor"), None)
-    torch_s = next((r["seconds"] for r in rows if r["method"] == "torch"), None)
     import jax
 
     setup = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)", "samples": args.samples,
@@ -191,17 +188,9 @@ def main() -> None:
         atomic_write_text(args.out, json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
     print(f"\nSmolLM2-135M-Instruct (float32), {args.samples} samples x {args.tokens} tokens, batch {args.batch}, "
           f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
-    print("| method | time (s) | x floor | GFLOP (XLA) | x floor GFLOP | GFLOP/s | torch loop / method | samples/s "
-          "| peak RSS (MiB) | first call (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        xf = f"{r['seconds'] / floor:.2f}" if floor else "-"
-        xt = f"{torch_s / r['seconds']:.2f}" if torch_s else "-"
-        gf = r.get("gflop")
-        flops = (f"{gf:.0f} | {gf / floor_gflop:.2f} | {gf / r['seconds']:.1f}" if gf and floor_gflop
-                 else f"{gf:.0f} | - | {gf / r['seconds']:.1f}" if gf else "- | - | -")
-        print(f"| {r['method']} | {r['seconds']:.2f} | {xf} | {flops} | {xt} | {args.samples / r['seconds']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['first_call_s']:.1f} |")
+    from tables import bench_stats_table  # experiments/tables.py: the same table docs/scale.md shows
+
+    print(bench_stats_table({"setup": setup, "results": rows}), end="")
 
 
 if __name__ == "__main__":

@@ -369,16 +369,25 @@ def plans_table(old8: dict, new8: dict, old70: dict, new70: dict, small8: dict) 
 
 
 def bench_stats_table(bench: dict) -> str:
-    """docs/scale.md: experiments/bench_stats.py's table (time, XLA's FLOPs, peak RSS) from its JSON."""
+    """experiments/bench_stats.py's table (it prints this) and docs/scale.md's, from its JSON ``{"setup",
+    "results"}``: time against the floor (one batched value_and_grad) and the torch loop, XLA's FLOPs where
+    counted, samples/s, peak RSS, the first call."""
     rows = bench["results"]
-    floor = next(r for r in rows if r["method"] == "floor")
+    floor = next((r for r in rows if r["method"] == "floor"), None)
+    torch_s = next((r["seconds"] for r in rows if r["method"] == "torch"), None)
+    samples = bench["setup"]["samples"]
+
+    def ratio(a: float | None, b: float | None, fmt: str = ".2f") -> str:
+        return f"{a / b:{fmt}}" if a and b else "-"
+
     out = []
     for r in rows:
-        gf = r.get("gflop")
-        flops = ([f"{gf:.0f}", f"{gf / floor['gflop']:.2f}", f"{gf / r['seconds']:.1f}"] if gf else ["-", "-", "-"])
-        out.append([r["method"], f"{r['seconds']:.2f}", f"{r['seconds'] / floor['seconds']:.2f}", *flops,
-                    f"{r['peak_rss_mib']:.0f}"])
-    return table(["method", "time (s)", "x floor", "GFLOP (XLA)", "x floor GFLOP", "GFLOP/s", "peak RSS (MiB)"], out)
+        s, gf = r["seconds"], r.get("gflop")
+        out.append([r["method"], f"{s:.2f}", ratio(s, floor and floor["seconds"]), f"{gf:.0f}" if gf else "-",
+                    ratio(gf, floor and floor.get("gflop")), ratio(gf, s, ".1f"), ratio(torch_s, s),
+                    f"{samples / s:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['first_call_s']:.1f}"])
+    return table(["method", "time (s)", "x floor", "GFLOP (XLA)", "x floor GFLOP", "GFLOP/s", "torch loop / method",
+                  "samples/s", "peak RSS (MiB)", "first call (s)"], out)
 
 
 # NAME -> (JSON files under experiments/results, renderer taking them in that order)

@@ -261,21 +261,28 @@ def _abstract_batch(batch: int, seq: int) -> dict[str, Any]:
             "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_)}
 
 
-def kept_owners(cfg: Any, rcfg: Any) -> list[str]:
-    """The Hessian accumulators of the kept layers in the worst case: the ``r_cw`` share of units
-    whose Hessians are largest (modules: by input width; blocks: any ``k`` blocks)."""
+def kept_worst_case(cfg: Any, rcfg: Any, size: Any) -> list[str]:
+    """The weight names of the layers a repair keeps, in the worst case for ``size`` (a function of
+    a weight's shape ``(out, in)``): the ``r_cw`` share of units for which it is largest (modules:
+    the largest linears; blocks: any ``k`` blocks, all alike). Which layers are kept is only known
+    after the Fisher."""
     from hcnr_jax.params import linear_names, param_specs
     from hcnr_jax.repair.selection import top_count
-    from hcnr_jax.stats.hessian_accum import owner
 
     names = linear_names(cfg)
-    specs = param_specs(cfg)
     if rcfg.layer_unit == "block":
         blocks = top_count(rcfg.r_cw, cfg.num_layers)
-        kept = [n for n in names if int(n.split(".")[2]) < blocks]
-    else:
-        kept = sorted(names, key=lambda n: -specs[n][1])[: top_count(rcfg.r_cw, len(names))]
-    return sorted({owner(n) for n in kept})
+        return [n for n in names if int(n.split(".")[2]) < blocks]
+    specs = param_specs(cfg)
+    return sorted(names, key=lambda n: -size(specs[n]))[: top_count(rcfg.r_cw, len(names))]
+
+
+def kept_owners(cfg: Any, rcfg: Any) -> list[str]:
+    """The Hessian accumulators of the kept layers in the worst case: those whose Hessians are
+    largest (by input width)."""
+    from hcnr_jax.stats.hessian_accum import owner
+
+    return sorted({owner(n) for n in kept_worst_case(cfg, rcfg, lambda shape: shape[1])})
 
 
 def _stat_step(update: Any, init: Any, cfg: Any, static: Mapping[str, Any], mesh: Any, fsdp: bool, dtype: str,
@@ -545,20 +552,6 @@ def _num_params(cfg: Any) -> int:
     return sum(math.prod(s) for s in param_specs(cfg).values())
 
 
-def kept_layers(cfg: Any, rcfg: Any) -> list[str]:
-    """The kept layers' weight names in the worst case for their bytes: the ``r_cw`` share of units
-    with the most parameters (modules: the largest linears; blocks: any ``k`` blocks, all alike)."""
-    from hcnr_jax.params import linear_names, param_specs
-    from hcnr_jax.repair.selection import top_count
-
-    names = linear_names(cfg)
-    if rcfg.layer_unit == "block":
-        blocks = top_count(rcfg.r_cw, cfg.num_layers)
-        return [n for n in names if int(n.split(".")[2]) < blocks]
-    specs = param_specs(cfg)
-    return sorted(names, key=lambda n: -math.prod(specs[n]))[: top_count(rcfg.r_cw, len(names))]
-
-
 def _resident(cfg: Any, rcfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any]:
     """Device memory ``hcnr repair`` holds on the first device beside each step's own arguments
     (``by_step``, bytes):
@@ -569,7 +562,7 @@ def _resident(cfg: Any, rcfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any
     - ``solve``: one layer's solve is the step; beside it the fine-tuned model, which ``hcnr
       repair`` repairs in place (each solved layer replaces its weight), and without offloading the
       base model. A caller's own models (from Python) keep their weights, and the repaired kept
-      layers wait beside them: ``kept_layers_bytes`` more (worst case: the largest, `kept_layers`).
+      layers wait beside them: ``kept_layers_bytes`` more (worst case: the largest, `kept_worst_case`).
 
     Without ``--mesh`` the models are loaded whole onto the first device; on more than one device
     the step's replicated copy is its argument and the loaded model is one more."""
@@ -594,7 +587,7 @@ def _resident(cfg: Any, rcfg: Any, req: PlanRequest, mesh: Any) -> dict[str, Any
     model = here(list(specs))
     loaded_copy = one if req.mesh_spec is None and req.devices > 1 else 0
     other = 0 if req.offload_idle else model
-    kept = here(kept_layers(cfg, rcfg))
+    kept = here(kept_worst_case(cfg, rcfg, math.prod))
     by_step = {"fisher": loaded_copy + other, "hessian": loaded_copy + other, "solve": model + other}
     where = (f"both models placed by weight role{' (fsdp)' if req.fsdp else ''} (a device holds its shard, "
              f"{model / one:.1%} of a model)" if req.mesh_spec else "each model loaded whole onto the first device")

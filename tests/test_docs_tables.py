@@ -86,6 +86,8 @@ def _loaded(name):
     ("table:probes", ("results", "layers", "18", "M0->M1", "lobo", "mean"), 0.4321, "| 0.432 |"),
     ("table:demo", ("rows", "M1+HCNR", "avg_f1"), 0.5, "| 50.0 |"),
     ("evidence:hotpotqa", ("rows", "M0", "scores", "avg_f1"), 0.777, "77.7 [59.1, 68.5]"),
+    ("table:bench-stats", ("results", 1, "seconds"), 8.25, "| hcnr | 8.25 |"),
+    ("table:plans", ("steps", "fisher", "peak_bytes"), 3 * 2**30, "| 3.00 + 14.96 = 17.96 |"),
 ])
 def test_a_changed_json_value_changes_the_table(name, path, value, shown):
     docs = _loaded(name)

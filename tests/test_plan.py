@@ -151,7 +151,7 @@ def test_resident_beside_each_step(one_device):
     specs = param_specs(cfg)
     sizes = sorted((math.prod(specs[n]) for n in linear_names(cfg)), reverse=True)
     assert r["kept_layers_bytes"] == 4 * sum(sizes[: top_count(rcfg.r_cw, len(sizes))])
-    assert sorted(planlib.kept_layers(cfg, rcfg)) == sorted(
+    assert sorted(planlib.kept_worst_case(cfg, rcfg, math.prod)) == sorted(
         sorted(linear_names(cfg), key=lambda n: -math.prod(specs[n]))[: top_count(rcfg.r_cw, len(sizes))])
     stay = planlib.compute_plan(planlib.PlanRequest(hf_config=TINY, batch_size=4, seq_len=16, dtype="float32",
                                                     offload_idle=False))

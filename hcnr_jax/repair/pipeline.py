@@ -304,8 +304,8 @@ def solve_layer(state: RepairState, sl: LayerSelection, h: jax.Array) -> tuple[j
         before = after = layer_objective(w_new, w_orig, h)
         lam = cfg.damping
     w_ft = get(state.finetuned.params, sl.name)
-    # Cast on the device and placed like the weight it replaces: the repaired layers stay on the
-    # devices until the last one is solved, each device with its shard (what hcnr plan counts).
+    # Cast on the device and placed like the weight it replaces, so that each device holds its shard
+    # of it (in place of the old weight, or beside a caller's model until the end: `solve_layers`).
     update = jax.device_put(jnp.asarray(w_new).astype(w_ft.dtype), w_ft.sharding)
     return update, {"objective_sft": layer_objective(w_sft, w_orig, h), "objective_before": before,
                     "objective_after": after, "damping": lam}
@@ -324,7 +324,9 @@ def solve_layers(state: RepairState, hess: DeviceHessians) -> tuple[Params, list
     state.use("sft")  # the base is read one layer at a time (`RepairState.weights`)
     in_place = "sft" in state.owned
     updates: dict[str, Any] = {}
-    last: Any = None  # the latest repaired layer, still being computed
+    # The latest repaired layer, maybe still being computed: a device runs its work in order, so an
+    # interrupt that waits for it waits for every earlier one.
+    last: Any = None
     records: list[dict[str, Any]] = []
     for sl in tqdm(state.layers, desc="solve", disable=not state.options.progress, dynamic_ncols=True):
         interrupt.check(last, where=f"solve: before layer {sl.name}")
